@@ -1,0 +1,1 @@
+"""Simulated meters, concentrators and billing systems, built on ``protocols`` only (never on ``gateway``)."""
