@@ -1,0 +1,1 @@
+"""northbound adapters (see ARCHITECTURE.md); filled in by later issues."""

@@ -1,0 +1,1 @@
+"""ops adapters (see ARCHITECTURE.md); filled in by later issues."""

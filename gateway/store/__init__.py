@@ -1,0 +1,1 @@
+"""store adapters (see ARCHITECTURE.md); filled in by later issues."""
