@@ -95,8 +95,16 @@ class Deframer:
             try:
                 frame = decode_frame(raw)
             except FrameError as exc:
-                self._reject(events, exc.reason, start, start + exc.offset, raw, str(exc).rsplit(" (at", 1)[0])
-                pos = start + 1
+                later = self._complete_frame_after(start + 1, n)
+                if later is not None and later < start + total:
+                    # the real story: this frame was cut off and the next one began
+                    self._reject(events, "truncated", start, later, buf[start:later],
+                                 "frame cut off: a complete frame starts before this one could end")
+                    pos = later
+                else:
+                    self._reject(events, exc.reason, start, start + exc.offset, raw,
+                                 str(exc).rsplit(" (at", 1)[0])
+                    pos = start + 1
                 continue
             events.append(FrameReceived(frame, self._base + start, raw))
             pos = start + total

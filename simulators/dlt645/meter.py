@@ -78,10 +78,13 @@ class SimMeter:
     last_update: datetime | None = None
     relay_log: list[tuple[datetime, str, str]] = field(default_factory=list)  # (when, action, operator)
     requests: int = 0
+    #: split read replies longer than this into follow-up frames (real meters do for big blocks)
+    max_reply_data: int = 200
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed if self.seed is not None else int(self.address))
         self._fractional_kwh = 0.0
+        self._followups: dict[int, list[bytes]] = {}  # DI -> remaining chunks of a multi-frame reply
 
     # -- physics ------------------------------------------------------------
 
@@ -198,7 +201,18 @@ class SimMeter:
                 payload = encode_value(request.di, value, E07)
             except FormatError:
                 return m.AbnormalReply(addr, Function2007.READ_DATA, error_word("other_error"))
+            if len(payload) > self.max_reply_data:
+                step = self.max_reply_data
+                chunks = [payload[i : i + step] for i in range(0, len(payload), step)]
+                self._followups[request.di] = chunks[1:]
+                return m.ReadReply(addr, request.di, chunks[0], E07, followup=True)
             return m.ReadReply(addr, request.di, payload, E07)
+        if isinstance(request, m.ReadFollowupRequest):
+            chunks = self._followups.get(request.di)
+            if not chunks:
+                return m.AbnormalReply(addr, Function2007.READ_FOLLOWUP, error_word("no_data_requested"))
+            chunk = chunks.pop(0)
+            return m.ReadReply(addr, request.di, chunk, E07, followup=bool(chunks), seq=request.seq)
         if isinstance(request, m.ReadAddressRequest):
             return m.ReadAddressReply(addr)
         if isinstance(request, m.RelayControlRequest):
