@@ -200,7 +200,11 @@ def resolve(text: str | int, edition: Edition = Edition.DLT645_2007) -> int:
         item = by_name(text.strip().lower(), edition)
         if item is not None:
             return item.di
-    return parse_di(text, edition)
+    try:
+        return parse_di(text, edition)
+    except ValueError as exc:
+        raise ValueError(f"{exc}, and is not a known data-item name "
+                         f"(for example forward_active_energy_total, voltage_a, status_word_3)") from None
 
 
 class Value(NamedTuple):
