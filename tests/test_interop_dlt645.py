@@ -181,7 +181,7 @@ def peer_server():
 
 @pytest.mark.parametrize("preamble", [True, False], ids=["fe", "nofe"])
 async def test_our_client_reads_exact_values_from_peer_server(peer_server, preamble):
-    settings = LinkSettings(retries=0, preamble=preamble, turnaround_s=0.5)
+    settings = LinkSettings(retries=0, preamble=preamble)
     async with Dlt645Link.tcp("127.0.0.1", peer_server.server.port, settings) as link:
         client = Dlt645Client(link)
         for di, (_, _, expected) in PEER_VALUES.items():

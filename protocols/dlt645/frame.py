@@ -171,9 +171,11 @@ def decode_frame(raw: bytes) -> Frame:
                 "truncated", skip + n, f"frame is truncated: data length {length} needs {end + 2} bytes, got {n}"
             )
         raise FrameError("trailing_bytes", skip + end + 2, f"{n - end - 2} unexpected bytes after the end byte")
-    checksum = sum(raw[:end]) & 0xFF
-    if checksum != raw[end]:
-        raise FrameError("bad_checksum", skip + end, f"checksum is {raw[end]:02X}, computed {checksum:02X}")
+    cs = raw[end]
+    # summing the whole frame and subtracting the tail avoids copying a slice
+    checksum = (sum(raw) - cs - raw[end + 1]) & 0xFF
+    if checksum != cs:
+        raise FrameError("bad_checksum", skip + end, f"checksum is {cs:02X}, computed {checksum:02X}")
     if raw[end + 1] != END:
         raise FrameError("bad_end", skip + end + 1, f"expected end byte 16, found {raw[end + 1]:02X}")
     address = raw[6:0:-1].hex()
