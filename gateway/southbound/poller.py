@@ -14,7 +14,7 @@ from typing import Awaitable, Callable, Sequence
 
 from gateway.core.readings import Reading
 from protocols.dlt645 import di as di_table
-from protocols.dlt645.client import Dlt645Client, Dlt645Error
+from protocols.dlt645.client import Dlt645Client, Dlt645Error, Dlt645Timeout
 from protocols.dlt645.formats import FormatError
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,12 @@ class BusPoller:
         for name, di in self._dis:
             try:
                 values[name] = (await self.client.read(meter, di)).value
+            except Dlt645Timeout as exc:
+                # bus time is the scarce resource: a meter that did not answer is not asked again this cycle
+                errors[name] = str(exc)
+                for rest, _ in self._dis[len(values) + len(errors):]:
+                    errors[rest] = "skipped: the meter did not answer this cycle"
+                break
             except (Dlt645Error, FormatError) as exc:
                 errors[name] = str(exc)
         health = self.health[meter]

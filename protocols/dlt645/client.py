@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 from typing import Any, Callable
 
 from . import messages as m
-from .codes import Edition, Function2007, RelayAction
+from .codes import Edition, RelayAction
 from .deframer import Deframer, FrameReceived, FrameRejected, Noise
 from .di import Value, decode_value
 from .frame import BROADCAST_ADDRESS, DIR_REPLY, OVERHEAD, Frame, address_matches, encode_frame
@@ -327,4 +327,4 @@ class Dlt645Client:
 
 
 __all__ = ["Dlt645Client", "Dlt645Link", "LinkSettings", "LinkStats", "Dlt645Error", "Dlt645Timeout",
-           "Dlt645Refused", "Dlt645LinkError", "Function2007"]
+           "Dlt645Refused", "Dlt645LinkError"]
