@@ -32,3 +32,47 @@ async def pty_bus():
     yield bus, Dlt645Client(link)
     await link.close()
     pty.close()
+
+
+# ---------------------------------------------------------------- stores (real SQLite file, real PostgreSQL)
+
+import os
+import uuid
+
+PG_DSN = os.environ.get("FEIKONG_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """The PostgreSQL server the tests use: FEIKONG_PG_DSN, else the local one. Never skipped: `./run test`
+    makes sure one is running, and a missing server is a failure, not a pass."""
+    import psycopg
+
+    try:
+        with psycopg.connect(PG_DSN, connect_timeout=5) as conn:
+            conn.execute("SELECT 1")
+    except psycopg.OperationalError as exc:
+        pytest.fail(f"PostgreSQL is not reachable at {PG_DSN} ({exc}); `./run test` starts one, "
+                    f"or set FEIKONG_PG_DSN")
+    return PG_DSN
+
+
+@pytest.fixture
+def pg_dsn(pg_server):
+    """A DSN whose search_path is a fresh schema, dropped afterwards."""
+    import psycopg
+
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_server, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    sep = "&" if "?" in pg_server else "?"
+    yield f"{pg_server}{sep}options=-csearch_path%3D{schema}"
+    with psycopg.connect(pg_server, autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite://{tmp_path / 'feikong.db'}"
+    return request.getfixturevalue("pg_dsn")

@@ -45,6 +45,7 @@ class DecisionKind(str, Enum):
 class Decision:
     decision_id: str  # account id + per-account sequence: the idempotency key downstream
     account_id: str
+    account_no: int
     kind: DecisionKind
     level: int  # band reached: 1, 2 (warnings), 3 (trip band), 0 (recovered)
     balance_fen: int
@@ -308,7 +309,9 @@ class Engine:
                 credits[li] = self.credits[a[li]]
         self.m_last_t[m] = t
         self.m_regs[m] = regs
+        # year-to-date after this reading: a restart resumes the tier blocks exactly from here
         parts.append({"meter": m, "account": a, "t": t, "regs": regs, "delta_wh": delta_wh, "cost_ufen": cost,
+                      "ytd_wh": self.ytd_wh[a], "tier_year": self.ytd_year[a],
                       "balance_fen": bal, "credits_fen": credits})
         touched.append(a)
 
@@ -364,7 +367,8 @@ class Engine:
         out = Outcome()
         out.accepted = {"meter": np.array([m]), "account": np.array([a]), "t": np.array([event.at]),
                         "regs": self.m_regs[m:m + 1].copy(), "delta_wh": np.zeros(1, np.int64),
-                        "cost_ufen": np.zeros(1, np.int64), "balance_fen": np.array([NO_BALANCE]),
+                        "cost_ufen": np.zeros(1, np.int64), "ytd_wh": self.ytd_wh[a:a + 1].copy(),
+                        "tier_year": self.ytd_year[a:a + 1].copy(), "balance_fen": np.array([NO_BALANCE]),
                         "credits_fen": np.zeros(1, np.int64)}
         return out
 
@@ -436,7 +440,7 @@ class Engine:
             for kind, level in self._crossing_decisions(a, old, new):
                 self.seq[a] += 1
                 out.decisions.append(Decision(f"{self.account_ids[a]}#{int(self.seq[a])}", self.account_ids[a],
-                                              kind, level, bal, now, reason))
+                                              a, kind, level, bal, now, reason))
             out.state_rows.append(self._state_row(a))
 
     def _crossing_decisions(self, a: int, old: int, new: int) -> list[tuple[DecisionKind, int]]:
@@ -469,10 +473,10 @@ class Engine:
         self.ytd_year[s.ytd_accounts] = s.ytd_year
         self.m_last_t[s.last_meters] = s.last_t
         self.m_regs[s.last_meters] = s.last_regs
-        la = self.m_account[s.last_meters]
-        has_bal = (s.last_balance != NO_BALANCE) & self.local[la]
-        self.meter_bal[la[has_bal]] = s.last_balance[has_bal]
-        self.credits_at_read[la[has_bal]] = s.last_credits[has_bal]
+        pa = self.m_account[s.purse_meters]
+        local = self.local[pa]
+        self.meter_bal[pa[local]] = s.purse_balance[local]
+        self.credits_at_read[pa[local]] = s.purse_credits[local]
         self.state[s.state_accounts] = s.states
         self.seq[s.state_accounts] = s.seqs
         self.notice_confirmed_at[s.state_accounts] = s.notice_at
@@ -489,12 +493,13 @@ class Snapshot:
     cost_sums: np.ndarray
     ytd_accounts: np.ndarray
     ytd_sums: np.ndarray
-    ytd_year: int
+    ytd_year: np.ndarray
     last_meters: np.ndarray
     last_t: np.ndarray
     last_regs: np.ndarray
-    last_balance: np.ndarray
-    last_credits: np.ndarray
+    purse_meters: np.ndarray  # local meters: the last reading that carried a purse value
+    purse_balance: np.ndarray
+    purse_credits: np.ndarray
     state_accounts: np.ndarray
     states: np.ndarray
     seqs: np.ndarray

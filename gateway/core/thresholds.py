@@ -87,11 +87,15 @@ def calibrate(avg_daily_fen: np.ndarray, overdraft_fen: np.ndarray, policy: Thre
 
 def evaluate(balance: np.ndarray, state: np.ndarray, levels: Levels, hysteresis_fen: int,
              idx: np.ndarray | None = None) -> np.ndarray:
-    """New state of every account (or of ``idx``): pure array arithmetic, no Python per account."""
+    """New states: pure array arithmetic, no Python per account.
+
+    ``balance`` and ``state`` are for every account, or already for the accounts ``idx``
+    selects; ``levels`` are always whole (they are indexed here).
+    """
+    b, s = balance, state
     if idx is None:
-        b, s, w1, w2, tr, cl = balance, state, levels.warn1, levels.warn2, levels.trip, levels.close
+        w1, w2, tr, cl = levels.warn1, levels.warn2, levels.trip, levels.close
     else:
-        b, s = balance[idx], state[idx]
         w1, w2, tr, cl = levels.warn1[idx], levels.warn2[idx], levels.trip[idx], levels.close[idx]
     down = (b <= w1).view(np.int8) + (b <= w2).view(np.int8) + (b <= tr).view(np.int8)
     h = hysteresis_fen

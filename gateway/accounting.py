@@ -1,0 +1,138 @@
+"""The accounting shell around the pure engine: every input committed, with its consequences, before it counts.
+
+One writer drives this (a dedicated thread in the service): each call is one
+transaction that records the inputs, runs the engine over them and records the
+outcome (readings and their charges, held readings, decisions, account states).
+Only after the commit are the decisions handed on and the inputs acknowledged.
+If a transaction fails, the engine is rebuilt from the store, so memory never
+runs ahead of what is durable.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gateway.core.engine import Decision, Engine, Outcome, ReadingBatch
+from gateway.core.model import Account, Adjustment, Meter, MeterReplaced, NoticeReceipt, Payment, RelayStateChanged
+from gateway.core.tariff import Tariff
+from gateway.core.thresholds import ThresholdPolicy
+from gateway.store.base import CreditResult, Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class IngestResult:
+    decisions: list[Decision] = field(default_factory=list)
+    accepted: int = 0
+    held: int = 0
+    duplicates: int = 0
+    credits: CreditResult | None = None
+
+
+class Accounting:
+    def __init__(self, store: Store, policy: ThresholdPolicy | None = None) -> None:
+        self.store = store
+        self.policy = policy or ThresholdPolicy()
+        store.migrate()
+        self.engine = self._load()
+
+    def _load(self) -> Engine:
+        engine = Engine(self.store.load_tariffs(), self.policy)
+        engine.add_accounts(self.store.load_accounts())
+        engine.add_meters(self.store.load_meters())
+        engine.restore(self.store.snapshot())
+        return engine
+
+    def reload(self) -> None:
+        self.engine = self._load()
+
+    # -- registry ------------------------------------------------------------------------
+    def register(self, tariffs: dict[str, Tariff], accounts: list[Account], meters: list[Meter]) -> None:
+        """Add or update tariffs and add accounts and meters (existing ids are left as they are)."""
+        with self.store.transaction():
+            self.store.save_tariffs(tariffs)
+        self.reload()  # tariffs index into the engine's arrays: rebuild rather than patch
+        try:
+            with self.store.transaction():
+                self.engine.add_accounts(accounts)
+                self.engine.add_meters(meters)
+                self.store.save_accounts(accounts, self.engine.account_no)
+                self.store.save_meters(meters, self.engine.meter_no, self.engine.account_no)
+        except BaseException:
+            self.reload()
+            raise
+
+    # -- inputs ----------------------------------------------------------------------------
+    def ingest_readings(self, batch: ReadingBatch, now: int) -> IngestResult:
+        batch, redelivered = self._drop_redelivered(batch)
+        return self._run(lambda: self.engine.apply_readings(batch, now), now, duplicates=redelivered)
+
+    def ingest_credits(self, items: list[Payment | Adjustment], now: int) -> IngestResult:
+        """Payments and adjustments: committed exactly once, then applied; duplicates acknowledged, not counted."""
+        result = IngestResult()
+
+        def work():
+            credits = self.store.insert_credits(items, self.engine.account_no, now)
+            result.credits = credits
+            return self.engine.apply_credits(credits.new, now)
+
+        return self._run(work, now, result=result)
+
+    def ingest_notice_receipts(self, receipts: list[NoticeReceipt], now: int) -> IngestResult:
+        return self._run(lambda: self.engine.apply_notice_receipts(receipts), now)
+
+    def ingest_relay_states(self, events: list[RelayStateChanged], now: int) -> IngestResult:
+        return self._run(lambda: self.engine.apply_relay_states(events), now)
+
+    def replace_meter(self, event: MeterReplaced, now: int) -> IngestResult:
+        return self._run(lambda: self.engine.replace_meter(event), now)
+
+    def recalibrate(self, now: int) -> IngestResult:
+        days = self.policy.calibration_window_days
+        avg = self.store.average_daily_cost_fen(len(self.engine.account_ids), now - days * 86400, now)
+        return self._run(lambda: self.engine.recalibrate(avg, now), now)
+
+    def reevaluate(self, now: int) -> IngestResult:
+        return self._run(lambda: self.engine.reevaluate(now), now)
+
+    # -- internals -------------------------------------------------------------------------
+    def _run(self, work, now: int, result: IngestResult | None = None, duplicates: int = 0) -> IngestResult:
+        result = result or IngestResult()
+        try:
+            with self.store.transaction():
+                outcome: Outcome = work()
+                self.store.write_outcome(outcome, now)
+        except BaseException:
+            log.exception("transaction failed; rebuilding the engine from the store")
+            self.reload()
+            raise
+        result.decisions = outcome.decisions
+        result.accepted = outcome.accepted_count
+        result.held = len(outcome.held)
+        result.duplicates = outcome.duplicates + duplicates
+        return result
+
+    def _drop_redelivered(self, batch: ReadingBatch) -> tuple[ReadingBatch, int]:
+        """Readings at or before a meter's last accepted one may be re-deliveries of stored readings.
+
+        Only that (normally empty) subset is looked up in the store; the rest never costs a query.
+        """
+        e = self.engine
+        known = (batch.meter >= 0) & (batch.meter < len(e.meter_ids))
+        old = np.zeros(len(batch), bool)
+        old[known] = batch.t[known] < e.m_last_t[batch.meter[known]]
+        if not old.any():
+            return batch, 0
+        stored = self.store.stored_readings([(int(m), int(t)) for m, t in zip(batch.meter[old], batch.t[old])])
+        drop = np.zeros(len(batch), bool)
+        for i in np.flatnonzero(old):
+            regs = stored.get((int(batch.meter[i]), int(batch.t[i])))
+            drop[i] = regs is not None and regs == tuple(int(x) for x in batch.regs[i])
+        if not drop.any():
+            return batch, 0
+        keep = np.flatnonzero(~drop)
+        return ReadingBatch(batch.meter[keep], batch.t[keep], batch.regs[keep],
+                            None if batch.balance_fen is None else batch.balance_fen[keep]), int(drop.sum())

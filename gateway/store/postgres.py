@@ -1,0 +1,68 @@
+"""PostgreSQL adapter (psycopg 3): the scale-out store. Readings go in with COPY; the rest shares the SQL."""
+from __future__ import annotations
+
+import re
+
+import psycopg
+
+from .base import READING_COLUMNS, Store
+
+_PLACEHOLDER = re.compile(r"\?")
+
+
+def _pg(sql: str) -> str:
+    # the shared SQL uses qmark placeholders; none of it has a literal '?'
+    return _PLACEHOLDER.sub("%s", sql)
+
+
+class PostgresStore(Store):
+    dialect = "postgresql"
+    serial_pk = "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"
+    real = "DOUBLE PRECISION"
+
+    def __init__(self, dsn: str) -> None:
+        super().__init__()
+        self.dsn = dsn
+        try:
+            self.conn = psycopg.connect(dsn, autocommit=True)
+        except psycopg.OperationalError as exc:
+            raise ConnectionError(f"cannot connect to PostgreSQL at {_redact(dsn)}: {exc}".strip()) from None
+
+    def _execute(self, sql, params=()):
+        return self.conn.execute(_pg(sql), params)
+
+    def _executemany(self, sql, rows) -> None:
+        rows = list(rows)
+        if rows:
+            with self.conn.cursor() as cur:
+                cur.executemany(_pg(sql), rows)
+
+    def _insert_readings(self, rows: list[tuple]) -> None:
+        # COPY cannot skip conflicts: stage, then insert what is new (re-delivered readings are ignored)
+        cols = ", ".join(READING_COLUMNS)
+        with self.conn.cursor() as cur:
+            cur.execute("CREATE TEMP TABLE IF NOT EXISTS readings_in (LIKE readings) ON COMMIT DELETE ROWS")
+            with cur.copy(f"COPY readings_in ({cols}) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+            cur.execute(f"INSERT INTO readings ({cols}) SELECT {cols} FROM readings_in ON CONFLICT DO NOTHING")
+
+    def _begin(self) -> None:
+        self.conn.execute("BEGIN")
+
+    def _commit(self) -> None:
+        self.conn.execute("COMMIT")
+
+    def _rollback(self) -> None:
+        if self.conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            self.conn.execute("ROLLBACK")
+
+    def _has_table(self, name: str) -> bool:
+        return self.conn.execute("SELECT to_regclass(%s) IS NOT NULL", (name,)).fetchone()[0]
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _redact(dsn: str) -> str:
+    return re.sub(r"(password=|:)([^@\s]+)@", r"\1***@", dsn)

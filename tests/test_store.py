@@ -1,0 +1,167 @@
+"""The store and the accounting shell, the same tests on SQLite and on a real PostgreSQL server."""
+import numpy as np
+import pytest
+
+from gateway.accounting import Accounting
+from gateway.core.engine import DecisionKind as K
+from gateway.core.engine import ReadingBatch
+from gateway.core.model import Account, Adjustment, CostControlMode, CustomerClass, Meter, MeterReplaced, Payment, RelayStateChanged
+from gateway.store import StoreError, open_store
+
+from .core_fixtures import DAY, HOUR, POLICY, T0, tariffs
+
+
+@pytest.fixture
+def acc(store_url):
+    store = open_store(store_url)
+    a = Accounting(store, POLICY)
+    a.register(tariffs(), [Account(f"A{i}", tariff_id="tiered" if i == 2 else "flat", area="north",
+                                   address=f"{i} Main St", lat=31.2, lon=121.5) for i in range(3)]
+               + [Account("L0", mode=CostControlMode.LOCAL, tariff_id="flat"),
+                  Account("P0", CustomerClass.PROTECTED, tariff_id="flat")],
+               [Meter(f"M{i}", f"A{i}", max_kw=20) for i in range(3)] + [Meter("ML", "L0"), Meter("MP", "P0")])
+    yield a
+    store.close()
+
+
+def batch(acc, rows):
+    e = acc.engine
+    return ReadingBatch.from_rows([(e.meter_no[m], t, round(kwh * 1000), 0, 0, 0, 0) for m, t, kwh in rows])
+
+
+def test_migrations_are_versioned_and_idempotent(store_url):
+    store = open_store(store_url)
+    assert store.migrate() == 1 and store.schema_version() == 1
+    assert store.migrate() == 1  # running again changes nothing
+    with store.transaction():
+        store._execute("UPDATE schema_version SET version = 99")
+    with pytest.raises(StoreError, match="newer than this feikong"):
+        store.migrate()
+    store.close()
+
+
+def test_registry_round_trips(acc):
+    store = acc.store
+    assert [a.account_id for a in store.load_accounts()] == ["A0", "A1", "A2", "L0", "P0"]
+    a0 = store.load_accounts()[0]
+    assert (a0.address, a0.lat, a0.area) == ("0 Main St", 31.2, "north")
+    assert [m.meter_id for m in store.load_meters()] == ["M0", "M1", "M2", "ML", "MP"]
+    t = store.load_tariffs()
+    assert t["tiered"].versions[0].tiers == tariffs()["tiered"].versions[0].tiers
+
+
+def test_duplicate_payment_is_acknowledged_and_not_counted(acc):
+    p = Payment("pay-1", "A0", 5000, T0)
+    r1 = acc.ingest_credits([p], T0)
+    r2 = acc.ingest_credits([p], T0 + 1)
+    assert r1.credits.new == [p] and r2.credits.new == [] and r2.credits.duplicates == [p]
+    assert acc.engine.balance_of("A0") == 5000
+    # a duplicate inside one batch too
+    r3 = acc.ingest_credits([Payment("pay-2", "A0", 100, T0), Payment("pay-2", "A0", 100, T0)], T0)
+    assert len(r3.credits.new) == 1 and len(r3.credits.duplicates) == 1
+    assert acc.store.counts()["ledger"] == 2
+
+
+def test_same_payment_id_with_different_content_is_a_conflict_not_a_credit(acc):
+    acc.ingest_credits([Payment("pay-1", "A0", 5000, T0)], T0)
+    r = acc.ingest_credits([Payment("pay-1", "A0", 9000, T0), Payment("pay-9", "NOPE", 100, T0)], T0)
+    assert r.credits.new == []
+    reasons = [why for _, why in r.credits.conflicts]
+    assert "already used for payment of 5000 fen" in reasons[0] and "unknown account 'NOPE'" in reasons[1]
+    assert acc.engine.balance_of("A0") == 5000
+
+
+def test_statement_shows_oldest_first_allocation(acc):
+    acc.ingest_readings(batch(acc, [("M0", T0, 0)]), T0)
+    acc.ingest_readings(batch(acc, [("M0", T0 + DAY, 10)]), T0 + DAY)  # 500 fen
+    acc.ingest_readings(batch(acc, [("M0", T0 + 2 * DAY, 30)]), T0 + 2 * DAY)  # 1000 fen
+    acc.ingest_credits([Payment("pay-1", "A0", 800, T0 + 3 * DAY)], T0 + 3 * DAY)
+    st = acc.store.statement("A0")
+    assert st.balance_fen == -700 == acc.engine.balance_of("A0")
+    first, second = [e.entry_id for e in st.entries if e.kind == "charge"]
+    assert [(a.debit_id, a.amount_fen) for a in st.settles("pay-1")] == [(first, 500), (second, 300)]
+    assert st.arrears == [(second, 700)]
+
+
+def test_decisions_are_committed_with_their_cause(acc):
+    acc.ingest_credits([Payment("p", "A0", 6000, T0)], T0)
+    acc.ingest_readings(batch(acc, [("M0", T0, 0)]), T0)
+    r = acc.ingest_readings(batch(acc, [("M0", T0 + DAY, 150)]), T0 + DAY)
+    assert [d.kind for d in r.decisions] == [K.NOTICE, K.NOTICE, K.TRIP]
+    stored = acc.store.decisions("A0")
+    assert [row[0] for row in stored] == ["A0#1", "A0#2", "A0#3"]
+    assert stored[2][2] == "trip_request" and stored[2][4] == 6000 - 7500
+
+
+def test_held_readings_are_stored_for_review(acc):
+    acc.ingest_readings(batch(acc, [("M0", T0, 100)]), T0)
+    r = acc.ingest_readings(batch(acc, [("M0", T0 + HOUR, 90), ("M1", T0, 0)]), T0 + HOUR)
+    assert r.held == 1 and r.accepted == 1
+    assert acc.store.held_readings() == [("M0", T0 + HOUR, "[90000, 0, 0, 0, 0]", "backwards")]
+
+
+def test_redelivered_old_readings_are_duplicates_not_out_of_order(acc):
+    for d in range(3):
+        acc.ingest_readings(batch(acc, [("M0", T0 + d * DAY, d)]), T0 + d * DAY)
+    r = acc.ingest_readings(batch(acc, [("M0", T0, 0), ("M0", T0 + DAY, 1), ("M0", T0 + DAY // 2, 0.5)]),
+                            T0 + 3 * DAY)
+    assert r.duplicates == 2 and r.held == 1  # the one never seen before is out of order
+
+
+def test_restart_rebuilds_the_same_engine(acc, store_url):
+    acc.ingest_credits([Payment("p0", "A0", 3000, T0), Payment("p2", "A2", 999_999, T0)], T0)
+    acc.ingest_readings(batch(acc, [("M0", T0, 0), ("M2", T0, 0), ("ML", T0, 0)]), T0)
+    acc.ingest_readings(batch(acc, [("M0", T0 + DAY, 70), ("M2", T0 + DAY, 2500)]), T0 + DAY)
+    lb = ReadingBatch.from_rows([(acc.engine.meter_no["ML"], T0 + DAY, 5000, 0, 0, 0, 0, 1234)])
+    acc.ingest_readings(lb, T0 + DAY)
+    acc.ingest_relay_states([RelayStateChanged("M0", True, T0 + DAY)], T0 + DAY)
+    acc.ingest_credits([Adjustment("adj", "A1", 700, T0, "op1", "goodwill")], T0 + DAY)
+    acc.reevaluate(T0 + DAY)  # the accounts nothing touched yet get their first evaluation
+    before = acc.engine
+    again = Accounting(open_store(store_url), POLICY)
+    after = again.engine
+    for name in ("credits", "cost", "state", "seq", "ytd_wh", "ytd_year", "meter_bal", "credits_at_read",
+                 "m_last_t", "m_regs", "m_relay_open"):
+        assert np.array_equal(getattr(before, name), getattr(after, name)), name
+    assert np.array_equal(before.balance(), after.balance())
+    assert again.reevaluate(T0 + 2 * DAY).decisions == []  # nothing was pending
+    # the next payment closes the relay that was open before the restart
+    r = again.ingest_credits([Payment("p1", "A0", 10_000, T0 + 2 * DAY)], T0 + 2 * DAY)
+    assert [d.kind for d in r.decisions] == [K.CLOSE]
+    again.store.close()
+
+
+def test_meter_replacement_persists_the_new_baseline(acc, store_url):
+    acc.ingest_readings(batch(acc, [("M0", T0, 9000)]), T0)
+    acc.replace_meter(MeterReplaced("M0", T0 + HOUR, (0, 0, 0, 0, 0)), T0 + HOUR)
+    again = Accounting(open_store(store_url), POLICY)
+    r = again.ingest_readings(batch(again, [("M0", T0 + 2 * HOUR, 1)]), T0 + 2 * HOUR)
+    assert r.held == 0 and again.engine.cost[0] == 1000 * 50_000
+    again.store.close()
+
+
+def test_recalibration_uses_history(acc):
+    acc.ingest_credits([Payment("p", "A0", 100_000, T0)], T0)
+    for d in range(31):
+        acc.ingest_readings(batch(acc, [("M0", T0 + d * DAY, 20 * d)]), T0 + d * DAY)  # 1000 fen a day
+    acc.recalibrate(T0 + 31 * DAY)
+    assert acc.engine.levels.warn1[0] == 7000 and acc.engine.levels.warn2[0] == 3000
+
+
+def test_failed_transaction_leaves_engine_as_store(acc):
+    acc.ingest_credits([Payment("p", "A0", 5000, T0)], T0)
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+    acc.store.write_outcome = boom
+    with pytest.raises(RuntimeError):
+        acc.ingest_credits([Payment("p2", "A0", 5000, T0)], T0)
+    del acc.store.write_outcome
+    assert acc.engine.balance_of("A0") == 5000  # the engine was rebuilt from what is durable
+    assert acc.store.counts()["ledger"] == 1
+
+
+def test_bad_store_urls_are_clear():
+    with pytest.raises(ValueError, match="sqlite:///PATH or postgresql://"):
+        open_store("mysql://x")
+    with pytest.raises(ConnectionError, match="cannot connect to PostgreSQL"):
+        open_store("postgresql://nobody@127.0.0.1:1/none")
