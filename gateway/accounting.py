@@ -116,7 +116,7 @@ class Accounting:
         return result
 
     def _drop_redelivered(self, batch: ReadingBatch) -> tuple[ReadingBatch, int]:
-        """Readings at or before a meter's last accepted one may be re-deliveries of stored readings.
+        """Readings before a meter's last accepted one may be re-deliveries of recorded (or held) readings.
 
         Only that (normally empty) subset is looked up in the store; the rest never costs a query.
         """
@@ -126,11 +126,10 @@ class Accounting:
         old[known] = batch.t[known] < e.m_last_t[batch.meter[known]]
         if not old.any():
             return batch, 0
-        stored = self.store.stored_readings([(int(m), int(t)) for m, t in zip(batch.meter[old], batch.t[old])])
+        recorded = self.store.known_readings([(int(m), int(t)) for m, t in zip(batch.meter[old], batch.t[old])])
         drop = np.zeros(len(batch), bool)
         for i in np.flatnonzero(old):
-            regs = stored.get((int(batch.meter[i]), int(batch.t[i])))
-            drop[i] = regs is not None and regs == tuple(int(x) for x in batch.regs[i])
+            drop[i] = (int(batch.meter[i]), int(batch.t[i]), *(int(x) for x in batch.regs[i])) in recorded
         if not drop.any():
             return batch, 0
         keep = np.flatnonzero(~drop)

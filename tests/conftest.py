@@ -76,3 +76,17 @@ def store_url(request, tmp_path):
     if request.param == "sqlite":
         return f"sqlite://{tmp_path / 'feikong.db'}"
     return request.getfixturevalue("pg_dsn")
+
+
+@pytest.fixture
+def pg_dsn_2(pg_server):
+    """A second fresh schema, for tests that compare two databases."""
+    import psycopg
+
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_server, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    sep = "&" if "?" in pg_server else "?"
+    yield f"{pg_server}{sep}options=-csearch_path%3D{schema}"
+    with psycopg.connect(pg_server, autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA {schema} CASCADE")

@@ -42,7 +42,8 @@ MIGRATIONS: list[list[str]] = [
         "CREATE INDEX readings_account_t ON readings (account_no, t)",
         """CREATE TABLE held_readings (
             id {serial_pk}, meter_no BIGINT NOT NULL, t BIGINT NOT NULL, registers TEXT NOT NULL,
-            reason TEXT NOT NULL, held_at BIGINT NOT NULL, reviewed INTEGER NOT NULL DEFAULT 0)""",
+            reason TEXT NOT NULL, held_at BIGINT NOT NULL, reviewed INTEGER NOT NULL DEFAULT 0,
+            UNIQUE (meter_no, t, registers, reason))""",
         # Payments, adjustments and refunds: entry_id is the idempotency key.
         """CREATE TABLE ledger (
             entry_id TEXT PRIMARY KEY, account_no BIGINT NOT NULL, kind TEXT NOT NULL, amount_fen BIGINT NOT NULL,
@@ -238,8 +239,9 @@ class Store(ABC):
                             acc["ytd_wh"].tolist(), acc["tier_year"].tolist(), bal_list, credits))
             self._insert_readings(rows)
         if outcome.held:
+            # a re-delivered bad reading is held once, not once per delivery
             self._executemany("INSERT INTO held_readings (meter_no, t, registers, reason, held_at) "
-                              "VALUES (?, ?, ?, ?, ?)",
+                              "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                               [(m, t, json.dumps(list(r)), reason, now) for m, t, r, reason in outcome.held])
         if outcome.decisions:
             self._executemany("INSERT INTO decisions (decision_id, account_no, kind, level, balance_fen, at, reason) "
@@ -303,16 +305,19 @@ class Store(ABC):
             return self._query(sql + " ORDER BY d.at, d.decision_id")
         return self._query(sql + " WHERE a.account_id = ? ORDER BY d.at, d.decision_id", (account_id,))
 
-    def stored_readings(self, keys: list[tuple[int, int]]) -> dict[tuple[int, int], tuple[int, ...]]:
-        """Registers of the stored readings among ``(meter_no, t)`` keys (to recognise re-deliveries)."""
-        out = {}
+    def known_readings(self, keys: list[tuple[int, int]]) -> set[tuple[int, ...]]:
+        """``(meter_no, t, *registers)`` of readings already recorded, accepted or held, among the
+        ``(meter_no, t)`` keys: a re-delivery of any of them must change nothing."""
+        out: set[tuple[int, ...]] = set()
         for i in range(0, len(keys), 500):
             chunk = keys[i:i + 500]
             where = " OR ".join(["(meter_no = ? AND t = ?)"] * len(chunk))
             params = tuple(v for k in chunk for v in k)
             for row in self._query(f"SELECT meter_no, t, total_wh, sharp_wh, peak_wh, flat_wh, valley_wh "
                                    f"FROM readings WHERE {where}", params):
-                out[(row[0], row[1])] = tuple(row[2:7])
+                out.add(tuple(row))
+            for m, t, regs in self._query(f"SELECT meter_no, t, registers FROM held_readings WHERE {where}", params):
+                out.add((m, t, *json.loads(regs)))
         return out
 
     def held_readings(self) -> list[tuple]:
