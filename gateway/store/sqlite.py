@@ -10,6 +10,7 @@ class SqliteStore(Store):
     dialect = "sqlite"
     serial_pk = "INTEGER PRIMARY KEY AUTOINCREMENT"
     real = "REAL"
+    without_rowid = " WITHOUT ROWID"
 
     def __init__(self, path: str, synchronous: str = "FULL") -> None:
         super().__init__()
