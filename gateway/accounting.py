@@ -54,7 +54,7 @@ class Accounting:
         """Add or update tariffs and add accounts and meters (existing ids are left as they are)."""
         with self.store.transaction():
             self.store.save_tariffs(tariffs)
-        self.reload()  # tariffs index into the engine's arrays: rebuild rather than patch
+        self.engine.update_tariffs(tariffs)
         try:
             with self.store.transaction():
                 self.engine.add_accounts(accounts)

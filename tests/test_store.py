@@ -66,8 +66,9 @@ def test_same_payment_id_with_different_content_is_a_conflict_not_a_credit(acc):
     acc.ingest_credits([Payment("pay-1", "A0", 5000, T0)], T0)
     r = acc.ingest_credits([Payment("pay-1", "A0", 9000, T0), Payment("pay-9", "NOPE", 100, T0)], T0)
     assert r.credits.new == []
-    reasons = [why for _, why in r.credits.conflicts]
-    assert "already used for payment of 5000 fen" in reasons[0] and "unknown account 'NOPE'" in reasons[1]
+    reasons = {item.payment_id: why for item, why in r.credits.conflicts}
+    assert "already used for payment of 5000 fen" in reasons["pay-1"]
+    assert "unknown account 'NOPE'" in reasons["pay-9"]
     assert acc.engine.balance_of("A0") == 5000
 
 

@@ -146,6 +146,16 @@ class Engine:
 
     # ------------------------------------------------------------------ registry
 
+    def update_tariffs(self, tariffs: dict[str, Tariff]) -> None:
+        """Replace tariffs in place and append new ones; accounts keep their tariff numbers."""
+        for tid, tariff in tariffs.items():
+            if tid in self._tariff_no:
+                self._tariff_list[self._tariff_no[tid]] = tariff
+            else:
+                self._tariff_no[tid] = len(self._tariff_list)
+                self._tariff_list.append(tariff)
+            self.tariffs[tid] = tariff
+
     def add_accounts(self, accounts: list[Account]) -> None:
         new = [a for a in accounts if a.account_id not in self.account_no]
         for a in new:

@@ -202,30 +202,58 @@ class Store(ABC):
     def insert_credits(self, items: list[Payment | Adjustment], account_numbers: dict[str, int],
                        recorded_at: int) -> CreditResult:
         """Record payments/adjustments idempotently (inside a transaction). Unknown accounts are conflicts."""
-        new, dups, conflicts = [], [], []
+        conflicts: list[tuple[object, str]] = []
+        first: dict[str, tuple] = {}  # entry id -> (item, row), first occurrence in this batch
+        repeats: list[tuple[object, tuple]] = []
         for item in items:
             no = account_numbers.get(item.account_id)
             if no is None:
                 conflicts.append((item, f"unknown account {item.account_id!r}"))
                 continue
             if isinstance(item, Payment):
-                row = (item.payment_id, no, "payment", item.amount_fen, item.paid_at, "", "", item.channel)
+                row = (item.payment_id, no, "payment", item.amount_fen, item.paid_at, "", "", item.channel,
+                       recorded_at)
             else:
-                row = (item.adjustment_id, no, item.kind, item.amount_fen, item.at, item.operator, item.reason, "")
-            cur = self._execute("INSERT INTO ledger (entry_id, account_no, kind, amount_fen, at, operator, reason, "
-                                "channel, recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                                "ON CONFLICT (entry_id) DO NOTHING", row + (recorded_at,))
-            if cur.rowcount == 1:
-                new.append(item)
-                continue
-            existing = self._query("SELECT account_no, kind, amount_fen FROM ledger WHERE entry_id = ?", (row[0],))[0]
-            if tuple(existing) == (no, row[2], row[3]):
+                row = (item.adjustment_id, no, item.kind, item.amount_fen, item.at, item.operator, item.reason, "",
+                       recorded_at)
+            if row[0] in first:
+                repeats.append((item, row))
+            else:
+                first[row[0]] = (item, row)
+        inserted: set[str] = set()
+        rows = [row for _, row in first.values()]
+        for i in range(0, len(rows), 500):  # one statement per 500 entries: a round trip each, not one per payment
+            chunk = rows[i:i + 500]
+            values = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(chunk))
+            inserted.update(r[0] for r in self._query(
+                "INSERT INTO ledger (entry_id, account_no, kind, amount_fen, at, operator, reason, channel, "
+                f"recorded_at) VALUES {values} ON CONFLICT (entry_id) DO NOTHING RETURNING entry_id",
+                tuple(v for row in chunk for v in row)))
+        new = [item for eid, (item, _) in first.items() if eid in inserted]
+        others = [(item, row) for eid, (item, row) in first.items() if eid not in inserted] + repeats
+        existing = self._existing_entries([row[0] for _, row in others])
+        dups = []
+        for item, row in others:
+            old = existing[row[0]]
+            if old == (row[1], row[2], row[3]):
                 dups.append(item)
             else:
-                conflicts.append((item, f"id {row[0]!r} was already used for {existing[1]} of {existing[2]} fen "
-                                        f"on account no {existing[0]}: refusing a different {row[2]} "
+                conflicts.append((item, f"id {row[0]!r} was already used for {old[1]} of {old[2]} fen "
+                                        f"on account no {old[0]}: refusing a different {row[2]} "
                                         f"of {row[3]} fen under the same id"))
         return CreditResult(new, dups, conflicts)
+
+    def _existing_entries(self, ids: list[str]) -> dict[str, tuple]:
+        out = {}
+        unique = list(dict.fromkeys(ids))
+        for i in range(0, len(unique), 500):
+            chunk = unique[i:i + 500]
+            marks = ", ".join("?" * len(chunk))
+            for eid, no, kind, amount in self._query(
+                    f"SELECT entry_id, account_no, kind, amount_fen FROM ledger WHERE entry_id IN ({marks})",
+                    tuple(chunk)):
+                out[eid] = (no, kind, amount)
+        return out
 
     def write_outcome(self, outcome: Outcome, now: int) -> None:
         """Persist what an engine batch changed (inside the same transaction as its inputs)."""
@@ -272,10 +300,11 @@ class Store(ABC):
 
         ca, cs = arrays("SELECT account_no, CAST(SUM(amount_fen) AS BIGINT) FROM ledger GROUP BY account_no", 2)
         ka, ks = arrays("SELECT account_no, CAST(SUM(cost_ufen) AS BIGINT) FROM readings GROUP BY account_no", 2)
+        # (a row-value IN, not a self-join: without an account index SQLite would nest two full scans)
         ya, yy, yw = arrays(
-            "SELECT r.account_no, r.tier_year, MAX(r.ytd_wh) FROM readings r JOIN "
-            "(SELECT account_no, MAX(tier_year) AS y FROM readings WHERE tier_year > 0 GROUP BY account_no) l "
-            "ON r.account_no = l.account_no AND r.tier_year = l.y GROUP BY r.account_no, r.tier_year", 3)
+            "SELECT account_no, tier_year, MAX(ytd_wh) FROM readings WHERE (account_no, tier_year) IN "
+            "(SELECT account_no, MAX(tier_year) FROM readings WHERE tier_year > 0 GROUP BY account_no) "
+            "GROUP BY account_no, tier_year", 3)
         last = arrays("SELECT meter_no, t, total_wh, sharp_wh, peak_wh, flat_wh, valley_wh FROM readings "
                       "WHERE (meter_no, t) IN (SELECT meter_no, MAX(t) FROM readings GROUP BY meter_no)", 7)
         purse = arrays("SELECT meter_no, balance_fen, credits_fen FROM readings WHERE (meter_no, t) IN "
