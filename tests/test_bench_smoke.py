@@ -1,14 +1,14 @@
-"""Smoke test: bench/codec.py --quick runs, verifies both codecs and reports five positive rates."""
+"""Smoke tests: bench/codec.py --quick runs, verifies both codecs and reports five positive rates; bench/engine.py
+--quick runs its verified engine / SQLite / PostgreSQL / naive measurements and reports positive rates."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
-pytest.importorskip("dlt645")
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
@@ -27,4 +27,27 @@ def test_codec_bench_quick(tmp_path):
         assert isinstance(summary[key], (int, float)) and summary[key] > 0, (key, summary)
     saved = json.loads(out.read_text())
     assert saved["results"] == summary
+    assert {"python", "platform", "cpu_count", "date"} <= saved["machine"].keys()
+
+
+ENGINE_KEYS = ("evaluations_per_s", "readings_per_s", "pg_readings_per_s", "naive_readings_per_s",
+               "readings_ratio_over_naive", "decisions", "batch_size", "peak_rss_mb")
+
+
+def test_engine_bench_quick(tmp_path, pg_server):
+    """bench/engine.py --quick verifies its results (transitions, stored rows and charges, decisions, the naive
+    baseline against the engine) before it reports; here: it ran, on SQLite and PostgreSQL, and saved them."""
+    out = tmp_path / "engine.json"
+    python = str(VENV_PYTHON) if VENV_PYTHON.exists() else sys.executable
+    env = dict(os.environ, FEIKONG_PG_DSN=pg_server)
+    proc = subprocess.run([python, str(ROOT / "bench" / "engine.py"), "--quick", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 0, proc.stderr
+    last = proc.stdout.strip().splitlines()[-1]
+    summary = json.loads(last)
+    for key in ENGINE_KEYS:
+        assert isinstance(summary[key], (int, float)) and summary[key] > 0, (key, summary)
+    saved = json.loads(out.read_text())
+    assert saved["results"] == summary
+    assert saved["sqlite"]["verified"]["readings_rows"] == saved["postgresql"]["verified"]["readings_rows"] > 0
     assert {"python", "platform", "cpu_count", "date"} <= saved["machine"].keys()
