@@ -91,9 +91,31 @@ class Accounting:
         return self._run(lambda: self.engine.replace_meter(event), now)
 
     def recalibrate(self, now: int) -> IngestResult:
+        """Warning levels from each account's recent daily cost, stored, then every account re-evaluated."""
         days = self.policy.calibration_window_days
         avg = self.store.average_daily_cost_fen(len(self.engine.account_ids), now - days * 86400, now)
-        return self._run(lambda: self.engine.recalibrate(avg, now), now)
+
+        def work():
+            outcome = self.engine.recalibrate(avg, now)
+            self.store.save_levels(self.engine.levels, now)
+            return outcome
+
+        return self._run(work, now)
+
+    def tick(self, now: int) -> IngestResult:
+        """Time passing: recalibrate when the schedule says so (the clock is injected; tests fast-forward it)."""
+        last = self.store.last_calibration()
+        if last is None or now - last >= self.policy.recalibrate_every_s:
+            return self.recalibrate(now)
+        return IngestResult()
+
+    def change_tariffs(self, tariffs: dict[str, Tariff], now: int) -> IngestResult:
+        """A new tariff version: future intervals are priced by it; levels (which are costs) are recalibrated
+        and every account re-evaluated in one vectorised pass."""
+        with self.store.transaction():
+            self.store.save_tariffs(tariffs)
+        self.engine.update_tariffs(tariffs)
+        return self.recalibrate(now)
 
     def reevaluate(self, now: int) -> IngestResult:
         return self._run(lambda: self.engine.reevaluate(now), now)

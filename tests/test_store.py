@@ -31,8 +31,8 @@ def batch(acc, rows):
 
 def test_migrations_are_versioned_and_idempotent(store_url):
     store = open_store(store_url)
-    assert store.migrate() == 1 and store.schema_version() == 1
-    assert store.migrate() == 1  # running again changes nothing
+    assert store.migrate() == 2 and store.schema_version() == 2
+    assert store.migrate() == 2  # running again changes nothing
     with store.transaction():
         store._execute("UPDATE schema_version SET version = 99")
     with pytest.raises(StoreError, match="newer than this feikong"):
@@ -166,3 +166,60 @@ def test_bad_store_urls_are_clear():
         open_store("mysql://x")
     with pytest.raises(ConnectionError, match="cannot connect to PostgreSQL"):
         open_store("postgresql://nobody@127.0.0.1:1/none")
+
+
+def test_a_version_1_database_is_upgraded_in_place(store_url):
+    from gateway.store import base
+    saved = base.MIGRATIONS[:]
+    del base.MIGRATIONS[1:]
+    try:
+        store = open_store(store_url)
+        assert store.migrate() == 1
+        with store.transaction():
+            store.save_tariffs(tariffs())
+        store.close()
+    finally:
+        base.MIGRATIONS[:] = saved
+    store = open_store(store_url)
+    assert store.schema_version() == 1
+    assert store.migrate() == 2
+    assert "flat" in store.load_tariffs() and store.last_calibration() is None
+    store.close()
+
+
+def test_calibrated_levels_survive_a_restart_and_follow_the_schedule(acc, store_url):
+    acc.ingest_credits([Payment("p", "A0", 100_000, T0)], T0)
+    for d in range(8):
+        acc.ingest_readings(batch(acc, [("M0", T0 + d * DAY, 20 * d)]), T0 + d * DAY)  # 1000 fen a day
+    assert [d for d in acc.tick(T0 + 8 * DAY).decisions if d.account_id == "A0"] == []
+    assert acc.engine.levels.warn1[0] == 7000
+    assert acc.store.last_calibration() == T0 + 8 * DAY
+    again = Accounting(open_store(store_url), POLICY)
+    assert again.engine.levels.warn1[0] == 7000 and again.engine.levels.warn2[0] == 3000
+    # not due again until a day has passed: the next tick changes nothing
+    again.ingest_readings(batch(again, [("M0", T0 + 9 * DAY, 200)]), T0 + 9 * DAY)  # a heavy day
+    again.tick(T0 + 8 * DAY + 3600)
+    assert again.engine.levels.warn1[0] == 7000
+    again.tick(T0 + 9 * DAY + 1)
+    assert again.engine.levels.warn1[0] > 7000
+    again.store.close()
+
+
+def test_tariff_change_recalibrates_and_reevaluates_everyone(acc):
+    from gateway.core.tariff import Tariff
+    acc.ingest_credits([Payment(f"p{i}", f"A{i}", 6000, T0) for i in range(2)], T0)
+    for d in range(8):
+        acc.ingest_readings(batch(acc, [("M0", T0 + d * DAY, 2 * d), ("M1", T0 + d * DAY, 2 * d)]), T0 + d * DAY)
+    acc.tick(T0 + 8 * DAY)  # 100 fen a day: levels at their floors, balances 5300: normal
+    assert acc.engine.state[0] == 0
+    dearer = {"flat": Tariff.from_config("flat", [{"effective_from": 0, "kind": "flat", "price": "0.5000"},
+                                                   {"effective_from": T0 + 8 * DAY, "kind": "flat",
+                                                    "price": "20.0000"}])}
+    acc.change_tariffs(dearer, T0 + 8 * DAY + 60)
+    assert acc.store.last_calibration() == T0 + 8 * DAY + 60  # recalibrated, every account re-evaluated
+    assert len(acc.engine.transitions()[0]) == 0
+    acc.ingest_readings(batch(acc, [("M0", T0 + 9 * DAY, 16), ("M1", T0 + 9 * DAY, 16)]), T0 + 9 * DAY)
+    # 14 kWh at the old price; the 2 kWh interval across the change half at each price
+    assert acc.engine.cost[0] == 14_000 * 50_000 + 1_000 * 50_000 + 1_000 * 2_000_000
+    acc.tick(T0 + 9 * DAY + 60)  # a day on: the dearer day lifts the warning levels at the next calibration
+    assert acc.engine.levels.warn1[0] > 2000

@@ -491,6 +491,8 @@ class Engine:
         self.seq[s.state_accounts] = s.seqs
         self.notice_confirmed_at[s.state_accounts] = s.notice_at
         self.m_relay_open[s.relay_meters] = s.relay_open
+        for i, name in enumerate(("warn1", "warn2", "trip", "close")):
+            getattr(self.levels, name)[s.level_accounts] = s.levels[:, i]
 
 
 @dataclass
@@ -516,6 +518,8 @@ class Snapshot:
     notice_at: np.ndarray
     relay_meters: np.ndarray
     relay_open: np.ndarray
+    level_accounts: np.ndarray
+    levels: np.ndarray  # n x 4: warning 1, warning 2, trip, close (fen)
 
 
 __all__ = ["Engine", "ReadingBatch", "Outcome", "Decision", "DecisionKind", "HoldReason", "Snapshot",

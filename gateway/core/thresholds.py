@@ -34,9 +34,10 @@ class ThresholdPolicy:
     hysteresis_fen: int = 500
     close_margin_fen: int = 0  # close once the balance is above trip level + this
     calibration_window_days: int = 30
+    recalibrate_every_s: int = 86_400  # the schedule: warnings follow each customer's recent use
 
     def __post_init__(self) -> None:
-        for name in ("warn1_days", "warn2_days", "calibration_window_days"):
+        for name in ("warn1_days", "warn2_days", "calibration_window_days", "recalibrate_every_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"thresholds.{name} must be positive, got {getattr(self, name)}")
         if self.warn2_days > self.warn1_days:

@@ -60,6 +60,12 @@ MIGRATIONS: list[list[str]] = [
             notice_confirmed_at BIGINT NOT NULL)""",
         "CREATE TABLE relay_state (meter_no BIGINT PRIMARY KEY, is_open INTEGER NOT NULL, at BIGINT NOT NULL)",
     ],
+    [  # 2: calibrated levels survive a restart (defaults until the first calibration)
+        """CREATE TABLE account_levels (
+            account_no BIGINT PRIMARY KEY, warn1_fen BIGINT NOT NULL, warn2_fen BIGINT NOT NULL,
+            trip_fen BIGINT NOT NULL, close_fen BIGINT NOT NULL, calibrated_at BIGINT NOT NULL)""",
+        "CREATE TABLE calibration (id INTEGER PRIMARY KEY, calibrated_at BIGINT NOT NULL)",
+    ],
 ]
 
 READING_COLUMNS = ("t", "meter_no", "account_no", "total_wh", "sharp_wh", "peak_wh", "flat_wh", "valley_wh",
@@ -289,6 +295,21 @@ class Store(ABC):
                               "ON CONFLICT (meter_no) DO UPDATE SET is_open = excluded.is_open, at = excluded.at",
                               [(m, int(o), at) for m, o, at in outcome.relay_rows])
 
+    def save_levels(self, levels, calibrated_at: int) -> None:
+        rows = list(zip(range(len(levels.warn1)), levels.warn1.tolist(), levels.warn2.tolist(),
+                        levels.trip.tolist(), levels.close.tolist(), [calibrated_at] * len(levels.warn1)))
+        self._executemany("INSERT INTO account_levels (account_no, warn1_fen, warn2_fen, trip_fen, close_fen, "
+                          "calibrated_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (account_no) DO UPDATE SET "
+                          "warn1_fen = excluded.warn1_fen, warn2_fen = excluded.warn2_fen, "
+                          "trip_fen = excluded.trip_fen, close_fen = excluded.close_fen, "
+                          "calibrated_at = excluded.calibrated_at", rows)
+        self._execute("INSERT INTO calibration (id, calibrated_at) VALUES (1, ?) "
+                      "ON CONFLICT (id) DO UPDATE SET calibrated_at = excluded.calibrated_at", (calibrated_at,))
+
+    def last_calibration(self) -> int | None:
+        rows = self._query("SELECT calibrated_at FROM calibration WHERE id = 1")
+        return rows[0][0] if rows else None
+
     # -- restart -------------------------------------------------------------------------------
     def snapshot(self) -> Snapshot:
         def arrays(sql, ncols):
@@ -311,8 +332,10 @@ class Store(ABC):
                        "(SELECT meter_no, MAX(t) FROM readings WHERE balance_fen IS NOT NULL GROUP BY meter_no)", 3)
         sa, ss, sq, sn = arrays("SELECT account_no, state, seq, notice_confirmed_at FROM account_state", 4)
         rm, ro = arrays("SELECT meter_no, is_open FROM relay_state", 2)
+        levels = arrays("SELECT account_no, warn1_fen, warn2_fen, trip_fen, close_fen FROM account_levels", 5)
         return Snapshot(ca, cs, ka, ks, ya, yw, yy, last[0], last[1], np.stack(last[2:7], axis=1),
-                        purse[0], purse[1], purse[2], sa, ss.astype(np.int8), sq, sn, rm, ro.astype(bool))
+                        purse[0], purse[1], purse[2], sa, ss.astype(np.int8), sq, sn, rm, ro.astype(bool),
+                        levels[0], np.stack(levels[1:5], axis=1))
 
     # -- queries ----------------------------------------------------------------------------------
     def statement(self, account_id: str, since: int = 0) -> Statement:
@@ -367,8 +390,13 @@ class Store(ABC):
     def average_daily_cost_fen(self, n_accounts: int, since: int, until: int) -> np.ndarray:
         """Average daily cost per account over [since, until); -1 where the account has no readings there."""
         out = np.full(n_accounts, -1, np.int64)
-        days = max((until - since) / 86400, 1e-9)
-        for no, cost in self._query("SELECT account_no, CAST(SUM(cost_ufen) AS BIGINT) FROM readings "
-                                    "WHERE t >= ? AND t < ? GROUP BY account_no", (since, until)):
+        # Divide by the time the readings cover, not the whole window (a new customer's week of history says
+        # more than the same cost spread over thirty days). n charged readings between first and last carry
+        # n intervals' cost but span n-1 of them: scale the span by n/(n-1) (regular polling), at least a day.
+        # Readings without consumption are left out: an idle spell makes warnings come earlier, not later.
+        for no, cost, first, last, n in self._query(
+                "SELECT account_no, CAST(SUM(cost_ufen) AS BIGINT), MIN(t), MAX(t), COUNT(*) FROM readings "
+                "WHERE t >= ? AND t < ? AND delta_wh > 0 GROUP BY account_no", (since, until)):
+            days = max((last - first) * n / max(n - 1, 1) / 86400, 1.0)
             out[no] = int(int(cost) // 1_000_000 / days)
         return out
