@@ -34,14 +34,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import struct
-import subprocess
 import sys
 import time
 import timeit
-from datetime import datetime, timezone
+
 from decimal import Decimal
 from pathlib import Path
 
@@ -49,6 +46,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench._common import machine_info as common_machine_info  # noqa: E402
+from bench._common import pin_to_one_cpu  # noqa: E402
 from protocols.dlt645.di import decode_data  # noqa: E402
 from protocols.dlt645.frame import decode_frame, encode_frame  # noqa: E402
 
@@ -62,17 +61,6 @@ DATA = struct.pack("<I", DI) + bytes.fromhex("78563412")  # DI little-endian, th
 REFERENCE = bytes.fromhex("fefefefe" "68 010000000000 68 91 08 33333433 ab896745 17 16".replace(" ", ""))
 
 KEYS = ("ours_decode", "ours_decode_value", "ours_encode", "peer_decode", "peer_encode")
-
-
-def pin_to_one_cpu() -> int | None:
-    if not hasattr(os, "sched_setaffinity"):
-        return None
-    try:
-        cpu = min(os.sched_getaffinity(0))
-        os.sched_setaffinity(0, {cpu})
-        return cpu
-    except OSError:
-        return None
 
 
 def verify(P, bcd_to_float) -> None:
@@ -125,31 +113,7 @@ def machine_info(cpu: int | None) -> dict:
         peer_version = version("dlt645")
     except Exception:  # pragma: no cover
         peer_version = "unknown"
-    try:
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=5).stdout.strip() or None
-    except Exception:
-        commit = None
-    model = None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "python": sys.version.split()[0],
-        "implementation": platform.python_implementation(),
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "cpu_model": model or platform.processor() or None,
-        "cpu_count": os.cpu_count(),
-        "pinned_cpu": cpu,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "dlt645_version": peer_version,
-        "git_commit": commit,
-    }
+    return common_machine_info(cpu, dlt645_version=peer_version)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -53,10 +53,8 @@ import argparse
 import gc
 import json
 import os
-import platform
 import resource
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import time
@@ -71,6 +69,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench._common import machine_info as common_machine_info  # noqa: E402
+from bench._common import pin_to_one_cpu  # noqa: E402
 from gateway.accounting import Accounting  # noqa: E402
 from gateway.core.engine import NO_BALANCE, Engine, ReadingBatch  # noqa: E402
 from gateway.core.model import UFEN_PER_FEN, Account, CostControlMode, CustomerClass, Meter, Payment  # noqa: E402
@@ -115,17 +115,6 @@ def tou_period(t: np.ndarray) -> np.ndarray:
     hour = ((t + 8 * 3600) // 3600) % 24
     table = np.array([4] * 7 + [3] + [2] * 3 + [3] * 6 + [2] + [1] * 2 + [2] * 2 + [4] * 2)
     return table[hour]
-
-
-def pin_to_one_cpu() -> int | None:
-    if not hasattr(os, "sched_setaffinity"):
-        return None
-    try:
-        cpu = min(os.sched_getaffinity(0))
-        os.sched_setaffinity(0, {cpu})
-        return cpu
-    except OSError:
-        return None
 
 
 def peak_rss_mb() -> float:
@@ -706,19 +695,6 @@ def bench_naive(wl: Workload, prefix: int, tmp: str, engine_run: dict, engine_db
 
 
 def machine_info(cpu: int | None, tmp: str, pg_base: str | None) -> dict:
-    try:
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=5).stdout.strip() or None
-    except Exception:
-        commit = None
-    model = None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     fs = None
     try:  # the file system the SQLite files live on (fsync cost depends on it)
         best = ""
@@ -734,22 +710,9 @@ def machine_info(cpu: int | None, tmp: str, pg_base: str | None) -> dict:
         psycopg_version = psycopg.__version__
     except Exception:
         psycopg_version = None
-    return {
-        "python": sys.version.split()[0],
-        "implementation": platform.python_implementation(),
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "cpu_model": model or platform.processor() or None,
-        "cpu_count": os.cpu_count(),
-        "pinned_cpu": cpu,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "numpy_version": np.__version__,
-        "sqlite_version": sqlite3.sqlite_version,
-        "sqlite_filesystem": fs,
-        "psycopg_version": psycopg_version,
-        "postgresql_server": pg_server_version(pg_base) if pg_base else None,
-        "git_commit": commit,
-    }
+    return common_machine_info(
+        cpu, numpy_version=np.__version__, sqlite_version=sqlite3.sqlite_version, sqlite_filesystem=fs,
+        psycopg_version=psycopg_version, postgresql_server=pg_server_version(pg_base) if pg_base else None)
 
 
 def public(run: dict) -> dict:

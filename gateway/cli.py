@@ -6,7 +6,7 @@ import asyncio
 import json
 import re
 import sys
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 from protocols.dlt645 import Deframer, FrameReceived, FrameRejected, Noise
 from protocols.dlt645 import di as di_table

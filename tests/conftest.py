@@ -1,4 +1,3 @@
-import asyncio
 
 import pytest
 
@@ -38,6 +37,7 @@ async def pty_bus():
 
 import os
 import uuid
+from contextlib import contextmanager
 
 PG_DSN = os.environ.get("FEIKONG_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 
@@ -57,18 +57,33 @@ def pg_server():
     return PG_DSN
 
 
-@pytest.fixture
-def pg_dsn(pg_server):
-    """A DSN whose search_path is a fresh schema, dropped afterwards."""
+@contextmanager
+def fresh_schema(server: str):
+    """A DSN whose search_path is a new schema, dropped afterwards."""
     import psycopg
 
     schema = f"t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(pg_server, autocommit=True) as conn:
+    with psycopg.connect(server, autocommit=True) as conn:
         conn.execute(f"CREATE SCHEMA {schema}")
-    sep = "&" if "?" in pg_server else "?"
-    yield f"{pg_server}{sep}options=-csearch_path%3D{schema}"
-    with psycopg.connect(pg_server, autocommit=True) as conn:
-        conn.execute(f"DROP SCHEMA {schema} CASCADE")
+    sep = "&" if "?" in server else "?"
+    try:
+        yield f"{server}{sep}options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect(server, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture
+def pg_dsn(pg_server):
+    with fresh_schema(pg_server) as dsn:
+        yield dsn
+
+
+@pytest.fixture
+def pg_dsn_2(pg_server):
+    """A second fresh schema, for tests that compare two databases."""
+    with fresh_schema(pg_server) as dsn:
+        yield dsn
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -77,16 +92,3 @@ def store_url(request, tmp_path):
         return f"sqlite://{tmp_path / 'feikong.db'}"
     return request.getfixturevalue("pg_dsn")
 
-
-@pytest.fixture
-def pg_dsn_2(pg_server):
-    """A second fresh schema, for tests that compare two databases."""
-    import psycopg
-
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(pg_server, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
-    sep = "&" if "?" in pg_server else "?"
-    yield f"{pg_server}{sep}options=-csearch_path%3D{schema}"
-    with psycopg.connect(pg_server, autocommit=True) as conn:
-        conn.execute(f"DROP SCHEMA {schema} CASCADE")

@@ -1,5 +1,4 @@
 """The feikong command: decoder output and errors, read/relay against a simulator, sim and demo commands."""
-import asyncio
 import json
 import os
 import re

@@ -8,7 +8,7 @@ import pytest
 
 from protocols.dlt645.client import Dlt645Client, Dlt645Link, Dlt645LinkError, Dlt645Refused, Dlt645Timeout, LinkSettings
 from protocols.dlt645.codes import RelayAction
-from simulators.dlt645 import Faults, PtyBus, SimBus, make_meters, serve_tcp
+from simulators.dlt645 import Faults, SimBus, make_meters, serve_tcp
 
 
 @pytest.fixture(params=["tcp", "pty"])
