@@ -74,7 +74,7 @@ from bench._common import pin_to_one_cpu  # noqa: E402
 from gateway.accounting import Accounting  # noqa: E402
 from gateway.core.engine import NO_BALANCE, Engine, ReadingBatch  # noqa: E402
 from gateway.core.model import UFEN_PER_FEN, Account, CostControlMode, CustomerClass, Meter, Payment  # noqa: E402
-from gateway.core.tariff import Tariff  # noqa: E402
+from gateway.core.tariff import Tariff, tariffs_from_config  # noqa: E402
 from gateway.core.thresholds import ThresholdPolicy, calibrate, evaluate  # noqa: E402
 from gateway.store import open_store  # noqa: E402
 from gateway.store.sqlite import SqliteStore  # noqa: E402
@@ -93,21 +93,14 @@ CLASS_SHARE = (0.85, 0.10, 0.03, 0.02)
 
 
 def tariffs() -> dict[str, Tariff]:
-    return {
-        "flat": Tariff.from_config("flat", [{"effective_from": 0, "kind": "flat", "price": "0.5000"}]),
-        "tou": Tariff.from_config("tou", [{"effective_from": 0, "kind": "tou",
-                                           "prices": {"sharp": "1.0000", "peak": "0.8000", "flat": "0.5000",
-                                                      "valley": "0.3000"}}]),
-        # residential annual blocks: 0-2160 kWh base, 2160-4200 +0.05, above 4200 +0.30
-        "tiered": Tariff.from_config("tiered", [{"effective_from": 0, "kind": "flat", "price": "0.4883",
-                                                 "tiers": [{"from_kwh": 0}, {"from_kwh": 2160, "surcharge": "0.05"},
-                                                           {"from_kwh": 4200, "surcharge": "0.30"}]}]),
-        # small blocks so that block boundaries are crossed inside the run (the annual ones are not)
-        "tiered_fast": Tariff.from_config("tiered_fast", [{"effective_from": 0, "kind": "flat", "price": "0.4883",
-                                                           "tiers": [{"from_kwh": 0},
-                                                                     {"from_kwh": 1, "surcharge": "0.05"},
-                                                                     {"from_kwh": 3, "surcharge": "0.30"}]}]),
-    }
+    """The example tariffs (config/tariffs.example.json: flat, tou, tiered), plus small blocks so that block
+    boundaries are crossed inside the run (the annual ones are not)."""
+    out = tariffs_from_config(json.loads((ROOT / "config" / "tariffs.example.json").read_text()))
+    out["tiered_fast"] = Tariff.from_config("tiered_fast", [{"effective_from": 0, "kind": "flat", "price": "0.4883",
+                                                             "tiers": [{"from_kwh": 0},
+                                                                       {"from_kwh": 1, "surcharge": "0.05"},
+                                                                       {"from_kwh": 3, "surcharge": "0.30"}]}])
+    return out
 
 
 def tou_period(t: np.ndarray) -> np.ndarray:

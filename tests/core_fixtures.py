@@ -1,9 +1,11 @@
 """Shared builders for core tests: a small utility with flat, TOU and tiered tariffs."""
+import json
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 from gateway.core.engine import Engine, ReadingBatch
 from gateway.core.model import Account, CostControlMode, CustomerClass, Meter
-from gateway.core.tariff import Tariff
+from gateway.core.tariff import tariffs_from_config
 from gateway.core.thresholds import ThresholdPolicy
 
 CST = timezone(timedelta(hours=8))
@@ -11,17 +13,12 @@ T0 = int(datetime(2026, 3, 1, tzinfo=CST).timestamp())
 HOUR, DAY = 3600, 86400
 
 
+EXAMPLE_TARIFFS = Path(__file__).resolve().parent.parent / "config" / "tariffs.example.json"
+
+
 def tariffs():
-    return {
-        "flat": Tariff.from_config("flat", [{"effective_from": 0, "kind": "flat", "price": "0.5000"}]),
-        "tou": Tariff.from_config("tou", [{"effective_from": 0, "kind": "tou",
-                                           "prices": {"sharp": "1.0000", "peak": "0.8000", "flat": "0.5000",
-                                                      "valley": "0.3000"}}]),
-        # residential annual blocks: 0-2160 kWh base, 2160-4200 +0.05, above 4200 +0.30
-        "tiered": Tariff.from_config("tiered", [{"effective_from": 0, "kind": "flat", "price": "0.4883",
-                                                 "tiers": [{"from_kwh": 0}, {"from_kwh": 2160, "surcharge": "0.05"},
-                                                           {"from_kwh": 4200, "surcharge": "0.30"}]}]),
-    }
+    """flat 0.50; time of use 1.00/0.80/0.50/0.30; residential blocks 0.4883 (+0.05 above 2160 kWh, +0.30 above 4200)"""
+    return tariffs_from_config(json.loads(EXAMPLE_TARIFFS.read_text()))
 
 
 POLICY = ThresholdPolicy(default_warn1_fen=5000, default_warn2_fen=2000, hysteresis_fen=500)

@@ -100,6 +100,11 @@ class Tariff:
         return cls(tariff_id, out)
 
 
+def tariffs_from_config(config: dict) -> dict[str, Tariff]:
+    """``{tariff_id: [version, ...]}`` as in config/tariffs.example.json (keys starting with _ are comments)."""
+    return {tid: Tariff.from_config(tid, versions) for tid, versions in config.items() if not tid.startswith("_")}
+
+
 class TierCalendar:
     """Which tier year an instant falls in (calendar years in the utility's zone, UTC+8 by default)."""
 
