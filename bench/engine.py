@@ -223,7 +223,15 @@ def expected_transitions(e: Engine) -> tuple[list[int], list[int]]:
         if down > s:
             new = down
         else:
-            up = (b <= w1 + h) + (b <= w2 + h) + (b <= cl)
+            # leaving a band: its level plus the hysteresis; out of TRIP also above the close level
+            if b <= max(tr + h, cl):
+                up = 3
+            elif b <= w2 + h:
+                up = 2
+            elif b <= w1 + h:
+                up = 1
+            else:
+                up = 0
             new = up if up < s else s
         if new != s:
             accounts.append(a)
@@ -556,13 +564,14 @@ class Naive:
         if down > s:
             new = down
         else:
-            up = 0
-            if b <= acct["w1"] + acct["h"]:
-                up += 1
-            if b <= acct["w2"] + acct["h"]:
-                up += 1
-            if b <= acct["close"]:
-                up += 1
+            if b <= max(acct["trip"] + acct["h"], acct["close"]):
+                up = 3
+            elif b <= acct["w2"] + acct["h"]:
+                up = 2
+            elif b <= acct["w1"] + acct["h"]:
+                up = 1
+            else:
+                up = 0
             new = up if up < s else s
         if new == s:
             return

@@ -76,7 +76,34 @@ def test_partial_payment_below_close_level_does_nothing():
     read(e, [("M0", T0 + HOUR, 10)])  # -500 fen
     e.apply_relay_states([RelayStateChanged("M0", True, T0 + HOUR)])
     assert kinds(pay(e, "A0", 300, T0 + 2 * HOUR)) == []  # still -200
-    assert kinds(pay(e, "A0", 300, T0 + 3 * HOUR))[0][1] == K.CLOSE
+    assert kinds(pay(e, "A0", 300, T0 + 3 * HOUR)) == []  # +100: inside the hysteresis above the trip level
+    assert kinds(pay(e, "A0", 500, T0 + 4 * HOUR))[0][1] == K.CLOSE  # +600
+
+
+def test_no_trip_close_chatter_around_zero():
+    e = engine(1)
+    pay(e, "A0", 10, T0)
+    read(e, [("M0", T0, 0)])
+    seen = []
+    for i in range(5):  # -10 by a reading, +10 by a payment of 20 fen, again and again
+        seen += kinds(read(e, [("M0", T0 + (i + 1) * HOUR, 0.4 * (i + 1))]))
+        seen += kinds(pay(e, "A0", 20, T0 + (i + 1) * HOUR + 60, f"w{i}"))
+    assert [k for _, k, _ in seen].count(K.TRIP) == 1
+    assert K.CANCEL_TRIP not in [k for _, k, _ in seen]
+
+
+def test_close_level_above_warning_2_holds_the_account_until_reached():
+    from gateway.core.engine import Engine
+    from gateway.core.thresholds import ThresholdPolicy
+    from .core_fixtures import tariffs
+    e = Engine(tariffs(), ThresholdPolicy(close_margin_fen=3000, hysteresis_fen=500))
+    e.add_accounts([Account("A0", tariff_id="flat")])
+    e.add_meters([Meter("M0", "A0")])
+    read(e, [("M0", T0, 0)])
+    read(e, [("M0", T0 + HOUR, 2)])  # -100: trip
+    e.apply_relay_states([RelayStateChanged("M0", True, T0 + HOUR)])
+    assert kinds(pay(e, "A0", 2700, T0 + 2 * HOUR)) == []  # 2600: above warning 2 + h, below close 3000
+    assert kinds(pay(e, "A0", 500, T0 + 3 * HOUR))[0][1] == K.CLOSE
 
 
 def test_protected_and_vip_accounts_get_an_account_manager_task_not_a_trip():
@@ -163,6 +190,27 @@ def test_local_mode_uses_the_meters_purse_and_later_payments():
     assert kinds(out) == [("A0", K.CLOSE, 1)]
 
 
+def test_local_payment_is_not_lost_at_a_poll_before_the_top_up_reaches_the_meter():
+    e = engine(1, mode=CostControlMode.LOCAL)
+    read(e, [("M0", T0, 0, None, 100)])
+    read(e, [("M0", T0 + HOUR, 1, None, -10)])
+    e.apply_relay_states([RelayStateChanged("M0", True, T0 + HOUR)])
+    assert kinds(pay(e, "A0", 5000, T0 + 2 * HOUR))[0][1] == K.CLOSE
+    out = read(e, [("M0", T0 + 3 * HOUR, 1, None, -10)])  # the top-up has not reached the meter yet
+    assert kinds(out) == [] and e.balance_of("A0") == 4990
+    read(e, [("M0", T0 + 4 * HOUR, 1, None, 4985)])  # now it has (less 5 fen used meanwhile)
+    assert e.balance_of("A0") == 4985
+    read(e, [("M0", T0 + 5 * HOUR, 1, None, 4900)])  # plain use afterwards
+    assert e.balance_of("A0") == 4900
+    # two payments, the meter gets the first top-up only: the second stays pending
+    pay(e, "A0", 5000, T0 + 6 * HOUR)
+    pay(e, "A0", 3000, T0 + 6 * HOUR + 1)
+    read(e, [("M0", T0 + 7 * HOUR, 1, None, 9890)])
+    assert e.balance_of("A0") == 12_900  # 3000 pending plus 10 fen used meanwhile, settled at the next rise
+    read(e, [("M0", T0 + 8 * HOUR, 1, None, 12_880)])
+    assert e.balance_of("A0") == 12_880
+
+
 def test_adjustment_and_refund_move_the_balance():
     e = engine(1)
     e.apply_credits([Adjustment("adj1", "A0", 10_000, T0, "op7", "estimated bill corrected")], T0)
@@ -185,3 +233,38 @@ def test_recalibration_reevaluates_every_account_in_one_pass():
 def test_reading_batch_from_rows():
     b = ReadingBatch.from_rows([(0, 10, 1, 2, 3, 4, 5)])
     assert b.regs.tolist() == [[1, 2, 3, 4, 5]] and b.balance_fen is None
+
+
+def test_time_of_use_registers_are_checked_for_plausibility_too():
+    e = engine(1, "tou")
+    pay(e, "A0", 100_000, T0)
+    read(e, [("M0", T0, 0, (0, 0, 0, 0))])
+    out = read(e, [("M0", T0 + HOUR, 1, (10_000, 0, 0, 0))])  # sharp register jumped 10,000 kWh
+    assert out.held[0][3] == "implausible_jump" and e.cost[0] == 0
+    out = read(e, [("M0", T0 + HOUR, 1, (0.5, 0.5, 0.5, 0))])  # T1..T4 moved more than the total
+    assert out.held[0][3] == "implausible_jump"
+
+
+def test_meter_replacement_is_idempotent_and_never_rolls_readings_back():
+    import pytest
+    e = engine(1)
+    pay(e, "A0", 100_000, T0)
+    read(e, [("M0", T0, 9000)])
+    swap = MeterReplaced("M0", T0 + HOUR, (0, 0, 0, 0, 0))
+    e.replace_meter(swap)
+    assert e.replace_meter(swap).duplicates == 1  # re-delivered: nothing changes
+    read(e, [("M0", T0 + 2 * HOUR, 1)])
+    with pytest.raises(ValueError, match="not after its last reading"):
+        e.replace_meter(swap)
+    read(e, [("M0", T0 + 3 * HOUR, 3)])
+    assert e.cost[0] == 3000 * 50_000
+
+
+def test_money_must_be_whole_numbers():
+    import pytest
+    from gateway.core.model import MoneyError
+    for bad in (50.7, True, "100"):
+        with pytest.raises(MoneyError, match="whole number"):
+            Payment("p", "A0", bad, T0)
+    with pytest.raises(MoneyError, match="paid_at"):
+        Payment("p", "A0", 100, 1.5)

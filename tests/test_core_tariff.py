@@ -106,3 +106,10 @@ def test_tier_calendar_uses_local_year():
     # 2025-12-31 20:00 UTC is already 2026 in Beijing
     t = int(datetime(2025, 12, 31, 20, tzinfo=timezone.utc).timestamp())
     assert cal.year(np.array([t]))[0] == 2026
+
+
+def test_naive_effective_from_is_in_the_utilitys_zone_not_the_hosts():
+    t = Tariff.from_config("x", [{"effective_from": "2026-07-01T00:00:00", "kind": "flat", "price": "1"}])
+    assert t.versions[0].effective_from == 1782835200  # 2026-06-30 16:00 UTC
+    with pytest.raises(TariffError, match="surcharges must not be negative"):
+        TariffVersion(0, "flat", (1,), (Tier(0, 0), Tier(5, -1)))

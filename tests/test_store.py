@@ -223,3 +223,31 @@ def test_tariff_change_recalibrates_and_reevaluates_everyone(acc):
     assert acc.engine.cost[0] == 14_000 * 50_000 + 1_000 * 50_000 + 1_000 * 2_000_000
     acc.tick(T0 + 9 * DAY + 60)  # a day on: the dearer day lifts the warning levels at the next calibration
     assert acc.engine.levels.warn1[0] > 2000
+
+
+def test_statement_for_a_period_continues_the_fen_steps(acc):
+    # 0.6 fen a day: the whole fen falls due on day 2 and day 4
+    acc.ingest_readings(batch(acc, [("M0", T0, 0)]), T0)
+    for d in range(1, 5):
+        acc.ingest_readings(batch(acc, [("M0", T0 + d * DAY, 0.012 * d)]), T0 + d * DAY)
+    whole = acc.store.statement("A0")
+    assert [(e.at - T0) // DAY for e in whole.entries] == [2, 4]
+    for since_day, expected in ((1, [2, 4]), (2, [2, 4]), (3, [4])):
+        st = acc.store.statement("A0", since=T0 + since_day * DAY)
+        assert [(e.at - T0) // DAY for e in st.entries] == expected, since_day
+
+
+def test_decisions_are_listed_in_sequence(acc):
+    acc.ingest_credits([Payment("p", "A0", 6000, T0)], T0)
+    acc.ingest_readings(batch(acc, [("M0", T0, 0)]), T0)
+    for i in range(8):  # run down, pay back, run down again ...: more than nine decisions for one account
+        acc.ingest_readings(batch(acc, [("M0", T0 + (i + 1) * DAY, 150 * (i + 1))]), T0 + (i + 1) * DAY)
+        acc.ingest_credits([Payment(f"q{i}", "A0", 7_500, T0)], T0 + (i + 1) * DAY + HOUR)
+    ids = [row[0] for row in acc.store.decisions("A0")]
+    assert len(ids) > 10 and ids == sorted(ids, key=lambda x: int(x.split("#")[1]))
+
+
+def test_readings_from_unknown_meters_are_listed_for_review(acc):
+    acc.ingest_readings(ReadingBatch.from_rows([(999, T0, 1, 0, 0, 0, 0)]), T0)
+    assert acc.store.held_readings() == [("999", T0, "[1, 0, 0, 0, 0]", "unknown_meter")]
+    assert acc.ingest_readings(ReadingBatch.from_rows([]), T0).accepted == 0

@@ -75,6 +75,8 @@ class ReadingBatch:
     @classmethod
     def from_rows(cls, rows) -> "ReadingBatch":
         """``(meter_no, t, total, sharp, peak, flat, valley[, balance_fen])`` tuples -> columns."""
+        if not rows:
+            return cls(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 5), np.int64))
         arr = np.array(rows, dtype=np.int64).reshape(len(rows), -1)
         bal = arr[:, 7].copy() if arr.shape[1] > 7 else None
         return cls(arr[:, 0].copy(), arr[:, 1].copy(), np.ascontiguousarray(arr[:, 2:7]), bal)
@@ -126,7 +128,7 @@ class Engine:
         self.credits = np.zeros(n, i64)
         self.cost = np.zeros(n, i64)  # cumulative micro-fen
         self.meter_bal = np.full(n, NO_BALANCE, i64)  # local mode: last purse the meter reported
-        self.credits_at_read = np.zeros(n, i64)
+        self.credits_at_read = np.zeros(n, i64)  # local mode: credits the meter's purse already contains
         self.local = np.zeros(n, bool)
         self.auto_trip = np.zeros(n, bool)
         self.tariff = np.zeros(n, np.int32)
@@ -211,7 +213,8 @@ class Engine:
     # ------------------------------------------------------------------ balances
 
     def balance(self, idx: np.ndarray | None = None) -> np.ndarray:
-        """Balance in fen: credits minus cost (rounded down once), or the local meter's purse plus later credits."""
+        """Balance in fen: credits minus cost (rounded down once), or the local meter's purse plus the credits
+        not yet topped up into it."""
         if idx is None:
             credits, cost, local, mbal, cread = (self.credits, self.cost, self.local, self.meter_bal,
                                                  self.credits_at_read)
@@ -288,8 +291,12 @@ class Engine:
         ooo = has & (t <= last_t) & ~dup
         dt = t - last_t
         backwards = has & ~ooo & ~dup & (d < 0).any(axis=1)
+        # every register is checked (time-of-use registers are what a TOU tariff prices), and the four
+        # tariff registers cannot together have moved more than the total
+        limit = (self.m_max_w[m] * dt + REG_SLACK_WH * 3600)[:, None]
         implausible = (has & ~ooo & ~dup & ~backwards
-                       & (d[:, 0] * 3600 > self.m_max_w[m] * dt + REG_SLACK_WH * 3600))
+                       & ((d * 3600 > limit).any(axis=1)
+                          | (d[:, 1:5].sum(axis=1) > d[:, 0] + 4 * REG_SLACK_WH)))
         for mask, reason in ((ooo, HoldReason.OUT_OF_ORDER), (backwards, HoldReason.BACKWARDS),
                              (implausible, HoldReason.IMPLAUSIBLE)):
             for i in np.flatnonzero(mask):
@@ -314,9 +321,22 @@ class Engine:
             bal = batch.balance_fen[rows][sel]
             li = np.flatnonzero(local & (bal != NO_BALANCE))
             if len(li):
-                self.meter_bal[a[li]] = bal[li]
-                self.credits_at_read[a[li]] = self.credits[a[li]]
-                credits[li] = self.credits[a[li]]
+                al = a[li]
+                old = self.meter_bal[al]
+                first = old == NO_BALANCE
+                # A payment counts at once, but the purse only contains it once the top-up has reached the
+                # meter: credits stay pending until the purse rises by them. (Absorbing every credit at the
+                # next reading would re-trip a customer who paid minutes before a poll.)
+                # The purse rises by the top-up less what was used meanwhile: a rise within the tolerance of
+                # everything pending counts as all of it.
+                rise = np.where(first, 0, np.maximum(bal[li] - old, 0))
+                pending = self.credits[al] - self.credits_at_read[al]
+                tol = self.policy.local_topup_tolerance_fen
+                absorbed = np.where(first | (rise >= pending - tol) & (rise > 0), pending,
+                                    np.clip(rise, 0, np.maximum(pending, 0)))
+                self.credits_at_read[al] += absorbed
+                self.meter_bal[al] = bal[li]
+                credits[li] = self.credits_at_read[al]
         self.m_last_t[m] = t
         self.m_regs[m] = regs
         # year-to-date after this reading: a restart resumes the tier blocks exactly from here
@@ -369,8 +389,18 @@ class Engine:
         return total
 
     def replace_meter(self, event: MeterReplaced) -> Outcome:
-        """New baseline for a swapped meter; the swap itself is never charged."""
+        """New baseline for a swapped meter; the swap itself is never charged.
+
+        A re-delivered swap (same instant, same registers as the meter's baseline) changes nothing; a swap at
+        or before the meter's last reading is refused: it would roll accepted readings back.
+        """
         m = self.meter_no[event.meter_id]
+        regs = tuple(int(x) for x in event.registers_wh)
+        if event.at <= self.m_last_t[m]:
+            if event.at == self.m_last_t[m] and regs == tuple(int(x) for x in self.m_regs[m]):
+                return Outcome(duplicates=1)
+            raise ValueError(f"meter {event.meter_id}: replacement at {event.at} is not after its last reading "
+                             f"at {int(self.m_last_t[m])}; record the swap with the time it happened")
         self.m_last_t[m] = event.at
         self.m_regs[m] = np.asarray(event.registers_wh, dtype=np.int64)
         a = int(self.m_account[m])

@@ -49,9 +49,11 @@ class Statement:
         return [a for a in self.allocations if a.credit_id == credit_id]
 
 
-def charges_from_cumulative(rows: list[tuple[str, int, int]]) -> list[Entry]:
-    """``(reading_id, at, cost_ufen)`` in time order -> charge entries in whole fen (cumulative floor steps)."""
-    out, cum, prev_fen = [], 0, 0
+def charges_from_cumulative(rows: list[tuple[str, int, int]], before_ufen: int = 0) -> list[Entry]:
+    """``(reading_id, at, cost_ufen)`` in time order -> charge entries in whole fen (cumulative floor steps),
+    continuing from ``before_ufen`` already charged earlier."""
+    out, cum = [], before_ufen
+    prev_fen = cum // UFEN_PER_FEN
     for reading_id, at, cost in rows:
         cum += cost
         fen = cum // UFEN_PER_FEN

@@ -83,6 +83,12 @@ def round_fen(value: Decimal) -> int:
     return int(value.quantize(Decimal("1"), rounding=ROUND_HALF_UP))
 
 
+def _require_int(what: str, **values) -> None:
+    for name, value in values.items():
+        if type(value) is not int:  # not bool, not float, not Decimal: fen and seconds are whole numbers
+            raise MoneyError(f"{what}: {name} must be a whole number (int), got {value!r}")
+
+
 @dataclass(frozen=True)
 class Account:
     account_id: str
@@ -120,6 +126,7 @@ class Payment:
     channel: str = ""
 
     def __post_init__(self) -> None:
+        _require_int(f"payment {self.payment_id}", amount_fen=self.amount_fen, paid_at=self.paid_at)
         if not self.payment_id:
             raise MoneyError("payment id is empty")
         if self.amount_fen <= 0:
@@ -139,6 +146,7 @@ class Adjustment:
     kind: str = "adjustment"  # or "refund"
 
     def __post_init__(self) -> None:
+        _require_int(f"{self.kind} {self.adjustment_id}", amount_fen=self.amount_fen, at=self.at)
         if not self.operator:
             raise MoneyError(f"{self.kind} {self.adjustment_id}: an authorised operator is required")
         if not self.reason.strip():

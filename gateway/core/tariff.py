@@ -43,6 +43,8 @@ class TariffVersion:
         if any(p < 0 for p in self.prices_mfen):
             raise TariffError("prices must not be negative")
         if self.tiers:
+            if any(t.surcharge_mfen < 0 for t in self.tiers):
+                raise TariffError("tier surcharges must not be negative")
             starts = [t.from_wh for t in self.tiers]
             if starts[0] != 0 or starts != sorted(set(starts)):
                 raise TariffError("tiers must start at 0 kWh and rise strictly")
@@ -72,8 +74,9 @@ class Tariff:
         return self.versions[self.version_index(t)]
 
     @classmethod
-    def from_config(cls, tariff_id: str, versions: list[dict]) -> "Tariff":
-        """Versions as configured: prices in yuan/kWh (strings), tiers as kWh per year."""
+    def from_config(cls, tariff_id: str, versions: list[dict], utc_offset_s: int = 8 * 3600) -> "Tariff":
+        """Versions as configured: prices in yuan/kWh (strings), tiers as kWh per year; an ISO
+        ``effective_from`` without an offset is in the utility's zone (UTC+8 by default)."""
         out = []
         for i, v in enumerate(versions):
             where = f"tariff {tariff_id} version {i}"
@@ -89,7 +92,10 @@ class Tariff:
                               for t in v.get("tiers", ()))
                 start = v["effective_from"]
                 if isinstance(start, str):
-                    start = int(datetime.fromisoformat(start).timestamp())
+                    when = datetime.fromisoformat(start)
+                    if when.tzinfo is None:  # the utility's clock, not the host's
+                        when = when.replace(tzinfo=timezone(timedelta(seconds=utc_offset_s)))
+                    start = int(when.timestamp())
                 out.append(TariffVersion(int(start), kind, prices, tiers))
             except TariffError:
                 raise

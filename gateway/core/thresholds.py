@@ -8,9 +8,9 @@ An account is in one of four states::
     3 TRIP     at or below the trip level (0, or minus the overdraft limit)
 
 It moves down as soon as the balance reaches a lower band, and back up only
-once the balance clears the level by the hysteresis (and, out of TRIP, once it
-is above the close level), so a balance wobbling around a level yields one
-decision, not one per reading.
+once the balance clears the level by the hysteresis (out of TRIP: the trip
+level plus the hysteresis, and the close level), so a balance wobbling around
+a level yields one decision, not one per reading or payment.
 """
 from __future__ import annotations
 
@@ -35,6 +35,9 @@ class ThresholdPolicy:
     close_margin_fen: int = 0  # close once the balance is above trip level + this
     calibration_window_days: int = 30
     recalibrate_every_s: int = 86_400  # the schedule: warnings follow each customer's recent use
+    # local mode: a purse rise within this of the pending payments means the top-up reached the meter
+    # (the purse rises by the top-up less what was used between the payment and the poll)
+    local_topup_tolerance_fen: int = 1_000
 
     def __post_init__(self) -> None:
         for name in ("warn1_days", "warn2_days", "calibration_window_days", "recalibrate_every_s"):
@@ -100,5 +103,10 @@ def evaluate(balance: np.ndarray, state: np.ndarray, levels: Levels, hysteresis_
         w1, w2, tr, cl = levels.warn1[idx], levels.warn2[idx], levels.trip[idx], levels.close[idx]
     down = (b <= w1).view(np.int8) + (b <= w2).view(np.int8) + (b <= tr).view(np.int8)
     h = hysteresis_fen
-    up = (b <= w1 + h).view(np.int8) + (b <= w2 + h).view(np.int8) + (b <= cl).view(np.int8)
+    # Leaving a band needs its level plus the hysteresis; leaving TRIP also needs the close level. The
+    # conditions are nested so that a close level above warning 2 still holds the account in TRIP.
+    up3 = b <= np.maximum(tr + h, cl)
+    up2 = (b <= w2 + h) | up3
+    up1 = (b <= w1 + h) | up2
+    up = up1.view(np.int8) + up2.view(np.int8) + up3.view(np.int8)
     return np.where(down > s, down, np.where(up < s, up, s)).astype(np.int8)

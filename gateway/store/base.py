@@ -72,6 +72,10 @@ READING_COLUMNS = ("t", "meter_no", "account_no", "total_wh", "sharp_wh", "peak_
                    "delta_wh", "cost_ufen", "ytd_wh", "tier_year", "balance_fen", "credits_fen")
 
 
+# time, then the per-account sequence in numeric order (ACCOUNT#9 before ACCOUNT#10)
+_DECISION_ORDER = " ORDER BY d.at, d.account_no, LENGTH(d.decision_id), d.decision_id"
+
+
 class StoreError(Exception):
     pass
 
@@ -349,7 +353,12 @@ class Store(ABC):
         no = no[0][0]
         readings = self._query("SELECT meter_no, t, cost_ufen FROM readings WHERE t >= ? AND account_no = ? "
                                "AND cost_ufen <> 0 ORDER BY t, meter_no", (since, no))
-        charges = charges_from_cumulative([(f"reading:{m}:{t}", t, c) for m, t, c in readings])
+        # the fen steps continue from what was charged before the period, not from zero
+        before = 0
+        if since > 0:
+            before = int(self._query("SELECT COALESCE(CAST(SUM(cost_ufen) AS BIGINT), 0) FROM readings "
+                                     "WHERE t < ? AND account_no = ?", (since, no))[0][0])
+        charges = charges_from_cumulative([(f"reading:{m}:{t}", t, c) for m, t, c in readings], before)
         credits = [Entry(e, k, a, at, r) for e, k, a, at, r in self._query(
             "SELECT entry_id, kind, amount_fen, at, reason FROM ledger WHERE account_no = ? AND at >= ? "
             "ORDER BY at, entry_id", (no, since))]
@@ -361,8 +370,8 @@ class Store(ABC):
         sql = ("SELECT d.decision_id, a.account_id, d.kind, d.level, d.balance_fen, d.at, d.reason FROM decisions d "
                "JOIN accounts a ON a.account_no = d.account_no")
         if account_id is None:
-            return self._query(sql + " ORDER BY d.at, d.decision_id")
-        return self._query(sql + " WHERE a.account_id = ? ORDER BY d.at, d.decision_id", (account_id,))
+            return self._query(sql + _DECISION_ORDER)
+        return self._query(sql + " WHERE a.account_id = ?" + _DECISION_ORDER, (account_id,))
 
     def known_readings(self, keys: list[tuple[int, int]]) -> set[tuple[int, ...]]:
         """``(meter_no, t, *registers)`` of readings already recorded, accepted or held, among the
@@ -380,8 +389,9 @@ class Store(ABC):
         return out
 
     def held_readings(self) -> list[tuple]:
-        return self._query("SELECT m.meter_id, h.t, h.registers, h.reason FROM held_readings h "
-                           "JOIN meters m ON m.meter_no = h.meter_no ORDER BY h.id")
+        # LEFT JOIN: readings from meters the gateway does not know are listed too (by number)
+        return self._query("SELECT COALESCE(m.meter_id, CAST(h.meter_no AS TEXT)), h.t, h.registers, h.reason "
+                           "FROM held_readings h LEFT JOIN meters m ON m.meter_no = h.meter_no ORDER BY h.id")
 
     def counts(self) -> dict[str, int]:
         return {t: self._query(f"SELECT COUNT(*) FROM {t}")[0][0]
@@ -397,6 +407,7 @@ class Store(ABC):
         for no, cost, first, last, n in self._query(
                 "SELECT account_no, CAST(SUM(cost_ufen) AS BIGINT), MIN(t), MAX(t), COUNT(*) FROM readings "
                 "WHERE t >= ? AND t < ? AND delta_wh > 0 GROUP BY account_no", (since, until)):
-            days = max((last - first) * n / max(n - 1, 1) / 86400, 1.0)
-            out[no] = int(int(cost) // 1_000_000 / days)
+            cost, span = int(cost), (last - first) * n  # span of n intervals, times (n - 1)
+            span_s_x = max(span, 86400 * max(n - 1, 1))  # at least a day
+            out[no] = cost * 86400 * max(n - 1, 1) // (span_s_x * 1_000_000)  # integers throughout
         return out
