@@ -113,3 +113,24 @@ def test_naive_effective_from_is_in_the_utilitys_zone_not_the_hosts():
     assert t.versions[0].effective_from == 1782835200  # 2026-06-30 16:00 UTC
     with pytest.raises(TariffError, match="surcharges must not be negative"):
         TariffVersion(0, "flat", (1,), (Tier(0, 0), Tier(5, -1)))
+
+
+def test_a_late_reading_of_last_year_does_not_reset_this_years_blocks():
+    from datetime import datetime
+    from gateway.core.engine import Engine
+    from gateway.core.model import Account, Meter
+    from .core_fixtures import POLICY
+    e = Engine(tariffs(), POLICY)
+    e.add_accounts([Account("A", tariff_id="tiered")])
+    e.add_meters([Meter("M1", "A", max_kw=100), Meter("M2", "A", max_kw=100)])
+    start = int(datetime(2025, 1, 2, tzinfo=CST).timestamp())
+    dec31 = int(datetime(2025, 12, 31, 23, 59, tzinfo=CST).timestamp())
+    jan1 = int(datetime(2026, 1, 1, 0, 10, tzinfo=CST).timestamp())
+    read(e, [("M1", start, 0), ("M2", start, 0)])
+    read(e, [("M1", dec31 - 7200, 5000)])  # 5000 kWh in 2025: into block 3
+    read(e, [("M1", jan1, 5000.5)])  # 0.5 kWh, partly 2026
+    before_year, before_ytd = int(e.ytd_year[0]), int(e.ytd_wh[0])
+    cost0 = int(e.cost[0])
+    read(e, [("M2", dec31, 10)])  # M2's 2025 reading arrives late: 10 kWh of 2025, at block 3
+    assert (int(e.ytd_year[0]), int(e.ytd_wh[0])) == (before_year, before_ytd) == (2026, before_ytd)
+    assert int(e.cost[0]) - cost0 == 10_000 * (48_830 + 30_000)

@@ -5,7 +5,8 @@ import pytest
 from gateway.accounting import Accounting
 from gateway.core.engine import DecisionKind as K
 from gateway.core.engine import ReadingBatch
-from gateway.core.model import Account, Adjustment, CostControlMode, CustomerClass, Meter, MeterReplaced, Payment, RelayStateChanged
+from gateway.core.model import (Account, Adjustment, CostControlMode, CustomerClass, Meter, MeterReplaced, NoticeReceipt,
+                                 Payment, RelayStateChanged)
 from gateway.store import StoreError, open_store
 
 from .core_fixtures import DAY, HOUR, POLICY, T0, tariffs
@@ -113,17 +114,27 @@ def test_restart_rebuilds_the_same_engine(acc, store_url):
     acc.ingest_credits([Payment("p0", "A0", 3000, T0), Payment("p2", "A2", 999_999, T0)], T0)
     acc.ingest_readings(batch(acc, [("M0", T0, 0), ("M2", T0, 0), ("ML", T0, 0)]), T0)
     acc.ingest_readings(batch(acc, [("M0", T0 + DAY, 70), ("M2", T0 + DAY, 2500)]), T0 + DAY)
+    acc.ingest_credits([Payment("pl0", "L0", 1000, T0)], T0)  # opening credit, already in the purse
     lb = ReadingBatch.from_rows([(acc.engine.meter_no["ML"], T0 + DAY, 5000, 0, 0, 0, 0, 1234)])
     acc.ingest_readings(lb, T0 + DAY)
     acc.ingest_relay_states([RelayStateChanged("M0", True, T0 + DAY)], T0 + DAY)
     acc.ingest_credits([Adjustment("adj", "A1", 700, T0, "op1", "goodwill")], T0 + DAY)
+    # a local customer pays; the next purse reading does not show the top-up yet: it stays pending
+    acc.ingest_credits([Payment("pl", "L0", 3000, T0 + DAY)], T0 + DAY)
+    lb2 = ReadingBatch.from_rows([(acc.engine.meter_no["ML"], T0 + DAY + HOUR, 5001, 0, 0, 0, 0, 1200)])
+    acc.ingest_readings(lb2, T0 + DAY + HOUR)
+    acc.ingest_notice_receipts([NoticeReceipt("A0", "n1", True, T0 + DAY)], T0 + DAY)
+    acc.tick(T0 + DAY + HOUR)  # calibrated levels must come back too
     acc.reevaluate(T0 + DAY)  # the accounts nothing touched yet get their first evaluation
     before = acc.engine
     again = Accounting(open_store(store_url), POLICY)
     after = again.engine
-    for name in ("credits", "cost", "state", "seq", "ytd_wh", "ytd_year", "meter_bal", "credits_at_read",
-                 "m_last_t", "m_regs", "m_relay_open"):
+    assert before.credits_at_read[3] == 1000 and before.balance_of("L0") == 4200  # the pending 3000 counted
+    for name in ("credits", "cost", "state", "seq", "ytd_wh", "ytd_year", "ytd_prev_wh", "meter_bal",
+                 "credits_at_read", "notice_confirmed_at", "m_last_t", "m_regs", "m_relay_open"):
         assert np.array_equal(getattr(before, name), getattr(after, name)), name
+    for name in ("warn1", "warn2", "trip", "close"):
+        assert np.array_equal(getattr(before.levels, name), getattr(after.levels, name)), name
     assert np.array_equal(before.balance(), after.balance())
     assert again.reevaluate(T0 + 2 * DAY).decisions == []  # nothing was pending
     # the next payment closes the relay that was open before the restart

@@ -138,6 +138,7 @@ class Engine:
         self.notice_confirmed_at = np.zeros(n, i64)
         self.ytd_wh = np.zeros(n, i64)
         self.ytd_year = np.zeros(n, i64)
+        self.ytd_prev_wh = np.zeros(n, i64)  # last tier year's consumption, for late readings of it
         self.levels = Levels.empty(n)
         # per meter
         self.m_account = np.zeros(n, i64)
@@ -167,7 +168,7 @@ class Engine:
         start = len(self.account_ids)
         n = start + len(new)
         for name in ("credits", "cost", "credits_at_read", "overdraft", "seq", "notice_confirmed_at",
-                     "ytd_wh", "ytd_year"):
+                     "ytd_wh", "ytd_year", "ytd_prev_wh"):
             setattr(self, name, _grow(getattr(self, name), n))
         self.meter_bal = _grow(self.meter_bal, n, NO_BALANCE)
         self.local = _grow(self.local, n)
@@ -350,10 +351,14 @@ class Engine:
         cost = np.zeros(len(a), np.int64)
         year1 = self.calendar.year(t1)
         year0 = self.calendar.year(t0)
-        # a new tier year started since the account's last counted consumption
-        stale = self.ytd_year[a] != year1
-        self.ytd_wh[a] = np.where(stale & (year0 == year1), 0, self.ytd_wh[a])
-        self.ytd_year[a] = np.where(stale & (year0 == year1), year1, self.ytd_year[a])
+        # a new tier year started since the account's last counted consumption (never backwards: a late
+        # reading of last year, from another meter of the account, goes the slow way below)
+        roll = (self.ytd_year[a] < year1) & (year0 == year1)
+        ra = a[roll]
+        self.ytd_prev_wh[ra] = np.where(self.ytd_year[ra] == year1[roll] - 1, self.ytd_wh[ra], 0)
+        self.ytd_wh[ra] = 0
+        self.ytd_year[ra] = year1[roll]
+        late = year1 < self.ytd_year[a]
         tno = self.tariff[a]
         for k in np.unique(tno):
             tariff = self._tariff_list[int(k)]
@@ -362,7 +367,7 @@ class Engine:
             # the first version also prices anything before it (see Tariff.version_index)
             v0 = np.maximum(np.searchsorted(starts, t0[in_t], side="right") - 1, 0)
             v1 = np.maximum(np.searchsorted(starts, t1[in_t], side="right") - 1, 0)
-            simple = (v0 == v1) & (year0[in_t] == year1[in_t])
+            simple = (v0 == v1) & (year0[in_t] == year1[in_t]) & ~late[in_t]
             for v in np.unique(v1[simple]):
                 rows = in_t[simple & (v1 == v)]
                 aa = a[rows]
@@ -381,11 +386,18 @@ class Engine:
         for start, end, share in split_interval(t0, t1, cuts, [int(x) for x in d]):
             version = tariff.version_at(start)
             year = int(self.calendar.year(np.array([start]))[0])
-            if self.ytd_year[a] != year:
+            if year > self.ytd_year[a]:
+                self.ytd_prev_wh[a] = self.ytd_wh[a] if year == self.ytd_year[a] + 1 else 0
                 self.ytd_year[a], self.ytd_wh[a] = year, 0
             sh = np.asarray(share, dtype=np.int64)
-            total += int(cost_ufen(version, sh[:1], sh[None, 1:5], self.ytd_wh[a:a + 1])[0])
-            self.ytd_wh[a] += sh[0]
+            if year == self.ytd_year[a]:
+                ytd = self.ytd_wh
+            elif year == self.ytd_year[a] - 1:  # late consumption of last year: last year's blocks
+                ytd = self.ytd_prev_wh
+            else:  # older still (a meter silent for years): priced from the first block
+                ytd = np.zeros(len(self.ytd_wh), np.int64)
+            total += int(cost_ufen(version, sh[:1], sh[None, 1:5], ytd[a:a + 1])[0])
+            ytd[a] += sh[0]
         return total
 
     def replace_meter(self, event: MeterReplaced) -> Outcome:
@@ -511,6 +523,7 @@ class Engine:
         self.cost[s.cost_accounts] = s.cost_sums
         self.ytd_wh[s.ytd_accounts] = s.ytd_sums
         self.ytd_year[s.ytd_accounts] = s.ytd_year
+        self.ytd_prev_wh[s.ytd_prev_accounts] = s.ytd_prev
         self.m_last_t[s.last_meters] = s.last_t
         self.m_regs[s.last_meters] = s.last_regs
         pa = self.m_account[s.purse_meters]
@@ -536,6 +549,8 @@ class Snapshot:
     ytd_accounts: np.ndarray
     ytd_sums: np.ndarray
     ytd_year: np.ndarray
+    ytd_prev_accounts: np.ndarray
+    ytd_prev: np.ndarray
     last_meters: np.ndarray
     last_t: np.ndarray
     last_regs: np.ndarray

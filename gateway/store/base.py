@@ -330,6 +330,11 @@ class Store(ABC):
             "SELECT account_no, tier_year, MAX(ytd_wh) FROM readings WHERE (account_no, tier_year) IN "
             "(SELECT account_no, MAX(tier_year) FROM readings WHERE tier_year > 0 GROUP BY account_no) "
             "GROUP BY account_no, tier_year", 3)
+        # last tier year's total as of its last reading (late readings of it priced after a restart see it)
+        pa, pw = arrays(
+            "SELECT account_no, MAX(ytd_wh) FROM readings WHERE (account_no, tier_year + 1) IN "
+            "(SELECT account_no, MAX(tier_year) FROM readings WHERE tier_year > 0 GROUP BY account_no) "
+            "GROUP BY account_no", 2)
         last = arrays("SELECT meter_no, t, total_wh, sharp_wh, peak_wh, flat_wh, valley_wh FROM readings "
                       "WHERE (meter_no, t) IN (SELECT meter_no, MAX(t) FROM readings GROUP BY meter_no)", 7)
         purse = arrays("SELECT meter_no, balance_fen, credits_fen FROM readings WHERE (meter_no, t) IN "
@@ -337,7 +342,7 @@ class Store(ABC):
         sa, ss, sq, sn = arrays("SELECT account_no, state, seq, notice_confirmed_at FROM account_state", 4)
         rm, ro = arrays("SELECT meter_no, is_open FROM relay_state", 2)
         levels = arrays("SELECT account_no, warn1_fen, warn2_fen, trip_fen, close_fen FROM account_levels", 5)
-        return Snapshot(ca, cs, ka, ks, ya, yw, yy, last[0], last[1], np.stack(last[2:7], axis=1),
+        return Snapshot(ca, cs, ka, ks, ya, yw, yy, pa, pw, last[0], last[1], np.stack(last[2:7], axis=1),
                         purse[0], purse[1], purse[2], sa, ss.astype(np.int8), sq, sn, rm, ro.astype(bool),
                         levels[0], np.stack(levels[1:5], axis=1))
 
