@@ -30,12 +30,14 @@ class IngestResult:
     held: int = 0
     duplicates: int = 0
     credits: CreditResult | None = None
+    rejected: list[tuple[object, str]] = field(default_factory=list)  # for the dead-letter path, with reasons
 
 
 class Accounting:
     def __init__(self, store: Store, policy: ThresholdPolicy | None = None) -> None:
         self.store = store
         self.policy = policy or ThresholdPolicy()
+        self._stale = False
         store.migrate()
         self.engine = self._load()
 
@@ -123,18 +125,27 @@ class Accounting:
     # -- internals -------------------------------------------------------------------------
     def _run(self, work, now: int, result: IngestResult | None = None, duplicates: int = 0) -> IngestResult:
         result = result or IngestResult()
+        if self._stale:
+            self.reload()  # an earlier rebuild failed: never work on an engine ahead of the store
+            self._stale = False
         try:
             with self.store.transaction():
                 outcome: Outcome = work()
                 self.store.write_outcome(outcome, now)
         except BaseException:
             log.exception("transaction failed; rebuilding the engine from the store")
-            self.reload()
+            self._stale = True
+            try:
+                self.reload()
+                self._stale = False
+            except Exception:
+                log.exception("rebuilding the engine failed; the next call tries again before any work")
             raise
         result.decisions = outcome.decisions
         result.accepted = outcome.accepted_count
         result.held = len(outcome.held)
         result.duplicates = outcome.duplicates + duplicates
+        result.rejected = outcome.rejected
         return result
 
     def _drop_redelivered(self, batch: ReadingBatch) -> tuple[ReadingBatch, int]:

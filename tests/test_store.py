@@ -262,3 +262,32 @@ def test_readings_from_unknown_meters_are_listed_for_review(acc):
     acc.ingest_readings(ReadingBatch.from_rows([(999, T0, 1, 0, 0, 0, 0)]), T0)
     assert acc.store.held_readings() == [("999", T0, "[1, 0, 0, 0, 0]", "unknown_meter")]
     assert acc.ingest_readings(ReadingBatch.from_rows([]), T0).accepted == 0
+
+
+def test_unknown_ids_in_event_batches_are_reported_not_fatal(acc):
+    r = acc.ingest_relay_states([RelayStateChanged("NOPE", True, T0), RelayStateChanged("M0", True, T0)], T0)
+    assert [why for _, why in r.rejected] == ["unknown meter 'NOPE'"]
+    assert acc.engine.m_relay_open[acc.engine.meter_no["M0"]]
+    r = acc.ingest_notice_receipts([NoticeReceipt("NOPE", "n", True, T0)], T0)
+    assert "unknown account" in r.rejected[0][1]
+
+
+def test_a_failed_rebuild_is_retried_before_any_more_work(acc):
+    acc.ingest_credits([Payment("p", "A0", 5000, T0)], T0)
+    calls = {"n": 0}
+    real_reload = acc.reload
+
+    def flaky_reload():
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise ConnectionError("database gone")
+        real_reload()
+
+    acc.reload = flaky_reload
+    acc.store.write_outcome = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("disk full"))
+    with pytest.raises(RuntimeError):
+        acc.ingest_credits([Payment("p2", "A0", 5000, T0)], T0)
+    del acc.store.write_outcome
+    assert acc.engine.balance_of("A0") == 10_000  # still ahead of the store...
+    acc.ingest_credits([Payment("p3", "A0", 1, T0)], T0)  # ...so the next call rebuilds first
+    assert calls["n"] == 2 and acc.engine.balance_of("A0") == 5001

@@ -93,6 +93,7 @@ class Outcome:
     duplicates: int = 0
     state_rows: list[tuple] = field(default_factory=list)  # (account_no, state, seq, notice_confirmed_at)
     relay_rows: list[tuple[int, bool, int]] = field(default_factory=list)  # (meter_no, open, at)
+    rejected: list[tuple[object, str]] = field(default_factory=list)  # events that named nothing we know
 
     @property
     def accepted_count(self) -> int:
@@ -444,7 +445,10 @@ class Engine:
     def apply_notice_receipts(self, receipts: list[NoticeReceipt]) -> Outcome:
         out = Outcome()
         for r in receipts:
-            a = self.account_no[r.account_id]
+            a = self.account_no.get(r.account_id)
+            if a is None:  # one bad event must not reject the batch: report it
+                out.rejected.append((r, f"unknown account {r.account_id!r}"))
+                continue
             if r.delivered and r.at > self.notice_confirmed_at[a]:
                 self.notice_confirmed_at[a] = r.at
                 out.state_rows.append(self._state_row(a))
@@ -453,7 +457,10 @@ class Engine:
     def apply_relay_states(self, events: list[RelayStateChanged]) -> Outcome:
         out = Outcome()
         for e in events:
-            m = self.meter_no[e.meter_id]
+            m = self.meter_no.get(e.meter_id)
+            if m is None:
+                out.rejected.append((e, f"unknown meter {e.meter_id!r}"))
+                continue
             self.m_relay_open[m] = e.open
             out.relay_rows.append((m, e.open, e.at))
         return out

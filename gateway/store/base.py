@@ -139,7 +139,11 @@ class Store(ABC):
             self._rollback()
             raise
         self._in_tx = False
-        self._commit()
+        try:
+            self._commit()
+        except BaseException:  # a COMMIT that fails (busy, connection lost) must not leave the transaction open
+            self._rollback()
+            raise
 
     def schema_version(self) -> int:
         rows = self._query("SELECT version FROM schema_version") if self._has_table("schema_version") else []
