@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from enum import Enum
-from typing import Union
 
 UFEN_PER_FEN = 1_000_000
 
@@ -183,11 +182,3 @@ class MeterReplaced:
     meter_id: str
     at: int
     registers_wh: tuple[int, int, int, int, int]  # total, sharp, peak, flat, valley
-
-
-@dataclass(frozen=True)
-class Tick:
-    at: int
-
-
-Event = Union[Payment, Adjustment, NoticeReceipt, RelayStateChanged, MeterReplaced, Tick]
