@@ -165,6 +165,4 @@ class Accounting:
             drop[i] = (int(batch.meter[i]), int(batch.t[i]), *(int(x) for x in batch.regs[i])) in recorded
         if not drop.any():
             return batch, 0
-        keep = np.flatnonzero(~drop)
-        return ReadingBatch(batch.meter[keep], batch.t[keep], batch.regs[keep],
-                            None if batch.balance_fen is None else batch.balance_fen[keep]), int(drop.sum())
+        return batch.take(np.flatnonzero(~drop)), int(drop.sum())

@@ -72,6 +72,10 @@ class ReadingBatch:
     def __len__(self) -> int:
         return len(self.meter)
 
+    def take(self, idx: np.ndarray) -> "ReadingBatch":
+        return ReadingBatch(self.meter[idx], self.t[idx], self.regs[idx],
+                            None if self.balance_fen is None else self.balance_fen[idx])
+
     @classmethod
     def from_rows(cls, rows) -> "ReadingBatch":
         """``(meter_no, t, total, sharp, peak, flat, valley[, balance_fen])`` tuples -> columns."""
@@ -244,9 +248,7 @@ class Engine:
             for i in np.flatnonzero(~known):
                 out.held.append((int(batch.meter[i]), int(batch.t[i]), tuple(int(x) for x in batch.regs[i]),
                                  HoldReason.UNKNOWN_METER.value))
-            keep = np.flatnonzero(known)
-            batch = ReadingBatch(batch.meter[keep], batch.t[keep], batch.regs[keep],
-                                 None if batch.balance_fen is None else batch.balance_fen[keep])
+            batch = batch.take(np.flatnonzero(known))
             n = len(batch)
             if n == 0:
                 return out

@@ -21,10 +21,6 @@ class Entry:
     at: int
     note: str = ""
 
-    @property
-    def is_credit(self) -> bool:
-        return self.amount_fen > 0
-
 
 @dataclass(frozen=True)
 class Allocation:

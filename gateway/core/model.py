@@ -11,7 +11,7 @@ Units, everywhere in the core (integers, never float):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from decimal import Decimal, InvalidOperation
 from enum import Enum
 
 UFEN_PER_FEN = 1_000_000
@@ -53,9 +53,6 @@ def yuan_to_fen(value: str | Decimal | int) -> int:
     return int(fen)
 
 
-def fen_to_yuan(fen: int) -> Decimal:
-    return (Decimal(fen) / 100).quantize(Decimal("0.01"))
-
 
 def price_to_mfen(yuan_per_kwh: str | Decimal) -> int:
     """'0.4883' yuan/kWh -> 48830 milli-fen/kWh (five decimals of a yuan are exact)."""
@@ -74,12 +71,6 @@ def kwh_to_wh(kwh: str | Decimal) -> int:
     return int(d)
 
 
-def ufen_to_fen_floor(ufen: int) -> int:
-    return ufen // UFEN_PER_FEN
-
-
-def round_fen(value: Decimal) -> int:
-    return int(value.quantize(Decimal("1"), rounding=ROUND_HALF_UP))
 
 
 def _require_int(what: str, **values) -> None:

@@ -100,20 +100,21 @@ def _fmt_decimals(fmt: str) -> int:
     return len(fmt.split(".")[1]) if "." in fmt else 0
 
 
-REGISTRY: dict[tuple[Edition, int], DataItem] = {}
-# Per-edition dicts keyed by the bare DI: the hot path avoids building a tuple key.
-# (Enum hashing runs Python code, so the outer dict is keyed by the plain int.)
+# Per-edition tables keyed by the bare DI: the hot path builds no tuple key, and the outer dict is keyed by
+# the plain int because Enum hashing runs Python code.
 _BY_DI: dict[int, dict[int, DataItem]] = {2007: {}, 1997: {}}
+
+
+def _register(item: DataItem) -> DataItem:
+    _BY_DI[int(item.edition)][item.di] = item
+    return item
 
 
 def _add(edition: Edition, di: int, name: str, fmt: str, length: int, unit: str = "",
          signed: bool = False, description: str = "", codec=None) -> DataItem:
     if codec is None:
         codec = _number(length, _fmt_decimals(fmt), signed)
-    item = DataItem(di, edition, name, fmt, length, unit, signed, description, codec[0], codec[1])
-    REGISTRY[(edition, di)] = item
-    _BY_DI[int(edition)][di] = item
-    return item
+    return _register(DataItem(di, edition, name, fmt, length, unit, signed, description, codec[0], codec[1]))
 
 
 def _block(edition: Edition, di: int, name: str, parts: list[DataItem], description: str) -> None:
@@ -129,9 +130,7 @@ def _block(edition: Edition, di: int, name: str, parts: list[DataItem], descript
     def encode(values: dict) -> bytes:
         return b"".join(p.encode(values[p.name]) for p in parts)
 
-    item = DataItem(di, edition, name, "block", length, parts[0].unit, False, description, decode, encode)
-    REGISTRY[(edition, di)] = item
-    _BY_DI[int(edition)][di] = item
+    _register(DataItem(di, edition, name, "block", length, parts[0].unit, False, description, decode, encode))
 
 
 E07, E97 = Edition.DLT645_2007, Edition.DLT645_1997
@@ -185,7 +184,8 @@ _add(E97, 0xC032, "meter_number", "NNNNNNNNNNNN", 6, description="表号", codec
 
 
 # Names a client asks for, in either edition (for the CLI and configs).
-_BY_NAME: dict[tuple[Edition, str], DataItem] = {(i.edition, i.name): i for i in REGISTRY.values()}
+_BY_NAME: dict[tuple[Edition, str], DataItem] = {(i.edition, i.name): i for table in _BY_DI.values()
+                                                 for i in table.values()}
 
 
 def lookup(di: int, edition: Edition = Edition.DLT645_2007) -> DataItem | None:

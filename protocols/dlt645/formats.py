@@ -165,10 +165,6 @@ class _TimeAdapter(Adapter):
 
 Time3 = _TimeAdapter(_Time3)
 
-# Freeze time mmhhDDMM (16); 99 in a field means "every".
-FreezeTime = Struct("minute" / Int8ul, "hour" / Int8ul, "day" / Int8ul, "month" / Int8ul)
-
-
 # -- run status words (04000501..04000507), two bytes, lowest first ----------
 # ByteSwapped turns them most-significant-first, so each BitStruct lists its
 # fields from bit 15 down to bit 0, as the standard's tables do.

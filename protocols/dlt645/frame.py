@@ -182,17 +182,3 @@ def decode_frame(raw: bytes) -> Frame:
     if not address.isdigit():
         address = address.upper()
     return _new_frame(Frame, (address, raw[8], raw[10:end].translate(_SUB33)))
-
-
-def remove_offset(data: bytes) -> bytes:
-    """Undo the +0x33 transfer offset of a data field."""
-    return data.translate(_SUB33)
-
-
-def add_offset(data: bytes) -> bytes:
-    """Apply the +0x33 transfer offset to a data field."""
-    return data.translate(_ADD33)
-
-
-def checksum(body: bytes) -> int:
-    return sum(body) & 0xFF

@@ -7,7 +7,8 @@ decoder CLI all go through here, so there is one interpretation of the wire.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime, time
+from decimal import Decimal
 from typing import Any, Union
 
 from . import di as di_table
@@ -20,6 +21,7 @@ from .codes import (
     baud_to_word,
     edition_of,
     error_names,
+    function_name,
     word_to_baud,
 )
 from .formats import FormatError
@@ -330,8 +332,6 @@ def _parse_reply(address: str, control: int, fn: int, data: bytes, ed: Edition) 
 
 def describe(message: Message, edition: Edition | None = None) -> dict[str, Any]:
     """A JSON-ready description of a message, for the decoder CLI and logs. Secrets are masked."""
-    from .codes import function_name
-
     frame = message.frame()
     ed = getattr(message, "edition", None) or edition_of(frame.control, edition) or E07
     out: dict[str, Any] = {
@@ -391,9 +391,6 @@ def describe(message: Message, edition: Edition | None = None) -> dict[str, Any]
 
 
 def jsonable(value: Any) -> Any:
-    from decimal import Decimal
-    from datetime import date, time
-
     if isinstance(value, Decimal):
         return str(value)
     if isinstance(value, (datetime, date, time)):
