@@ -598,8 +598,8 @@ class Naive:
                 self.db.execute("INSERT INTO decisions (decision_id, account_no, kind, level, balance_fen, at, "
                                 "reason) VALUES (?, ?, ?, ?, ?, ?, ?)", d)
         if persist:
-            self.db.execute("INSERT INTO account_state (account_no, state, seq, notice_confirmed_at) "
-                            "VALUES (?, ?, ?, 0) ON CONFLICT (account_no) DO UPDATE "
+            self.db.execute("INSERT INTO account_state (account_no, state, seq) "
+                            "VALUES (?, ?, ?) ON CONFLICT (account_no) DO UPDATE "
                             "SET state = excluded.state, seq = excluded.seq", (account_no, new, acct["seq"]))
 
     def price(self, acct, d: list[int], t: int) -> int:

@@ -6,16 +6,20 @@ outcome (readings and their charges, held readings, decisions, account states).
 Only after the commit are the decisions handed on and the inputs acknowledged.
 If a transaction fails, the engine is rebuilt from the store, so memory never
 runs ahead of what is durable.
+
+Every input method takes an optional ``then(outcome, result)``: called inside the same transaction after
+the outcome is written, for a caller that commits its own consequences with it (the relay controller does).
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
 from gateway.core.engine import Decision, Engine, Outcome, ReadingBatch
-from gateway.core.model import Account, Adjustment, Meter, MeterReplaced, NoticeReceipt, Payment, RelayStateChanged
+from gateway.core.model import Account, Adjustment, Meter, MeterReplaced, Payment, RelayStateChanged
 from gateway.core.tariff import Tariff
 from gateway.core.thresholds import ThresholdPolicy
 from gateway.store.base import CreditResult, Store
@@ -31,6 +35,9 @@ class IngestResult:
     duplicates: int = 0
     credits: CreditResult | None = None
     rejected: list[tuple[object, str]] = field(default_factory=list)  # for the dead-letter path, with reasons
+
+
+Then = Callable[[Outcome, "IngestResult"], None] | None
 
 
 class Accounting:
@@ -68,11 +75,11 @@ class Accounting:
             raise
 
     # -- inputs ----------------------------------------------------------------------------
-    def ingest_readings(self, batch: ReadingBatch, now: int) -> IngestResult:
+    def ingest_readings(self, batch: ReadingBatch, now: int, then: Then = None) -> IngestResult:
         batch, redelivered = self._drop_redelivered(batch)
-        return self._run(lambda: self.engine.apply_readings(batch, now), now, duplicates=redelivered)
+        return self._run(lambda: self.engine.apply_readings(batch, now), now, duplicates=redelivered, then=then)
 
-    def ingest_credits(self, items: list[Payment | Adjustment], now: int) -> IngestResult:
+    def ingest_credits(self, items: list[Payment | Adjustment], now: int, then: Then = None) -> IngestResult:
         """Payments and adjustments: committed exactly once, then applied; duplicates acknowledged, not counted."""
         result = IngestResult()
 
@@ -81,18 +88,15 @@ class Accounting:
             result.credits = credits
             return self.engine.apply_credits(credits.new, now)
 
-        return self._run(work, now, result=result)
+        return self._run(work, now, result=result, then=then)
 
-    def ingest_notice_receipts(self, receipts: list[NoticeReceipt], now: int) -> IngestResult:
-        return self._run(lambda: self.engine.apply_notice_receipts(receipts), now)
-
-    def ingest_relay_states(self, events: list[RelayStateChanged], now: int) -> IngestResult:
-        return self._run(lambda: self.engine.apply_relay_states(events), now)
+    def ingest_relay_states(self, events: list[RelayStateChanged], now: int, then: Then = None) -> IngestResult:
+        return self._run(lambda: self.engine.apply_relay_states(events), now, then=then)
 
     def replace_meter(self, event: MeterReplaced, now: int) -> IngestResult:
         return self._run(lambda: self.engine.replace_meter(event), now)
 
-    def recalibrate(self, now: int) -> IngestResult:
+    def recalibrate(self, now: int, then: Then = None) -> IngestResult:
         """Warning levels from each account's recent daily cost, stored, then every account re-evaluated."""
         days = self.policy.calibration_window_days
         avg = self.store.average_daily_cost_fen(len(self.engine.account_ids), now - days * 86400, now)
@@ -102,28 +106,29 @@ class Accounting:
             self.store.save_levels(self.engine.levels, now)
             return outcome
 
-        return self._run(work, now)
+        return self._run(work, now, then=then)
 
-    def tick(self, now: int) -> IngestResult:
+    def tick(self, now: int, then: Then = None) -> IngestResult:
         """Time passing: recalibrate when the schedule says so (the clock is injected; tests fast-forward it)."""
         last = self.store.last_calibration()
         if last is None or now - last >= self.policy.recalibrate_every_s:
-            return self.recalibrate(now)
+            return self.recalibrate(now, then)
         return IngestResult()
 
-    def change_tariffs(self, tariffs: dict[str, Tariff], now: int) -> IngestResult:
+    def change_tariffs(self, tariffs: dict[str, Tariff], now: int, then: Then = None) -> IngestResult:
         """A new tariff version: future intervals are priced by it; levels (which are costs) are recalibrated
         and every account re-evaluated in one vectorised pass."""
         with self.store.transaction():
             self.store.save_tariffs(tariffs)
         self.engine.update_tariffs(tariffs)
-        return self.recalibrate(now)
+        return self.recalibrate(now, then)
 
-    def reevaluate(self, now: int) -> IngestResult:
-        return self._run(lambda: self.engine.reevaluate(now), now)
+    def reevaluate(self, now: int, then: Then = None) -> IngestResult:
+        return self._run(lambda: self.engine.reevaluate(now), now, then=then)
 
     # -- internals -------------------------------------------------------------------------
-    def _run(self, work, now: int, result: IngestResult | None = None, duplicates: int = 0) -> IngestResult:
+    def _run(self, work, now: int, result: IngestResult | None = None, duplicates: int = 0,
+             then: Then = None) -> IngestResult:
         result = result or IngestResult()
         if self._stale:
             self.reload()  # an earlier rebuild failed: never work on an engine ahead of the store
@@ -132,6 +137,8 @@ class Accounting:
             with self.store.transaction():
                 outcome: Outcome = work()
                 self.store.write_outcome(outcome, now)
+                if then is not None:
+                    then(outcome, result)
         except BaseException:
             log.exception("transaction failed; rebuilding the engine from the store")
             self._stale = True

@@ -5,7 +5,7 @@ import pytest
 from gateway.accounting import Accounting
 from gateway.core.engine import DecisionKind as K
 from gateway.core.engine import ReadingBatch
-from gateway.core.model import (Account, Adjustment, CostControlMode, CustomerClass, Meter, MeterReplaced, NoticeReceipt,
+from gateway.core.model import (Account, Adjustment, CostControlMode, CustomerClass, Meter, MeterReplaced,
                                  Payment, RelayStateChanged)
 from gateway.store import StoreError, open_store
 
@@ -32,8 +32,8 @@ def batch(acc, rows):
 
 def test_migrations_are_versioned_and_idempotent(store_url):
     store = open_store(store_url)
-    assert store.migrate() == 2 and store.schema_version() == 2
-    assert store.migrate() == 2  # running again changes nothing
+    assert store.migrate() == 3 and store.schema_version() == 3
+    assert store.migrate() == 3  # running again changes nothing
     with store.transaction():
         store._execute("UPDATE schema_version SET version = 99")
     with pytest.raises(StoreError, match="newer than this feikong"):
@@ -123,7 +123,7 @@ def test_restart_rebuilds_the_same_engine(acc, store_url):
     acc.ingest_credits([Payment("pl", "L0", 3000, T0 + DAY)], T0 + DAY)
     lb2 = ReadingBatch.from_rows([(acc.engine.meter_no["ML"], T0 + DAY + HOUR, 5001, 0, 0, 0, 0, 1200)])
     acc.ingest_readings(lb2, T0 + DAY + HOUR)
-    acc.ingest_notice_receipts([NoticeReceipt("A0", "n1", True, T0 + DAY)], T0 + DAY)
+    acc.ingest_relay_states([RelayStateChanged("M1", False, T0 + DAY, False, True)], T0 + DAY)  # keep-power on
     acc.tick(T0 + DAY + HOUR)  # calibrated levels must come back too
     acc.reevaluate(T0 + DAY)  # the accounts nothing touched yet get their first evaluation
     before = acc.engine
@@ -131,7 +131,7 @@ def test_restart_rebuilds_the_same_engine(acc, store_url):
     after = again.engine
     assert before.credits_at_read[3] == 1000 and before.balance_of("L0") == 4200  # the pending 3000 counted
     for name in ("credits", "cost", "state", "seq", "ytd_wh", "ytd_year", "ytd_prev_wh", "meter_bal",
-                 "credits_at_read", "notice_confirmed_at", "m_last_t", "m_regs", "m_relay_open"):
+                 "credits_at_read", "m_last_t", "m_regs", "m_relay_open", "m_keep_power", "m_commanded"):
         assert np.array_equal(getattr(before, name), getattr(after, name)), name
     for name in ("warn1", "warn2", "trip", "close"):
         assert np.array_equal(getattr(before.levels, name), getattr(after.levels, name)), name
@@ -193,8 +193,36 @@ def test_a_version_1_database_is_upgraded_in_place(store_url):
         base.MIGRATIONS[:] = saved
     store = open_store(store_url)
     assert store.schema_version() == 1
-    assert store.migrate() == 2
+    assert store.migrate() == 3
     assert "flat" in store.load_tariffs() and store.last_calibration() is None
+    store.close()
+
+
+def test_a_version_2_database_with_data_is_upgraded_to_3(store_url):
+    """Meters get the direct reconnect mode, relay rows keep their position, account states their bands."""
+    from gateway.store import base
+    saved = base.MIGRATIONS[:]
+    del base.MIGRATIONS[2:]
+    try:
+        store = open_store(store_url)
+        assert store.migrate() == 2
+        with store.transaction():
+            store.save_tariffs(tariffs())
+            store.save_accounts([Account("A0", tariff_id="flat")], {"A0": 0})
+        store._execute("INSERT INTO meters (meter_no, meter_id, account_no, protocol, channel, max_kw) "
+                       "VALUES (0, 'M0', 0, 'dlt645', 'tcp://x', 20)")
+        store._execute("INSERT INTO relay_state (meter_no, is_open, at) VALUES (0, 1, ?)", (T0,))
+        store._execute("INSERT INTO account_state (account_no, state, seq, notice_confirmed_at) VALUES (0, 3, 4, ?)",
+                       (T0,))
+        store.close()
+    finally:
+        base.MIGRATIONS[:] = saved
+    store = open_store(store_url)
+    acc = Accounting(store, POLICY)
+    assert store.schema_version() == 3
+    assert store.load_meters()[0].reconnect_mode == "direct"
+    assert store.relay_row("M0") == (1, T0, None, 0)
+    assert (acc.engine.state[0], acc.engine.seq[0], acc.engine.m_relay_open[0]) == (3, 4, True)
     store.close()
 
 
@@ -268,8 +296,6 @@ def test_unknown_ids_in_event_batches_are_reported_not_fatal(acc):
     r = acc.ingest_relay_states([RelayStateChanged("NOPE", True, T0), RelayStateChanged("M0", True, T0)], T0)
     assert [why for _, why in r.rejected] == ["unknown meter 'NOPE'"]
     assert acc.engine.m_relay_open[acc.engine.meter_no["M0"]]
-    r = acc.ingest_notice_receipts([NoticeReceipt("NOPE", "n", True, T0)], T0)
-    assert "unknown account" in r.rejected[0][1]
 
 
 def test_a_failed_rebuild_is_retried_before_any_more_work(acc):

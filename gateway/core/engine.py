@@ -21,7 +21,6 @@ from .model import (
     CostControlMode,
     Meter,
     MeterReplaced,
-    NoticeReceipt,
     Payment,
     RelayStateChanged,
 )
@@ -95,8 +94,9 @@ class Outcome:
     accepted: dict[str, np.ndarray] | None = None
     held: list[tuple[int, int, tuple[int, ...], str]] = field(default_factory=list)  # meter_no, t, regs, reason
     duplicates: int = 0
-    state_rows: list[tuple] = field(default_factory=list)  # (account_no, state, seq, notice_confirmed_at)
-    relay_rows: list[tuple[int, bool, int]] = field(default_factory=list)  # (meter_no, open, at)
+    state_rows: list[tuple] = field(default_factory=list)  # (account_no, state, seq)
+    # relay positions that changed: (meter_no, open, at, commanded_open or None, keep_power)
+    relay_rows: list[tuple] = field(default_factory=list)
     rejected: list[tuple[object, str]] = field(default_factory=list)  # events that named nothing we know
 
     @property
@@ -125,6 +125,7 @@ class Engine:
         self.accounts: list[Account] = []
         self.account_no: dict[str, int] = {}
         self.meter_ids: list[str] = []
+        self.meters: list[Meter] = []
         self.meter_no: dict[str, int] = {}
         self.meters_of: list[list[int]] = []
         n = 0
@@ -140,7 +141,6 @@ class Engine:
         self.overdraft = np.zeros(n, i64)
         self.state = np.zeros(n, np.int8)
         self.seq = np.zeros(n, i64)
-        self.notice_confirmed_at = np.zeros(n, i64)
         self.ytd_wh = np.zeros(n, i64)
         self.ytd_year = np.zeros(n, i64)
         self.ytd_prev_wh = np.zeros(n, i64)  # last tier year's consumption, for late readings of it
@@ -151,8 +151,19 @@ class Engine:
         self.m_regs = np.zeros((n, 5), i64)
         self.m_max_w = np.zeros(n, i64)
         self.m_relay_open = np.zeros(n, bool)
+        self.m_keep_power = np.zeros(n, bool)
+        self.m_commanded = np.full(n, -1, np.int8)  # -1 not reported, 0 closed, 1 open
 
     # ------------------------------------------------------------------ registry
+
+    def account(self, account_id: str) -> Account:
+        return self.accounts[self.account_no[account_id]]
+
+    def meter(self, meter_id: str) -> Meter:
+        return self.meters[self.meter_no[meter_id]]
+
+    def meters_of_account(self, account_id: str) -> list[Meter]:
+        return [self.meters[m] for m in self.meters_of[self.account_no[account_id]]]
 
     def update_tariffs(self, tariffs: dict[str, Tariff]) -> None:
         """Replace tariffs in place and append new ones; accounts keep their tariff numbers."""
@@ -172,8 +183,7 @@ class Engine:
                                  f"known: {', '.join(self._tariff_no)}")
         start = len(self.account_ids)
         n = start + len(new)
-        for name in ("credits", "cost", "credits_at_read", "overdraft", "seq", "notice_confirmed_at",
-                     "ytd_wh", "ytd_year", "ytd_prev_wh"):
+        for name in ("credits", "cost", "credits_at_read", "overdraft", "seq", "ytd_wh", "ytd_year", "ytd_prev_wh"):
             setattr(self, name, _grow(getattr(self, name), n))
         self.meter_bal = _grow(self.meter_bal, n, NO_BALANCE)
         self.local = _grow(self.local, n)
@@ -208,8 +218,11 @@ class Engine:
         self.m_regs = _grow(self.m_regs, n)
         self.m_max_w = _grow(self.m_max_w, n)
         self.m_relay_open = _grow(self.m_relay_open, n)
+        self.m_keep_power = _grow(self.m_keep_power, n)
+        self.m_commanded = _grow(self.m_commanded, n, -1)
         for i, m in enumerate(new, start):
             self.meter_ids.append(m.meter_id)
+            self.meters.append(m)
             self.meter_no[m.meter_id] = i
             a = self.account_no[m.account_id]
             self.m_account[i] = a
@@ -235,6 +248,19 @@ class Engine:
 
     def balance_of(self, account_id: str) -> int:
         return int(self.balance(np.array([self.account_no[account_id]]))[0])
+
+    def fresh_balance(self, account_id: str, committed_credits_fen: int) -> tuple[int, int]:
+        """``(balance, trip level)`` with the credits the store holds now, which include payments committed
+        after this engine last looked (by anyone): the check at the moment of sending a trip."""
+        a = self.account_no[account_id]
+        if self.local[a]:
+            if self.meter_bal[a] == NO_BALANCE:
+                balance = UNKNOWN_BALANCE
+            else:
+                balance = int(self.meter_bal[a]) + committed_credits_fen - int(self.credits_at_read[a])
+        else:
+            balance = committed_credits_fen - int(self.cost[a]) // UFEN_PER_FEN
+        return balance, int(self.levels.trip[a])
 
     # ------------------------------------------------------------------ readings
 
@@ -444,27 +470,20 @@ class Engine:
         self._decide(np.unique(np.array(idx)), now, out, "balance after payment")
         return out
 
-    def apply_notice_receipts(self, receipts: list[NoticeReceipt]) -> Outcome:
-        out = Outcome()
-        for r in receipts:
-            a = self.account_no.get(r.account_id)
-            if a is None:  # one bad event must not reject the batch: report it
-                out.rejected.append((r, f"unknown account {r.account_id!r}"))
-                continue
-            if r.delivered and r.at > self.notice_confirmed_at[a]:
-                self.notice_confirmed_at[a] = r.at
-                out.state_rows.append(self._state_row(a))
-        return out
-
     def apply_relay_states(self, events: list[RelayStateChanged]) -> Outcome:
+        """Verified relay positions (read-backs and polls); only changes become rows."""
         out = Outcome()
         for e in events:
             m = self.meter_no.get(e.meter_id)
             if m is None:
                 out.rejected.append((e, f"unknown meter {e.meter_id!r}"))
                 continue
-            self.m_relay_open[m] = e.open
-            out.relay_rows.append((m, e.open, e.at))
+            commanded = -1 if e.commanded_open is None else int(e.commanded_open)
+            if (bool(self.m_relay_open[m]), bool(self.m_keep_power[m]), int(self.m_commanded[m])) == \
+                    (e.open, e.keep_power, commanded):
+                continue
+            self.m_relay_open[m], self.m_keep_power[m], self.m_commanded[m] = e.open, e.keep_power, commanded
+            out.relay_rows.append((m, e.open, e.at, e.commanded_open, e.keep_power))
         return out
 
     # ------------------------------------------------------------------ thresholds
@@ -521,7 +540,7 @@ class Engine:
         return []
 
     def _state_row(self, a: int) -> tuple:
-        return (a, int(self.state[a]), int(self.seq[a]), int(self.notice_confirmed_at[a]))
+        return (a, int(self.state[a]), int(self.seq[a]))
 
     # ------------------------------------------------------------------ restore
 
@@ -541,8 +560,9 @@ class Engine:
         self.credits_at_read[pa[local]] = s.purse_credits[local]
         self.state[s.state_accounts] = s.states
         self.seq[s.state_accounts] = s.seqs
-        self.notice_confirmed_at[s.state_accounts] = s.notice_at
         self.m_relay_open[s.relay_meters] = s.relay_open
+        self.m_keep_power[s.relay_meters] = s.relay_keep_power
+        self.m_commanded[s.relay_meters] = s.relay_commanded
         for i, name in enumerate(("warn1", "warn2", "trip", "close")):
             getattr(self.levels, name)[s.level_accounts] = s.levels[:, i]
 
@@ -569,9 +589,10 @@ class Snapshot:
     state_accounts: np.ndarray
     states: np.ndarray
     seqs: np.ndarray
-    notice_at: np.ndarray
     relay_meters: np.ndarray
     relay_open: np.ndarray
+    relay_keep_power: np.ndarray
+    relay_commanded: np.ndarray  # -1 not reported, 0 closed, 1 open
     level_accounts: np.ndarray
     levels: np.ndarray  # n x 4: warning 1, warning 2, trip, close (fen)
 

@@ -102,6 +102,13 @@ class Meter:
     protocol: str = "dlt645"
     channel: str = ""  # e.g. tcp://10.1.2.3:6001, serial:///dev/ttyS1
     max_kw: int = 60  # readings implying more than this are implausible and held
+    # how a reconnect succeeds: "direct" (the relay closes) or "close_allowed" (the customer presses the button)
+    reconnect_mode: str = "direct"
+
+    def __post_init__(self) -> None:
+        if self.reconnect_mode not in ("direct", "close_allowed"):
+            raise ValueError(f"meter {self.meter_id}: reconnect_mode {self.reconnect_mode!r}; "
+                             f"allowed: direct, close_allowed")
 
 
 # ----------------------------------------------------------------------- events
@@ -150,20 +157,14 @@ class Adjustment:
 
 
 @dataclass(frozen=True)
-class NoticeReceipt:
-    account_id: str
-    notice_id: str
-    delivered: bool
-    at: int
-
-
-@dataclass(frozen=True)
 class RelayStateChanged:
     """A verified read-back of a meter's relay (the only thing that says a relay moved)."""
 
     meter_id: str
     open: bool
     at: int
+    commanded_open: bool | None = None  # the position last commanded, where the meter reports it
+    keep_power: bool = False  # 保电: the meter refuses trips
 
 
 @dataclass(frozen=True)

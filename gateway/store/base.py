@@ -14,10 +14,15 @@ from typing import Iterator
 
 import numpy as np
 
+from gateway.core.commands import RelayStatus
+from gateway.core.control import Effects
 from gateway.core.engine import NO_BALANCE, Outcome, Snapshot
 from gateway.core.ledger import Entry, Statement, allocate, charges_from_cumulative
 from gateway.core.model import Account, Adjustment, CostControlMode, CustomerClass, Meter, Payment
+from gateway.core.policy import AreaFlag, Forecast
 from gateway.core.tariff import Tariff, Tier, TariffVersion
+
+from .entities import CASES, COMMANDS, NOTICES, ORDERS, EntityTable
 
 # Each migration is a list of statements; {serial_pk}, {real} and {without_rowid} are filled per dialect.
 MIGRATIONS: list[list[str]] = [
@@ -65,6 +70,65 @@ MIGRATIONS: list[list[str]] = [
             account_no BIGINT PRIMARY KEY, warn1_fen BIGINT NOT NULL, warn2_fen BIGINT NOT NULL,
             trip_fen BIGINT NOT NULL, close_fen BIGINT NOT NULL, calibrated_at BIGINT NOT NULL)""",
         "CREATE TABLE calibration (id INTEGER PRIMARY KEY, calibrated_at BIGINT NOT NULL)",
+    ],
+    [  # 3: disconnect and reconnect: notices, disconnect cases, relay commands, field orders, outbox, audit
+        # (the entity tables' columns are their dataclasses' fields, in order: gateway/store/entities.py)
+        "ALTER TABLE account_state DROP COLUMN notice_confirmed_at",  # notices keep their own deliveries now
+        "ALTER TABLE meters ADD COLUMN reconnect_mode TEXT NOT NULL DEFAULT 'direct'",
+        "ALTER TABLE relay_state ADD COLUMN commanded_open INTEGER",
+        "ALTER TABLE relay_state ADD COLUMN keep_power INTEGER NOT NULL DEFAULT 0",
+        """CREATE TABLE notices (
+            notice_id TEXT PRIMARY KEY, account_id TEXT NOT NULL, purpose TEXT NOT NULL, created_at {real} NOT NULL,
+            channels TEXT NOT NULL, params TEXT NOT NULL, state TEXT NOT NULL, due_at {real},
+            next_channel INTEGER NOT NULL, attempts TEXT NOT NULL, delivered_at {real},
+            delivered_channel TEXT NOT NULL, closed_reason TEXT NOT NULL, updated_at {real} NOT NULL)""",
+        "CREATE INDEX notices_account ON notices (account_id, created_at)",
+        "CREATE INDEX notices_state ON notices (state)",
+        """CREATE TABLE trip_cases (
+            case_id TEXT PRIMARY KEY, account_id TEXT NOT NULL, opened_at {real} NOT NULL, balance_fen BIGINT NOT NULL,
+            state TEXT NOT NULL, gate TEXT NOT NULL, gate_reason TEXT NOT NULL, next_check_at {real},
+            plan_day TEXT NOT NULL, planned_at {real}, notice_id TEXT NOT NULL, final_notice_id TEXT NOT NULL,
+            command_ids TEXT NOT NULL, rounds INTEGER NOT NULL, closed_at {real}, closed_reason TEXT NOT NULL,
+            updated_at {real} NOT NULL)""",
+        "CREATE INDEX trip_cases_state ON trip_cases (state)",
+        "CREATE INDEX trip_cases_account ON trip_cases (account_id, opened_at)",
+        """CREATE TABLE relay_commands (
+            command_id TEXT PRIMARY KEY, meter_id TEXT NOT NULL, account_id TEXT NOT NULL, action TEXT NOT NULL,
+            actor TEXT NOT NULL, role TEXT NOT NULL, reason TEXT NOT NULL, origin TEXT NOT NULL,
+            created_at {real} NOT NULL, expires_at {real} NOT NULL, mode TEXT NOT NULL, state TEXT NOT NULL,
+            next_at {real}, readback_first INTEGER NOT NULL, attempts INTEGER NOT NULL, failures INTEGER NOT NULL,
+            refusals INTEGER NOT NULL, sent_at {real}, verify_until {real}, confirmed_at {real},
+            outcome TEXT NOT NULL, last_error TEXT NOT NULL, payment_at {real}, deadline_at {real},
+            order_id TEXT NOT NULL, superseded_by TEXT NOT NULL, history TEXT NOT NULL, updated_at {real} NOT NULL)""",
+        "CREATE INDEX relay_commands_meter ON relay_commands (meter_id, created_at)",
+        "CREATE INDEX relay_commands_state ON relay_commands (state)",
+        """CREATE TABLE work_orders (
+            order_id TEXT PRIMARY KEY, kind TEXT NOT NULL, command_id TEXT NOT NULL, meter_id TEXT NOT NULL,
+            account_id TEXT NOT NULL, customer_class TEXT NOT NULL, address TEXT NOT NULL, lat {real}, lon {real},
+            reason TEXT NOT NULL, attempts TEXT NOT NULL, created_at {real} NOT NULL, deadline_at {real} NOT NULL,
+            state TEXT NOT NULL, escalation INTEGER NOT NULL, visits INTEGER NOT NULL, crew TEXT NOT NULL,
+            note TEXT NOT NULL, verified TEXT NOT NULL, verify_next_at {real}, closed_at {real},
+            updated_at {real} NOT NULL)""",
+        "CREATE INDEX work_orders_state ON work_orders (state)",
+        "CREATE INDEX work_orders_meter ON work_orders (meter_id, created_at)",
+        """CREATE TABLE field_updates (
+            update_id TEXT PRIMARY KEY, order_id TEXT NOT NULL, status TEXT NOT NULL, at {real} NOT NULL,
+            crew TEXT NOT NULL, note TEXT NOT NULL, result TEXT NOT NULL, recorded_at {real} NOT NULL)""",
+        """CREATE TABLE area_flags (
+            area TEXT NOT NULL, flag TEXT NOT NULL, active INTEGER NOT NULL, since {real} NOT NULL, until {real},
+            actor TEXT NOT NULL, reason TEXT NOT NULL, PRIMARY KEY (area, flag))""",
+        """CREATE TABLE forecasts (
+            area TEXT NOT NULL, day TEXT NOT NULL, min_c {real} NOT NULL, max_c {real} NOT NULL,
+            received_at {real} NOT NULL, PRIMARY KEY (area, day))""",
+        # outgoing events, committed with the change that caused them; published (and marked) later
+        """CREATE TABLE outbox (
+            seq {serial_pk}, event_id TEXT NOT NULL UNIQUE, kind TEXT NOT NULL, subject TEXT NOT NULL,
+            at {real} NOT NULL, payload TEXT NOT NULL, published_at {real})""",
+        "CREATE INDEX outbox_unpublished ON outbox (published_at, seq)",
+        """CREATE TABLE audit_log (
+            seq {serial_pk}, at {real} NOT NULL, actor TEXT NOT NULL, role TEXT NOT NULL, action TEXT NOT NULL,
+            subject TEXT NOT NULL, reason TEXT NOT NULL, detail TEXT NOT NULL)""",
+        "CREATE INDEX audit_log_subject ON audit_log (subject, seq)",
     ],
 ]
 
@@ -196,10 +260,10 @@ class Store(ABC):
             "ON CONFLICT (account_no) DO NOTHING", rows)
 
     def save_meters(self, meters: list[Meter], numbers: dict[str, int], account_numbers: dict[str, int]) -> None:
-        rows = [(numbers[m.meter_id], m.meter_id, account_numbers[m.account_id], m.protocol, m.channel, m.max_kw)
-                for m in meters]
-        self._executemany("INSERT INTO meters (meter_no, meter_id, account_no, protocol, channel, max_kw) "
-                          "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (meter_no) DO NOTHING", rows)
+        rows = [(numbers[m.meter_id], m.meter_id, account_numbers[m.account_id], m.protocol, m.channel, m.max_kw,
+                 m.reconnect_mode) for m in meters]
+        self._executemany("INSERT INTO meters (meter_no, meter_id, account_no, protocol, channel, max_kw, "
+                          "reconnect_mode) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (meter_no) DO NOTHING", rows)
 
     def load_accounts(self) -> list[Account]:
         rows = self._query("SELECT account_id, customer_class, mode, tariff_id, area, name, address, lat, lon, "
@@ -208,8 +272,8 @@ class Store(ABC):
                         tuple(json.loads(r[9])), json.loads(r[10]), r[11]) for r in rows]
 
     def load_meters(self) -> list[Meter]:
-        rows = self._query("SELECT m.meter_id, a.account_id, m.protocol, m.channel, m.max_kw FROM meters m "
-                           "JOIN accounts a ON a.account_no = m.account_no ORDER BY m.meter_no")
+        rows = self._query("SELECT m.meter_id, a.account_id, m.protocol, m.channel, m.max_kw, m.reconnect_mode "
+                           "FROM meters m JOIN accounts a ON a.account_no = m.account_no ORDER BY m.meter_no")
         return [Meter(*r) for r in rows]
 
     # -- inputs -------------------------------------------------------------------------------
@@ -294,14 +358,16 @@ class Store(ABC):
                               [(d.decision_id, d.account_no, d.kind.value, d.level, d.balance_fen, d.at, d.reason)
                                for d in outcome.decisions])
         if outcome.state_rows:
-            self._executemany("INSERT INTO account_state (account_no, state, seq, notice_confirmed_at) "
-                              "VALUES (?, ?, ?, ?) ON CONFLICT (account_no) DO UPDATE SET state = excluded.state, "
-                              "seq = excluded.seq, notice_confirmed_at = excluded.notice_confirmed_at",
+            self._executemany("INSERT INTO account_state (account_no, state, seq) VALUES (?, ?, ?) "
+                              "ON CONFLICT (account_no) DO UPDATE SET state = excluded.state, seq = excluded.seq",
                               outcome.state_rows)
         if outcome.relay_rows:
-            self._executemany("INSERT INTO relay_state (meter_no, is_open, at) VALUES (?, ?, ?) "
-                              "ON CONFLICT (meter_no) DO UPDATE SET is_open = excluded.is_open, at = excluded.at",
-                              [(m, int(o), at) for m, o, at in outcome.relay_rows])
+            self._executemany("INSERT INTO relay_state (meter_no, is_open, at, commanded_open, keep_power) "
+                              "VALUES (?, ?, ?, ?, ?) ON CONFLICT (meter_no) DO UPDATE SET is_open = excluded.is_open, "
+                              "at = excluded.at, commanded_open = excluded.commanded_open, "
+                              "keep_power = excluded.keep_power",
+                              [(m, int(o), at, None if c is None else int(c), int(k))
+                               for m, o, at, c, k in outcome.relay_rows])
 
     def save_levels(self, levels, calibrated_at: int) -> None:
         rows = list(zip(range(len(levels.warn1)), levels.warn1.tolist(), levels.warn2.tolist(),
@@ -343,12 +409,12 @@ class Store(ABC):
                       "WHERE (meter_no, t) IN (SELECT meter_no, MAX(t) FROM readings GROUP BY meter_no)", 7)
         purse = arrays("SELECT meter_no, balance_fen, credits_fen FROM readings WHERE (meter_no, t) IN "
                        "(SELECT meter_no, MAX(t) FROM readings WHERE balance_fen IS NOT NULL GROUP BY meter_no)", 3)
-        sa, ss, sq, sn = arrays("SELECT account_no, state, seq, notice_confirmed_at FROM account_state", 4)
-        rm, ro = arrays("SELECT meter_no, is_open FROM relay_state", 2)
+        sa, ss, sq = arrays("SELECT account_no, state, seq FROM account_state", 3)
+        rm, ro, rk, rc = arrays("SELECT meter_no, is_open, keep_power, COALESCE(commanded_open, -1) FROM relay_state", 4)
         levels = arrays("SELECT account_no, warn1_fen, warn2_fen, trip_fen, close_fen FROM account_levels", 5)
         return Snapshot(ca, cs, ka, ks, ya, yw, yy, pa, pw, last[0], last[1], np.stack(last[2:7], axis=1),
-                        purse[0], purse[1], purse[2], sa, ss.astype(np.int8), sq, sn, rm, ro.astype(bool),
-                        levels[0], np.stack(levels[1:5], axis=1))
+                        purse[0], purse[1], purse[2], sa, ss.astype(np.int8), sq, rm, ro.astype(bool),
+                        rk.astype(bool), rc.astype(np.int8), levels[0], np.stack(levels[1:5], axis=1))
 
     # -- queries ----------------------------------------------------------------------------------
     def statement(self, account_id: str, since: int = 0) -> Statement:
@@ -420,3 +486,118 @@ class Store(ABC):
             span_s_x = max(span, 86400 * max(n - 1, 1))  # at least a day
             out[no] = cost * 86400 * max(n - 1, 1) // (span_s_x * 1_000_000)  # integers throughout
         return out
+
+    # -- disconnect and reconnect: entities, outbox, audit --------------------------------------------
+    def save_entities(self, table: EntityTable, objects) -> None:
+        objects = list(objects)
+        if not objects:
+            return
+        cols = table.columns
+        updates = ", ".join(f"{c} = excluded.{c}" for c in cols if c != table.key)
+        self._executemany(f"INSERT INTO {table.name} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) "
+                          f"ON CONFLICT ({table.key}) DO UPDATE SET {updates}", [table.to_row(o) for o in objects])
+
+    def load_entities(self, table: EntityTable, where: str, params: tuple = ()) -> list:
+        return [table.from_row(r) for r in self._query(
+            f"SELECT {', '.join(table.columns)} FROM {table.name} WHERE {where}", params)]
+
+    def write_effects(self, fx: Effects, now: float) -> None:
+        """Persist what the controller changed (inside the transaction that carried its input)."""
+        for table, changed in ((NOTICES, fx.notices), (CASES, fx.cases), (COMMANDS, fx.commands),
+                               (ORDERS, fx.orders)):
+            self.save_entities(table, changed.values())
+        if fx.events:
+            self._executemany("INSERT INTO outbox (event_id, kind, subject, at, payload) VALUES (?, ?, ?, ?, ?)",
+                              [(e.event_id, e.kind, e.subject, e.at, _dumps(e.payload)) for e in fx.events])
+        if fx.audit:
+            self._executemany("INSERT INTO audit_log (at, actor, role, action, subject, reason, detail) "
+                              "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                              [(a.at, a.actor, a.role, a.action, a.subject, a.reason, _dumps(a.detail))
+                               for a in fx.audit])
+        if fx.flags:
+            self._executemany("INSERT INTO area_flags (area, flag, active, since, until, actor, reason) "
+                              "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (area, flag) DO UPDATE SET "
+                              "active = excluded.active, since = excluded.since, until = excluded.until, "
+                              "actor = excluded.actor, reason = excluded.reason",
+                              [(f.area, f.flag, int(f.active), f.since, f.until, f.actor, f.reason) for f in fx.flags])
+        if fx.forecasts:
+            self._executemany("INSERT INTO forecasts (area, day, min_c, max_c, received_at) VALUES (?, ?, ?, ?, ?) "
+                              "ON CONFLICT (area, day) DO UPDATE SET min_c = excluded.min_c, max_c = excluded.max_c, "
+                              "received_at = excluded.received_at",
+                              [(f.area, f.day, f.min_c, f.max_c, f.received_at) for f in fx.forecasts])
+        if fx.field_updates:
+            self._executemany("INSERT INTO field_updates (update_id, order_id, status, at, crew, note, result, "
+                              "recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (update_id) DO NOTHING",
+                              [(u.update_id, u.order_id, u.status.value, u.at, u.crew, u.note, result, now)
+                               for u, result in fx.field_updates])
+
+    def control_state(self, now: float, keep_s: float, notice_horizon_s: float, today: str) -> dict:
+        """What the controller needs after a restart: everything active, and the recent past the gates use."""
+        active_notices = "('waiting', 'requested')"
+        relays = {}
+        for meter_id, is_open, commanded, keep in self._query(
+                "SELECT m.meter_id, r.is_open, r.commanded_open, r.keep_power FROM relay_state r "
+                "JOIN meters m ON m.meter_no = r.meter_no "
+                "WHERE r.is_open = 1 OR r.keep_power = 1 OR r.commanded_open = 1"):
+            relays[meter_id] = RelayStatus(bool(is_open), None if commanded is None else bool(commanded), bool(keep))
+        return {
+            "notices": self.load_entities(NOTICES, f"state IN {active_notices} OR created_at >= ?",
+                                          (now - notice_horizon_s,)),
+            "cases": self.load_entities(CASES, "state IN ('waiting', 'scheduled', 'tripping', 'blocked') "
+                                               "OR (plan_day >= ? AND state <> 'cancelled')", (today,)),
+            "commands": self.load_entities(COMMANDS, "state IN ('queued', 'sending', 'verifying', 'retry_wait', "
+                                                     "'dispatched') OR updated_at >= ?", (now - keep_s,)),
+            "orders": self.load_entities(ORDERS, "state NOT IN ('completed', 'cancelled') OR verify_next_at IS NOT "
+                                                 "NULL OR updated_at >= ?", (now - keep_s,)),
+            "relays": relays,
+            "flags": [AreaFlag(a, f, bool(act), s, u, actor, r) for a, f, act, s, u, actor, r in self._query(
+                "SELECT area, flag, active, since, until, actor, reason FROM area_flags")],
+            "forecasts": [Forecast(*r) for r in self._query(
+                "SELECT area, day, min_c, max_c, received_at FROM forecasts WHERE day >= ?", (today,))],
+        }
+
+    def field_update_seen(self, update_id: str) -> bool:
+        return bool(self._query("SELECT 1 FROM field_updates WHERE update_id = ?", (update_id,)))
+
+    def command(self, command_id: str):
+        found = self.load_entities(COMMANDS, "command_id = ?", (command_id,))
+        return found[0] if found else None
+
+    def meter_commands(self, meter_id: str, limit: int = 50) -> list:
+        """A meter's relay commands, newest first."""
+        return self.load_entities(COMMANDS, "meter_id = ? ORDER BY created_at DESC, command_id DESC LIMIT ?",
+                                  (meter_id, limit))
+
+    def meter_orders(self, meter_id: str, limit: int = 20) -> list:
+        return self.load_entities(ORDERS, "meter_id = ? ORDER BY created_at DESC LIMIT ?", (meter_id, limit))
+
+    def relay_row(self, meter_id: str) -> tuple | None:
+        """``(is_open, at, commanded_open, keep_power)`` of the meter's last verified relay position."""
+        rows = self._query("SELECT r.is_open, r.at, r.commanded_open, r.keep_power FROM relay_state r "
+                           "JOIN meters m ON m.meter_no = r.meter_no WHERE m.meter_id = ?", (meter_id,))
+        return rows[0] if rows else None
+
+    def account_credits_fen(self, account_no: int) -> int:
+        """Every committed credit of the account (the fresh balance check at the moment of a trip)."""
+        return int(self._query("SELECT COALESCE(CAST(SUM(amount_fen) AS BIGINT), 0) FROM ledger "
+                               "WHERE account_no = ?", (account_no,))[0][0])
+
+    def outbox(self, after_seq: int = 0, limit: int = 1000, unpublished: bool = False) -> list[tuple]:
+        """``(seq, event_id, kind, subject, at, payload)`` in commit order."""
+        cond = " AND published_at IS NULL" if unpublished else ""
+        return [(seq, eid, kind, subj, at, json.loads(payload)) for seq, eid, kind, subj, at, payload in self._query(
+            f"SELECT seq, event_id, kind, subject, at, payload FROM outbox WHERE seq > ?{cond} ORDER BY seq LIMIT ?",
+            (after_seq, limit))]
+
+    def mark_published(self, seqs: list[int], at: float) -> None:
+        self._executemany("UPDATE outbox SET published_at = ? WHERE seq = ?", [(at, s) for s in seqs])
+
+    def audit_log(self, subject: str | None = None) -> list[tuple]:
+        sql = "SELECT seq, at, actor, role, action, subject, reason, detail FROM audit_log"
+        rows = self._query(sql + " WHERE subject = ? ORDER BY seq", (subject,)) if subject else \
+            self._query(sql + " ORDER BY seq")
+        return [(*r[:7], json.loads(r[7])) for r in rows]
+
+
+def _dumps(obj) -> str:
+    return json.dumps(obj, ensure_ascii=False, sort_keys=True, default=str)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Callable
@@ -44,7 +45,12 @@ class Dlt645Refused(Dlt645Error):
 
 
 class Dlt645LinkError(Dlt645Error):
-    """The link could not be opened or was lost."""
+    """The link could not be opened or was lost. ``written``: the request had gone out before (its outcome
+    is unknown), as opposed to a link that could not be opened (nothing was sent)."""
+
+    def __init__(self, message: str, written: bool = False) -> None:
+        super().__init__(message)
+        self.written = written
 
 
 @dataclass
@@ -113,6 +119,7 @@ class Dlt645Link:
         self.deframer = Deframer()
         self.stats = LinkStats()
         self._lock = asyncio.Lock()
+        self._holder: asyncio.Task | None = None
         self._protocol: _LinkProtocol | None = None
         self._waiter: asyncio.Future | None = None
         self._match: Callable[[Frame], bool] | None = None
@@ -171,6 +178,17 @@ class Dlt645Link:
     async def __aexit__(self, *exc) -> None:
         await self.close()
 
+    @asynccontextmanager
+    async def reserved(self):
+        """Hold the bus for several exchanges and whatever the caller does between them (a relay command's
+        last check before its frame goes out): nothing else gets on the line meanwhile."""
+        async with self._lock:
+            self._holder = asyncio.current_task()
+            try:
+                yield self
+            finally:
+                self._holder = None
+
     async def exchange(self, request: Frame, *, expect_reply: bool = True, reply_len: int = 64,
                        timeout: float | None = None, retries: int = 0) -> Frame | None:
         """Send ``request`` and return the matching reply frame (``None`` for broadcasts).
@@ -178,44 +196,50 @@ class Dlt645Link:
         Retries only on timeouts; an abnormal reply is an answer and is returned
         (as a frame) for the caller to interpret.
         """
+        if self._holder is not None and self._holder is asyncio.current_task():
+            return await self._exchange(request, expect_reply, reply_len, timeout, retries)
+        async with self._lock:
+            return await self._exchange(request, expect_reply, reply_len, timeout, retries)
+
+    async def _exchange(self, request: Frame, expect_reply: bool, reply_len: int, timeout: float | None,
+                        retries: int) -> Frame | None:
         wire = encode_frame(request.address, request.control, request.data, self.settings.preamble)
         if timeout is None:
             timeout = self.settings.exchange_timeout(len(wire), OVERHEAD + reply_len)
         match = _reply_matcher(request)
         attempt = 0
-        async with self._lock:
-            while True:
-                attempt += 1
-                await self.open()
-                self._dispose_pending()
-                self.stats.exchanges += 1
-                loop = asyncio.get_running_loop()
-                if not expect_reply:
-                    self._protocol.transport.write(wire)
-                    # a broadcast occupies the line; the next request waits for it to drain
-                    await asyncio.sleep(len(wire) * self.settings.bits_per_char / self.settings.baud)
-                    return None
-                self._waiter = loop.create_future()
-                self._match = match
+        while True:
+            attempt += 1
+            await self.open()
+            self._dispose_pending()
+            self.stats.exchanges += 1
+            loop = asyncio.get_running_loop()
+            if not expect_reply:
                 self._protocol.transport.write(wire)
-                try:
-                    return await asyncio.wait_for(asyncio.shield(self._waiter), timeout)
-                except Dlt645LinkError:
-                    await self.close()
-                    if attempt > retries:
-                        raise
-                    continue
-                except asyncio.TimeoutError:
-                    self.stats.timeouts += 1
-                    self._on_events(self.deframer.flush())
-                    if attempt > retries:
-                        raise Dlt645Timeout(
-                            f"no reply from {request.address} on {self.name} to function "
-                            f"{request.control:02X} within {timeout:.2f}s ({attempt} attempt(s))") from None
-                    log.debug("timeout from %s on %s, retry %d", request.address, self.name, attempt)
-                finally:
-                    self._waiter = None
-                    self._match = None
+                # a broadcast occupies the line; the next request waits for it to drain
+                await asyncio.sleep(len(wire) * self.settings.bits_per_char / self.settings.baud)
+                return None
+            self._waiter = loop.create_future()
+            self._match = match
+            self._protocol.transport.write(wire)
+            try:
+                return await asyncio.wait_for(asyncio.shield(self._waiter), timeout)
+            except Dlt645LinkError:
+                await self.close()
+                if attempt > retries:
+                    raise
+                continue
+            except asyncio.TimeoutError:
+                self.stats.timeouts += 1
+                self._on_events(self.deframer.flush())
+                if attempt > retries:
+                    raise Dlt645Timeout(
+                        f"no reply from {request.address} on {self.name} to function "
+                        f"{request.control:02X} within {timeout:.2f}s ({attempt} attempt(s))") from None
+                log.debug("timeout from %s on %s, retry %d", request.address, self.name, attempt)
+            finally:
+                self._waiter = None
+                self._match = None
 
     # -- callbacks from the protocol -----------------------------------------------
 
@@ -243,7 +267,7 @@ class Dlt645Link:
     def _on_lost(self, exc) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
-            waiter.set_exception(Dlt645LinkError(f"{self.name} closed: {exc or 'by peer'}"))
+            waiter.set_exception(Dlt645LinkError(f"{self.name} closed: {exc or 'by peer'}", written=True))
 
 
 def _reply_matcher(request: Frame) -> Callable[[Frame], bool]:

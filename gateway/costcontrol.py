@@ -1,0 +1,195 @@
+"""The cost-control shell: the engine and the relay controller, every input one transaction.
+
+Readings and payments go through :class:`~gateway.accounting.Accounting`; the decisions they cause are
+handed to the pure :class:`~gateway.core.control.Controller` inside the same transaction, and everything it
+changed (notices, disconnect cases, relay commands, work orders, outbox events, audit records, verified
+relay positions) is written before the commit. So a payment is never acknowledged before its close command
+exists, a command's state is committed before its frame is sent, and a crash at any point leaves the store
+consistent: after a restart both the engine and the controller are rebuilt from it.
+
+One writer drives this (a dedicated thread in the service: :class:`gateway.writer.Writer`).
+"""
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+
+from gateway.accounting import Accounting, IngestResult
+from gateway.core.commands import RelayAction, RelayExplanation, RelayStatus, ReconnectMode, explain
+from gateway.core.control import (
+    AuthorityError,
+    ControlConfig,
+    Controller,
+    Effects,
+    NoticeReceiptIn,
+    Permit,
+    SendResult,
+    Step,
+)
+from gateway.core.dispatch import FieldUpdate
+from gateway.core.engine import Engine, ReadingBatch
+from gateway.core.model import Adjustment, Payment
+from gateway.core.policy import AreaFlag, Block, Forecast
+from gateway.core.thresholds import ThresholdPolicy
+from gateway.store.base import Store
+
+log = logging.getLogger(__name__)
+
+
+class CostControl:
+    def __init__(self, store: Store, config: ControlConfig | None = None, policy: ThresholdPolicy | None = None,
+                 now: float | None = None, new_id=None) -> None:
+        self.store = store
+        self.config = config or ControlConfig()
+        self._new_id = new_id
+        self.accounting = Accounting(store, policy)
+        self.controller = self._load_controller(now)
+        self.last_effects = Effects()
+
+    @property
+    def engine(self) -> Engine:
+        return self.accounting.engine
+
+    def _load_controller(self, now: float | None) -> Controller:
+        c = Controller(self.config, self.engine, self._new_id)
+        now = datetime.now().timestamp() if now is None else now
+        state = self.store.control_state(now, self.config.keep_terminal_s,
+                                         self.config.trips.notice_max_age_s + self.config.keep_terminal_s,
+                                         c.calendar.day(int(now)).isoformat())
+        c.restore(**state)
+        return c
+
+    def reload(self, now: float | None = None) -> None:
+        """Rebuild the engine and the controller from the store (after a failed transaction)."""
+        self.accounting.reload()
+        self.controller = self._load_controller(now)
+
+    # -- the one way effects are committed ---------------------------------------------------------
+    def _flush(self, now: float) -> Effects:
+        fx = self.controller.take_effects()
+        if fx.relay_states:
+            self.store.write_outcome(self.engine.apply_relay_states(fx.relay_states), int(now))
+        self.store.write_effects(fx, now)
+        self.last_effects = fx
+        return fx
+
+    def _with_engine(self, call, now: float, *args) -> IngestResult:
+        """An accounting input; the decisions it causes go to the controller in the same transaction."""
+        def then(outcome, result: IngestResult) -> None:
+            paid_at: dict[str, float] = {}
+            for item in (result.credits.new if result.credits else ()):
+                at = item.paid_at if isinstance(item, Payment) else item.at
+                paid_at[item.account_id] = max(paid_at.get(item.account_id, 0), min(at, now))
+            self.controller.on_decisions(outcome.decisions, now, paid_at)
+            self._flush(now)
+
+        try:
+            return call(*args, then=then)
+        except BaseException:
+            self.controller = self._load_controller(now)  # the engine was rebuilt by Accounting
+            raise
+
+    def _control(self, work, now: float) -> Effects:
+        """A controller input in one transaction; on failure both halves are rebuilt from the store."""
+        try:
+            with self.store.transaction():
+                work()
+                return self._flush(now)
+        except BaseException:
+            log.exception("control transaction failed; rebuilding from the store")
+            self.reload(now)
+            raise
+
+    # -- inputs -----------------------------------------------------------------------------------------
+    def ingest_readings(self, batch: ReadingBatch, now: float,
+                        relays: list[tuple[str, RelayStatus]] = ()) -> IngestResult:
+        """A batch of readings and, from the same poll, the relays' positions."""
+        def call(then):
+            def both(outcome, result):
+                if relays:
+                    self.controller.observe_relays(list(relays), now)
+                then(outcome, result)
+            return self.accounting.ingest_readings(batch, int(now), both)
+
+        return self._with_engine(call, now)
+
+    def ingest_credits(self, items: list[Payment | Adjustment], now: float) -> IngestResult:
+        """Payments and adjustments: committed once, and any close they cause committed with them."""
+        return self._with_engine(self.accounting.ingest_credits, now, items, int(now))
+
+    def ingest_receipts(self, receipts: list[NoticeReceiptIn], now: float) -> Effects:
+        return self._control(lambda: self.controller.on_receipts(receipts, now), now)
+
+    def ingest_field_updates(self, updates: list[FieldUpdate], now: float) -> Effects:
+        fresh = [u for u in updates if not self.store.field_update_seen(u.update_id)]
+        return self._control(lambda: self.controller.on_field_updates(fresh, now), now)
+
+    def set_area_flag(self, flag: AreaFlag, now: float) -> Effects:
+        return self._control(lambda: self.controller.set_area_flag(flag, now), now)
+
+    def set_forecast(self, forecast: Forecast, now: float) -> Effects:
+        return self._control(lambda: self.controller.set_forecast(forecast, now), now)
+
+    def tick(self, now: float) -> Effects:
+        """Time passing: recalibration when due (its decisions handled with it), then notices, gates, dispatch."""
+        self._with_engine(self.accounting.tick, now, int(now))
+        return self._control(lambda: self.controller.tick(now), now)
+
+    def reevaluate(self, now: float) -> IngestResult:
+        return self._with_engine(self.accounting.reevaluate, now, int(now))
+
+    def manual(self, meter_id: str, action: RelayAction, operator: str, role: str, reason: str, key: str,
+               now: float, mode: ReconnectMode | None = None):
+        """An operator's trip or close. A refusal (authority) is audited, committed and raised."""
+        existing = self.store.command(f"manual:{key}:{meter_id}")
+        if existing is not None:
+            return existing  # the same request again, even after a restart: the same command
+        refused: list[AuthorityError] = []
+
+        def work():
+            try:
+                self.controller.manual(meter_id, action, operator, role, reason, key, now, mode)
+            except AuthorityError as exc:
+                refused.append(exc)
+
+        self._control(work, now)
+        if refused:
+            raise refused[0]
+        return self.controller.commands[f"manual:{key}:{meter_id}"]
+
+    # -- the executor's side ------------------------------------------------------------------------------
+    def steps(self, now: float) -> list[Step]:
+        return self.controller.steps(now)
+
+    def authorize(self, command_id: str, now: float) -> Permit | Block:
+        """Commit SENDING (or the block that stops the command) before any frame goes out. Automatic trips
+        see a fresh balance: the store's credits for the account, so every committed payment counts."""
+        c = self.controller.commands[command_id]
+        result: list = []
+
+        def work():
+            balance = trip = None
+            if c.action == RelayAction.TRIP:
+                balance, trip = self.engine.fresh_balance(
+                    c.account_id, self.store.account_credits_fen(self.engine.account_no[c.account_id]))
+            result.append(self.controller.authorize(command_id, now, balance, trip))
+
+        self._control(work, now)
+        return result[0]
+
+    def send_result(self, command_id: str, now: float, result: SendResult, detail: str = "",
+                    errors: tuple[str, ...] = (), status: RelayStatus | None = None) -> Effects:
+        return self._control(lambda: self.controller.on_send_result(command_id, now, result, detail, errors, status),
+                             now)
+
+    def read_result(self, step: Step, now: float, status: RelayStatus | None, why: str = "") -> Effects:
+        return self._control(lambda: self.controller.on_read_result(step, now, status, why), now)
+
+    # -- queries --------------------------------------------------------------------------------------------
+    def why(self, meter_id: str) -> RelayExplanation:
+        """Why is this meter off (or on)? From what the store says, for a call-centre agent."""
+        if meter_id not in self.engine.meter_no:
+            raise KeyError(f"unknown meter {meter_id!r}")
+        fmt = self.controller.fmt
+        return explain(meter_id, self.store.relay_row(meter_id), self.store.meter_commands(meter_id),
+                       self.store.meter_orders(meter_id), fmt)

@@ -1,0 +1,128 @@
+"""The command executor: relay commands onto the wire, one exchange at a time per bus, buses in parallel.
+
+It asks the cost-control shell (through the single writer) which steps are due, most urgent first
+(closes before trips), and performs them:
+
+* **send**: reserve the bus, then ask the shell to authorise the send (the last gate check, with a fresh
+  balance, and SENDING committed), then put the frame on the line; the bus stays reserved in between, so a
+  payment committed before the check is always seen, and nothing queues between the check and the frame;
+* **read**: read the relay back (status word 3) and report it, for a command being verified, a command whose
+  last outcome is unknown, or a completed field order.
+
+Settling is not waited out on the bus: after a frame the bus serves other meters, and the verification read
+is a step of its own, due a moment later. So a batch of trips on one bus is paced by the bus.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Callable
+
+from gateway.clock import Clock
+from gateway.core.commands import StepKind
+from gateway.core.control import SendResult, Step
+from gateway.core.policy import Block
+from gateway.costcontrol import CostControl
+from gateway.writer import Writer
+
+from .relay import RelayDriver, RelayDriverError, RelayLinkDown, RelayNoAnswer, RelayRefused
+
+log = logging.getLogger(__name__)
+
+
+class CommandExecutor:
+    def __init__(self, control: CostControl, writer: Writer, drivers: dict[str, RelayDriver],
+                 bus_of: Callable[[str], str], clock: Clock) -> None:
+        """``drivers``: bus name -> driver; ``bus_of``: meter id -> bus name."""
+        self.control = control
+        self.writer = writer
+        self.drivers = drivers
+        self.bus_of = bus_of
+        self.clock = clock
+        self._wake = asyncio.Event()
+        self.steps_done = 0
+
+    def wake(self) -> None:
+        """Something new may be due (a payment made a close): look now, not at the next wakeup."""
+        self._wake.set()
+
+    async def _due(self, bus: str | None) -> list[Step]:
+        steps = await self.writer.call(self.control.steps, self.clock.now())
+        return steps if bus is None else [s for s in steps if self.bus_of(s.meter_id) == bus]
+
+    async def drain(self) -> int:
+        """Perform every step due now; buses in parallel, one step at a time on each. Returns steps done."""
+        due = await self._due(None)
+        buses = sorted({self.bus_of(s.meter_id) for s in due})
+        done = await asyncio.gather(*(self._drain_bus(bus) for bus in buses))
+        return sum(done)
+
+    async def _drain_bus(self, bus: str) -> int:
+        n = 0
+        while True:
+            steps = await self._due(bus)  # asked afresh each time: a close made meanwhile goes first
+            if not steps:
+                return n
+            await self.perform(steps[0])
+            n += 1
+
+    async def perform(self, step: Step) -> None:
+        driver = self.drivers.get(self.bus_of(step.meter_id))
+        if driver is None:
+            log.error("meter %s: no driver for bus %r", step.meter_id, self.bus_of(step.meter_id))
+            await self.writer.call(self.control.read_result, step, self.clock.now(), None,
+                                   f"no channel configured for bus {self.bus_of(step.meter_id)!r}")
+            return
+        if step.kind == StepKind.SEND:
+            await self._send(driver, step)
+        else:
+            await self._read(driver, step)
+        self.steps_done += 1
+
+    async def _send(self, driver: RelayDriver, step: Step) -> None:
+        status = None
+        errors: tuple[str, ...] = ()
+        async with driver.reserved():
+            permit = await self.writer.call(self.control.authorize, step.subject_id, self.clock.now())
+            if isinstance(permit, Block):
+                log.info("command %s not sent: %s: %s", step.subject_id, permit.gate.value, permit.reason)
+                return
+            try:
+                await driver.send(step.meter_id, permit.action, permit.mode, permit.valid_until)
+                result, detail = SendResult.ACKNOWLEDGED, ""
+            except RelayNoAnswer as exc:
+                result, detail = SendResult.NO_ANSWER, str(exc)
+            except RelayLinkDown as exc:
+                result, detail = (SendResult.NO_ANSWER if exc.written else SendResult.NOT_SENT), str(exc)
+            except RelayRefused as exc:
+                result, detail, errors = SendResult.REFUSED, str(exc), exc.errors
+                try:  # why? keep-power is a gate, anything else a refusal
+                    status = await driver.read(step.meter_id)
+                except RelayDriverError:
+                    status = None
+        await self.writer.call(self.control.send_result, step.subject_id, self.clock.now(), result, detail,
+                               errors, status)
+
+    async def _read(self, driver: RelayDriver, step: Step) -> None:
+        try:
+            status = await driver.read(step.meter_id)
+        except RelayDriverError as exc:
+            await self.writer.call(self.control.read_result, step, self.clock.now(), None, str(exc))
+            return
+        await self.writer.call(self.control.read_result, step, self.clock.now(), status)
+
+    async def run(self, stop: asyncio.Event, idle_s: float = 1.0) -> None:
+        """Real time: drain, then sleep until the next step is due, a wake() or ``idle_s``."""
+        while not stop.is_set():
+            self._wake.clear()
+            try:
+                await self.drain()
+            except Exception:
+                log.exception("executor pass failed; trying again")
+            nxt = await self.writer.call(self.control.controller.next_wakeup)
+            delay = idle_s if nxt is None else min(max(nxt - self.clock.now(), 0.0), idle_s)
+            if delay > 0:
+                waits = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())]
+                await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+                for w in waits:
+                    w.cancel()
