@@ -12,9 +12,9 @@ from .core_fixtures import POLICY, tariffs
 CST = timezone(timedelta(hours=8))
 
 
-def at(y, mo, d, h=0, mi=0) -> float:
+def at(y, mo, d, h=0, mi=0) -> int:
     """Local (UTC+8) wall time -> epoch seconds."""
-    return datetime(y, mo, d, h, mi, tzinfo=CST).timestamp()
+    return int(datetime(y, mo, d, h, mi, tzinfo=CST).timestamp())
 
 
 MONDAY = at(2026, 3, 2, 10)  # an ordinary working Monday, 10:00

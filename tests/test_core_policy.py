@@ -88,7 +88,8 @@ def test_weather_flags_and_forecasts_block_their_area_only():
     b = gates.time_block("south", t)
     assert b.gate == Gate.WEATHER and "-3..5" in b.reason and b.retry_at == at(2026, 3, 3, 9)
     cond.forecasts[("south", "2026-03-03")] = Forecast("south", "2026-03-03", 25.0, 35.0)  # at the hot limit
-    assert gates.next_permitted("south", t) == (at(2026, 3, 4, 9), b)
+    when, last = gates.next_permitted("south", t)
+    assert when == at(2026, 3, 4, 9) and last.gate == Gate.WEATHER and "2026-03-03: 25..35" in last.reason
 
 
 def test_bad_configuration_says_what_and_where():

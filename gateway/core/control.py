@@ -327,7 +327,18 @@ class Controller:
         """The engine's decisions, committed with the input that caused them. ``paid_at``: for accounts whose
         arrears a payment cleared, when it was paid (the reconnect deadline runs from then)."""
         paid_at = paid_at or {}
+        # a balance that fell through several levels at once gets one notice, the most severe: the notice of
+        # disconnection when it reached the trip level, else the highest warning
+        worst: dict[str, Decision] = {}
         for d in decisions:
+            if d.kind in (DecisionKind.NOTICE, DecisionKind.TRIP):
+                w = worst.get(d.account_id)
+                if w is None or (d.kind == DecisionKind.TRIP) > (w.kind == DecisionKind.TRIP) or \
+                        (d.kind == w.kind and d.level > w.level):
+                    worst[d.account_id] = d
+        for d in decisions:
+            if d.kind == DecisionKind.NOTICE and worst.get(d.account_id) is not d:
+                continue
             if d.kind == DecisionKind.NOTICE:
                 purpose = NoticePurpose.WARNING_1 if d.level == 1 else NoticePurpose.WARNING_2
                 self._new_notice(d.account_id, purpose, d.decision_id, now,
@@ -964,10 +975,10 @@ class Controller:
             return self._need_notice(case, acct, now)
         not_before = max(eligible, notice.delivered_at + t.notice_lead_s)
         earliest = max(now, not_before)
-        slot, first_block = self._plan(case, acct.area, not_before, now)
+        slot, block = self._plan(case, acct.area, not_before, now)
         if slot is None:
             self._unplan(case)
-            return self._wait(case, now, first_block)
+            return self._wait(case, now, block)
         if case.planned_at != slot:
             self._unplan(case)
             case.plan_day, case.planned_at = self.calendar.day(int(slot)).isoformat(), slot
@@ -984,11 +995,10 @@ class Controller:
                                                                 f"{self.fmt(renew_at)}", renew_at), CaseState.SCHEDULED)
             self._unplan(case)
             return self._need_notice(case, acct, now, stale=notice)
-        if slot > now and first_block is not None and slot > earliest:
+        if slot > now and block is not None and slot > earliest:
             # a gate pushed the cut later (window, holiday, weather, cap): say which
-            reason = f"{first_block.reason}; planned for {self.fmt(slot)}"
-            return self._wait(case, now, Block(first_block.gate, reason, self._reminder_due(slot)),
-                              CaseState.SCHEDULED)
+            reason = f"{block.reason}; planned for {self.fmt(slot)}"
+            return self._wait(case, now, Block(block.gate, reason, self._reminder_due(slot)), CaseState.SCHEDULED)
         due = self._reminder_due(slot)
         if now < due:
             return self._schedule(case, now, f"cut planned for {self.fmt(slot)}" + (
@@ -1039,32 +1049,33 @@ class Controller:
                     self.gates.time_block(area, int(now)) is None:
                 return p, None
         t = int(max(not_before, now))
-        first: Block | None = None
+        last: Block | None = None
+        capped: Block | None = None  # the cap, when it moved the cut to a later day, is the reason to give
         cap = self.cfg.trips.cap_for(area)
         for _ in range(400):
             t2, b = self.gates.next_permitted(area, t)
-            first = first or b
+            last = b or last
             if t2 is None:
-                return None, first
+                return None, capped or last
             day = self.calendar.day(t2)
             start, end = self.gates.windows.window_of(t2)
             others = {k: v for k, v in self._plans.get((area, day.isoformat()), {}).items() if k != case.case_id}
             if len(others) >= cap:
-                first = first or Block(Gate.DAILY_CAP, f"{cap} trips already planned in area {area or '-'} on "
+                capped = Block(Gate.DAILY_CAP, f"{cap} trips already planned in area {area or '-'} on "
                                                        f"{day.isoformat()}")
                 t = self.calendar.at(day + timedelta(days=1), 0)
                 continue
             spacing = (end - start) / cap
             slot = max(t2, start + spacing * len(others), (max(others.values()) + spacing) if others else 0)
             if slot >= end:
-                first = first or Block(Gate.DAILY_CAP, f"the trips planned in area {area or '-'} fill "
+                capped = Block(Gate.DAILY_CAP, f"the trips planned in area {area or '-'} fill "
                                                        f"{day.isoformat()}'s permitted hours")
                 t = self.calendar.at(day + timedelta(days=1), 0)
                 continue
             if self.gates.time_block(area, int(slot)) is not None:
                 t = int(slot)
                 continue
-            return float(slot), first
+            return float(slot), capped or last
         raise PolicyError(f"no trip slot found for case {case.case_id}")
 
     def _final_reminder(self, case: TripCase, acct: Account, slot: float, now: float) -> Block | None:

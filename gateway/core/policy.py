@@ -345,19 +345,20 @@ class Gates:
         return None
 
     def next_permitted(self, area: str, t: int) -> tuple[int | None, Block | None]:
-        """The earliest instant >= ``t`` that no time gate blocks, and the first block met on the way.
+        """The earliest instant >= ``t`` that no time gate blocks, and the last block met on the way (the one
+        that decided it: a holiday after an evening, say).
 
         None if a block has no end in time (an area flag without ``until``): it is looked at again when
         the flag changes.
         """
-        first: Block | None = None
+        last: Block | None = None
         for _ in range(500):
             b = self.time_block(area, t)
             if b is None:
-                return t, first
-            first = first or b
+                return t, last
+            last = b
             if b.retry_at is None:
-                return None, first
+                return None, last
             t = max(b.retry_at, t + 1)
         raise PolicyError(f"no permitted trip time found for area {area}")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import ROUND_DOWN, Decimal
 
 from protocols.dlt645 import messages as m
@@ -66,6 +66,9 @@ class SimMeter:
     overdraft_limit: Decimal = Decimal("0.00")
     local_cost_control: bool = False  # the meter itself trips when the purse is empty
     relay_open: bool = False
+    #: the contact moves this long after the command (real relays take a moment; status word 3 shows the old
+    #: position until then)
+    relay_delay_s: float = 0.0
     relay_command_open: bool = False
     close_allowed_pending: bool = False  # close-allowed received: waits for the customer's button
     keep_power: bool = False
@@ -85,11 +88,14 @@ class SimMeter:
         self.rng = random.Random(self.seed if self.seed is not None else int(self.address))
         self._fractional_kwh = 0.0
         self._followups: dict[int, list[bytes]] = {}  # DI -> remaining chunks of a multi-frame reply
+        self._relay_moves: tuple[datetime, bool] | None = None  # (when, to open?) of a contact still moving
 
     # -- physics ------------------------------------------------------------
 
     def advance(self, now: datetime) -> None:
         """Integrate consumption up to ``now`` (hour by hour, so the TOU split is right)."""
+        if self._relay_moves is not None and now >= self._relay_moves[0]:
+            self.relay_open, self._relay_moves = self._relay_moves[1], None
         if self.last_update is None:
             self.last_update = now
             return
@@ -117,10 +123,14 @@ class SimMeter:
             if self.remaining_amount <= -self.overdraft_limit and not self.keep_power:
                 self._set_relay(True)
 
-    def _set_relay(self, open_: bool) -> None:
+    def _set_relay(self, open_: bool, now: datetime | None = None) -> None:
         self.relay_command_open = open_
-        if not self.faults.stuck_relay:
-            self.relay_open = open_
+        if self.faults.stuck_relay:
+            return
+        if self.relay_delay_s and now is not None:
+            self._relay_moves = (now + timedelta(seconds=self.relay_delay_s), open_)
+        else:
+            self.relay_open, self._relay_moves = open_, None
 
     def press_button(self) -> None:
         """The customer presses the button after a close-allowed command."""
@@ -241,10 +251,10 @@ class SimMeter:
         if action == RelayAction.TRIP:
             if self.keep_power:
                 return m.AbnormalReply(addr, fn, error_word("other_error"))
-            self._set_relay(True)
+            self._set_relay(True, now)
             self.close_allowed_pending = False
         elif action == RelayAction.DIRECT_CLOSE:
-            self._set_relay(False)
+            self._set_relay(False, now)
             self.close_allowed_pending = False
         elif action == RelayAction.CLOSE_ALLOWED:
             self.relay_command_open = False
@@ -255,7 +265,7 @@ class SimMeter:
             self.pre_trip_alarm = False
         elif action == RelayAction.KEEP_POWER:
             self.keep_power = True
-            self._set_relay(False)
+            self._set_relay(False, now)
         elif action == RelayAction.KEEP_POWER_RELEASE:
             self.keep_power = False
         self.relay_log.append((now, action.label, request.operator))
