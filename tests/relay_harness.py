@@ -7,21 +7,14 @@ gateway share, moved from one due instant to the next, so days pass in a second 
 """
 from __future__ import annotations
 
+from gateway.app import Bus, Gateway
 from gateway.clock import ManualClock, local_naive
 from gateway.core.control import ControlConfig, NoticeReceiptIn
 from gateway.core.model import Account, Meter
 from gateway.core.notices import ReceiptOutcome
-from gateway.costcontrol import CostControl
-from gateway.southbound.executor import CommandExecutor
-from gateway.southbound.poller import BusPoller
-from gateway.southbound.readings import to_batch
-from gateway.southbound.relay import Dlt645RelayDriver
-from gateway.store import open_store
-from gateway.writer import Writer
-from protocols.dlt645.client import Dlt645Client, Dlt645Link, LinkSettings
+from protocols.dlt645.client import Dlt645Link, LinkSettings
 from simulators.dlt645 import SimBus, SimMeter, serve_tcp
 
-from .control_fixtures import Ids
 from .core_fixtures import POLICY, tariffs
 
 FAST = LinkSettings(baud=9600, turnaround_s=0.3, margin_s=0.1, retries=1)
@@ -56,39 +49,28 @@ class Harness:
         self.server = await serve_tcp(self.bus)
         port = self.server.sockets[0].getsockname()[1]
         self.link = Dlt645Link.tcp("127.0.0.1", port, FAST)
-        self.client = Dlt645Client(self.link)
-        self.writer = Writer()
-        self.cc = await self.writer.call(self._open)
-        self.poller = BusPoller(self.client, list(self.sims), clock=local_naive(self.clock))
-        self.executor = CommandExecutor(self.cc, self.writer, {self.link.name: Dlt645RelayDriver(self.client)},
-                                        lambda m: self.cc.engine.meter(m).channel, self.clock)
+        self.gw = await Gateway(self.store_url, [Bus(self.link, list(self.sims))], self.config, POLICY,
+                                self.clock).open()
+        self.cc, self.executor, self.writer = self.gw.control, self.gw.executor, self.gw.writer
+        if not self.cc.engine.account_ids:
+            await self.call(self.cc.accounting.register, tariffs(), self.accounts,
+                            [Meter(addr, self.owner[addr], channel=self.link.name, max_kw=30,
+                                   reconnect_mode=self.modes.get(addr, "direct")) for addr in self.sims])
         self.next_poll = self.clock.now()
         return self
 
-    def _open(self) -> CostControl:
-        cc = CostControl(open_store(self.store_url), self.config, POLICY, now=self.clock.now(), new_id=Ids())
-        if not cc.engine.account_ids:
-            cc.accounting.register(tariffs(), self.accounts,
-                                   [Meter(addr, self.owner[addr], channel=self.link.name, max_kw=30,
-                                          reconnect_mode=self.modes.get(addr, "direct")) for addr in self.sims])
-        return cc
-
     async def __aexit__(self, *exc) -> None:
-        await self.link.close()
+        await self.gw.close()
         self.server.close()
         await self.server.wait_closed()
-        await self.writer.call(self.cc.store.close)
-        self.writer.close()
 
     # -- the world -----------------------------------------------------------------------------------
     async def call(self, fn, *args, **kw):
         return await self.writer.call(fn, *args, **kw)
 
     async def poll(self) -> None:
-        readings = []
-        await self.poller.cycle(readings.append)
-        batch, relays = to_batch(readings, self.cc.engine)
-        await self.call(self.cc.ingest_readings, batch, self.clock.now(), relays)
+        for poller in self.gw.pollers:
+            await self.gw.poll_once(poller)
 
     async def publish(self) -> list[tuple]:
         """Read new outbox events as upstream would, and answer notice requests."""

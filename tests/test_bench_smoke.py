@@ -1,5 +1,6 @@
 """Smoke tests: bench/codec.py --quick runs, verifies both codecs and reports five positive rates; bench/engine.py
---quick runs its verified engine / SQLite / PostgreSQL / naive measurements and reports positive rates."""
+--quick runs its verified engine / SQLite / PostgreSQL / naive measurements and reports positive rates;
+bench/relay.py --quick runs its verified close-latency measurement of both verification strategies."""
 from __future__ import annotations
 
 import json
@@ -51,3 +52,19 @@ def test_engine_bench_quick(tmp_path, pg_server):
     assert saved["results"] == summary
     assert saved["sqlite"]["verified"]["readings_rows"] == saved["postgresql"]["verified"]["readings_rows"] > 0
     assert {"python", "platform", "cpu_count", "date"} <= saved["machine"].keys()
+
+
+def test_relay_bench_quick(tmp_path):
+    """bench/relay.py --quick verifies (every close confirmed, every relay read closed by a separate client, one
+    close frame per meter in the simulators' own logs) before it reports both verification strategies."""
+    out = tmp_path / "relay.json"
+    python = str(VENV_PYTHON) if VENV_PYTHON.exists() else sys.executable
+    proc = subprocess.run([python, str(ROOT / "bench" / "relay.py"), "--quick", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in ("close_latency_p50_s", "close_latency_p99_s", "fixed_settle_p50_s", "fixed_settle_p99_s"):
+        assert isinstance(summary[key], float) and summary[key] > 0, (key, summary)
+    saved = json.loads(out.read_text())
+    assert saved["results"] == summary
+    assert all(run["verified"]["one_close_frame_per_meter"] for run in saved["runs"].values())

@@ -1,0 +1,131 @@
+"""Composition root: a running gateway from its parts (store, buses, policies) on a real clock.
+
+One writer thread owns the store; on the event loop run a poller per bus (every meter, one exchange at a
+time), the command executor (closes first, paced by the buses) and a ticker (notice timeouts, gates,
+dispatch, escalation). A payment wakes the executor at once: its close does not wait for the next tick.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+from gateway.clock import Clock, SystemClock, local_naive
+from gateway.core.control import ControlConfig
+from gateway.core.model import Adjustment, Payment
+from gateway.core.readings import Reading
+from gateway.core.thresholds import ThresholdPolicy
+from gateway.costcontrol import CostControl
+from gateway.southbound.executor import CommandExecutor
+from gateway.southbound.poller import BusPoller
+from gateway.southbound.readings import to_batch
+from gateway.southbound.relay import Dlt645RelayDriver
+from gateway.store import open_store
+from gateway.writer import Writer
+from protocols.dlt645.client import Dlt645Client, Dlt645Link
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Bus:
+    """One DL/T 645 line (RS-485 serial or a TCP transparent serial server) and the meters on it."""
+
+    link: Dlt645Link
+    meters: list[str]
+    client: Dlt645Client = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.client = Dlt645Client(self.link)
+
+    @property
+    def name(self) -> str:
+        return self.link.name
+
+
+class Gateway:
+    def __init__(self, store_url: str, buses: list[Bus], config: ControlConfig | None = None,
+                 policy: ThresholdPolicy | None = None, clock: Clock | None = None, poll_interval_s: float = 900.0,
+                 tick_s: float = 1.0) -> None:
+        self.clock = clock or SystemClock()
+        self.config = config or ControlConfig()
+        self.store_url = store_url
+        self.policy = policy
+        self.buses = buses
+        self.poll_interval_s = poll_interval_s
+        self.tick_s = tick_s
+        self.writer = Writer()
+        self.control: CostControl | None = None
+        self.executor: CommandExecutor | None = None
+        self.pollers: list[BusPoller] = []
+        self.readings_seen = 0
+
+    async def open(self) -> "Gateway":
+        self.control = await self.writer.call(CostControl, open_store(self.store_url), self.config, self.policy,
+                                              self.clock.now())
+        offset = self.config.calendar.utc_offset_s
+        drivers = {bus.name: Dlt645RelayDriver(bus.client, offset) for bus in self.buses}
+        engine = self.control.engine
+        self.executor = CommandExecutor(self.control, self.writer, drivers, lambda m: engine.meter(m).channel,
+                                        self.clock)
+        self.pollers = [BusPoller(bus.client, bus.meters, clock=local_naive(self.clock, offset))
+                        for bus in self.buses]
+        return self
+
+    async def close(self) -> None:
+        for bus in self.buses:
+            await bus.link.close()
+        if self.control is not None:
+            await self.writer.call(self.control.store.close)
+        self.writer.close()
+
+    # -- inputs -------------------------------------------------------------------------------------------
+    async def credits(self, items: list[Payment | Adjustment]):
+        """Payments in: committed (with any close they cause) before this returns, then the executor woken."""
+        result = await self.writer.call(self.control.ingest_credits, items, self.clock.now())
+        if result.decisions:
+            self.executor.wake()
+        return result
+
+    async def poll_once(self, poller: BusPoller) -> None:
+        """One read cycle of a bus, committed as one batch (with the relay positions it saw)."""
+        readings: list[Reading] = []
+        await poller.cycle(readings.append)
+        batch, relays = to_batch(readings, self.control.engine, self.config.calendar.utc_offset_s)
+        result = await self.writer.call(self.control.ingest_readings, batch, self.clock.now(), relays)
+        self.readings_seen += len(readings)
+        if result.decisions:
+            self.executor.wake()
+
+    # -- loops --------------------------------------------------------------------------------------------
+    async def _poll(self, poller: BusPoller, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            started = asyncio.get_running_loop().time()
+            try:
+                await self.poll_once(poller)
+            except Exception:
+                log.exception("poll cycle on %s failed", poller.channel)
+            rest = self.poll_interval_s - (asyncio.get_running_loop().time() - started)
+            await _sleep_or_stop(stop, max(rest, 0.0))
+
+    async def _tick(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                fx = await self.writer.call(self.control.tick, self.clock.now())
+                if fx.commands:
+                    self.executor.wake()
+            except Exception:
+                log.exception("tick failed")
+            await _sleep_or_stop(stop, self.tick_s)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        tasks = [asyncio.create_task(self.executor.run(stop)), asyncio.create_task(self._tick(stop))]
+        tasks += [asyncio.create_task(self._poll(p, stop)) for p in self.pollers]
+        await asyncio.gather(*tasks)
+
+
+async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except asyncio.TimeoutError:
+        pass
