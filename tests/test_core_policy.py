@@ -68,7 +68,7 @@ def test_local_calendar_additions_override_the_package():
     w = TripWindows(TripWindowPolicy(), cal)
     assert w.block(at(2026, 3, 4, 10)).gate == Gate.HOLIDAY
     assert w.block(at(2026, 10, 1, 10)) is None
-    with pytest.raises(PolicyError, match="calendar.extra_holidays: '2026-13-01' is not an ISO date"):
+    with pytest.raises(PolicyError, match="extra_holidays: '2026-13-01' is not an ISO date"):
         WorkCalendar(extra_holidays=("2026-13-01",))
 
 
@@ -93,7 +93,7 @@ def test_weather_flags_and_forecasts_block_their_area_only():
 
 
 def test_bad_configuration_says_what_and_where():
-    with pytest.raises(PolicyError, match="trip_window.hours: '25:00-26:00' is not a window"):
+    with pytest.raises(PolicyError, match="hours: '25:00-26:00' is not a window"):
         TripWindowPolicy(hours="25:00-26:00")
     with pytest.raises(PolicyError, match="must start before it ends"):
         Hours.parse("16:00-09:00")

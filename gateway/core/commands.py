@@ -127,10 +127,10 @@ class CommandPolicy:
     trip: RetryPolicy = field(default_factory=_trip_policy)
 
     def __post_init__(self) -> None:
-        self.close.check("commands.close")
-        self.trip.check("commands.trip")
+        self.close.check("close")
+        self.trip.check("trip")
         if self.close.dispatch_after_failures is None and self.close.dispatch_after_s is None:
-            raise PolicyError("commands.close needs dispatch_after_failures or dispatch_after_s: a failing "
+            raise PolicyError("close needs dispatch_after_failures or dispatch_after_s: a failing "
                               "reconnect must reach a field crew")
 
     def for_action(self, action: RelayAction) -> RetryPolicy:

@@ -35,7 +35,7 @@ from .commands import (
 )
 from .dispatch import DispatchPolicy, Dispatcher, FieldUpdate, OrderKind, OrderState, WorkOrder
 from .engine import Decision, DecisionKind
-from .model import Account, CustomerClass, Meter, RelayStateChanged
+from .model import Account, Meter, RelayStateChanged
 from .notices import (
     DISCONNECT_NOTICES,
     Notice,
@@ -62,23 +62,31 @@ class AuthorityError(PermissionError):
 
 @dataclass(frozen=True)
 class AuthorityPolicy:
-    manual_trip_roles: tuple = ("operator", "supervisor", "admin")
-    manual_close_roles: tuple = ("operator", "supervisor", "admin")
-    protected_trip_roles: tuple = ("supervisor", "admin")  # manual trips of protected and VIP accounts
+    manual_trip_roles: tuple[str, ...] = ("operator", "supervisor", "admin")
+    manual_close_roles: tuple[str, ...] = ("operator", "supervisor", "admin")
+    protected_trip_roles: tuple[str, ...] = ("supervisor", "admin")  # manual trips of protected and VIP accounts
 
     def __post_init__(self) -> None:
         for name in ("manual_trip_roles", "manual_close_roles", "protected_trip_roles"):
             unknown = [r for r in getattr(self, name) if r not in ROLES]
             if unknown:
-                raise PolicyError(f"authority.{name}: unknown role(s) {unknown}; allowed: {', '.join(ROLES)}")
+                raise PolicyError(f"{name}: unknown role(s) {unknown}; allowed: {', '.join(ROLES)}")
 
 
 @dataclass(frozen=True)
 class CalendarPolicy:
     utc_offset_s: int = 8 * 3600
     country: str = "CN"
-    extra_holidays: tuple = ()  # ISO dates announced before the holidays package caught up
-    extra_workdays: tuple = ()
+    extra_holidays: tuple[str, ...] = ()  # ISO dates announced before the holidays package caught up
+    extra_workdays: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not -12 * 3600 <= self.utc_offset_s <= 14 * 3600:
+            raise PolicyError(f"utc_offset_s {self.utc_offset_s} is not a time zone offset (-12h..+14h)")
+        self.calendar()  # the country is known and the dates are dates
+
+    def calendar(self) -> WorkCalendar:
+        return WorkCalendar(self.utc_offset_s, self.country, tuple(self.extra_holidays), tuple(self.extra_workdays))
 
 
 @dataclass(frozen=True)
@@ -239,8 +247,7 @@ class Controller:
         self.cfg = config
         self.dir = directory
         self._new_id = new_id or (lambda: uuid.uuid4().hex)
-        c = config.calendar
-        self.calendar = WorkCalendar(c.utc_offset_s, c.country, tuple(c.extra_holidays), tuple(c.extra_workdays))
+        self.calendar = config.calendar.calendar()
         self.conditions = Conditions()
         self.gates = Gates(config.trips, self.calendar, self.conditions)
         self.notifier = Notifier(config.notices, self.calendar)
@@ -1142,4 +1149,4 @@ def _request_payload(r: NoticeRequest) -> dict:
 
 __all__ = ["Controller", "ControlConfig", "AuthorityPolicy", "CalendarPolicy", "AuthorityError", "Effects",
            "Event", "AuditRecord", "Step", "Permit", "SendResult", "NoticeReceiptIn", "TripCase", "CaseState",
-           "ENGINE", "ROLES", "CustomerClass"]
+           "ENGINE", "ROLES"]

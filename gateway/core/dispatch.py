@@ -54,20 +54,20 @@ class DispatchPolicy:
     disconnect_deadline_s: int = 72 * 3600
     trip_failure_orders: bool = False  # failed remote trips also get (lower priority) field orders
     escalate_before_s: int = 4 * 3600  # escalate an order with less than this left
-    class_boost_s: dict = field(default_factory=_default_boost)  # ranked as if the deadline were this much sooner
+    class_boost_s: dict[str, int] = field(default_factory=_default_boost)  # ranked as if the deadline were this much sooner
     verify_every_s: int = 300  # a completed order: read the meter until it answers...
     verify_window_s: int = 24 * 3600  # ...for this long
 
     def __post_init__(self) -> None:
         for name in ("reconnect_deadline_s", "disconnect_deadline_s", "verify_every_s", "verify_window_s"):
             if getattr(self, name) <= 0:
-                raise PolicyError(f"dispatch.{name} must be positive")
+                raise PolicyError(f"{name} must be positive")
         if not 0 <= self.escalate_before_s < self.reconnect_deadline_s:
-            raise PolicyError("dispatch.escalate_before_s must be below dispatch.reconnect_deadline_s")
+            raise PolicyError("escalate_before_s must be below reconnect_deadline_s")
         classes = {c.value for c in CustomerClass}
         unknown = set(self.class_boost_s) - classes
         if unknown:
-            raise PolicyError(f"dispatch.class_boost_s: unknown customer class(es) {sorted(unknown)}; "
+            raise PolicyError(f"class_boost_s: unknown customer class(es) {sorted(unknown)}; "
                               f"allowed: {', '.join(sorted(classes))}")
 
 

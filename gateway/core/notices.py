@@ -59,8 +59,8 @@ class ChannelPolicy:
 
     def __post_init__(self) -> None:
         if self.timeout_s <= 0:
-            raise PolicyError("notices.channels.*.timeout_s must be positive")
-        Hours.parse(self.hours, "notices.channels.*.hours")
+            raise PolicyError("timeout_s must be positive")
+        Hours.parse(self.hours, "hours")
 
 
 def _default_channels() -> dict:
@@ -75,20 +75,20 @@ def _default_channels() -> dict:
 
 @dataclass(frozen=True)
 class NoticePolicy:
-    channels: dict = field(default_factory=_default_channels)  # channel -> ChannelPolicy
+    channels: dict[str, ChannelPolicy] = field(default_factory=_default_channels)  # channel -> ChannelPolicy
     #: appended to the account's own channels for the notice of disconnection (never for warnings)
-    last_resort: tuple = ("paper",)
+    last_resort: tuple[str, ...] = ("paper",)
     #: a reminder minutes before the cut cannot wait for paper
-    final_reminder_channels: tuple = ("sms", "voice", "app")
+    final_reminder_channels: tuple[str, ...] = ("sms", "voice", "app")
 
     def __post_init__(self) -> None:
         for name, ch in self.channels.items():
             if not isinstance(ch, ChannelPolicy):
-                raise PolicyError(f"notices.channels.{name} must be a channel policy (timeout_s, hours)")
+                raise PolicyError(f"channels.{name} must be a channel policy (timeout_s, hours)")
         for what in ("last_resort", "final_reminder_channels"):
             unknown = [c for c in getattr(self, what) if c not in self.channels]
             if unknown:
-                raise PolicyError(f"notices.{what}: unknown channel(s) {unknown}; known: {', '.join(self.channels)}")
+                raise PolicyError(f"{what}: unknown channel(s) {unknown}; known: {', '.join(self.channels)}")
 
     def channels_for(self, purpose: NoticePurpose, account_channels: tuple[str, ...]) -> tuple[str, ...]:
         own = tuple(dict.fromkeys(c for c in account_channels if c in self.channels))

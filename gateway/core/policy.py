@@ -22,7 +22,6 @@ from .model import CustomerClass
 class Gate(str, Enum):
     """Why a trip did not happen (yet). Names are stable: metrics and events carry them."""
 
-    AUTHORITY = "authority"  # not the engine, nor an operator with the right role and a reason
     CUSTOMER_CLASS = "customer_class"  # protected or VIP: an account-manager task instead
     GRACE = "grace_period"
     NOTICE = "notice"  # no confirmed notice at least the lead time old and not stale
@@ -94,10 +93,10 @@ class WorkCalendar:
         try:
             self._holidays = holiday_calendars.country_holidays(country)
         except NotImplementedError:
-            raise PolicyError(f"calendar.country: no holiday calendar for {country!r} "
+            raise PolicyError(f"country: no holiday calendar for {country!r} "
                               f"(ISO 3166 codes such as CN)") from None
-        self._extra_holidays = {_iso_date(d, "calendar.extra_holidays") for d in extra_holidays}
-        self._extra_workdays = {_iso_date(d, "calendar.extra_workdays") for d in extra_workdays}
+        self._extra_holidays = {_iso_date(d, "extra_holidays") for d in extra_holidays}
+        self._extra_workdays = {_iso_date(d, "extra_workdays") for d in extra_workdays}
 
     def local(self, t: int) -> datetime:
         return datetime.fromtimestamp(t, self.zone)
@@ -153,7 +152,7 @@ class TripWindowPolicy:
     forbid_holiday_eves: bool = False  # ...nor on the last working day before a holiday
 
     def __post_init__(self) -> None:
-        Hours.parse(self.hours, "trip_window.hours")
+        Hours.parse(self.hours, "hours")
 
     @property
     def window(self) -> Hours:
@@ -170,7 +169,7 @@ class TripWindows:
         self.calendar = calendar
         self.hours = policy.window
         if not any(self.day_block(date(2026, 1, 5) + timedelta(days=i)) is None for i in range(14)):
-            raise PolicyError("trip_window: no day of the week is permitted; trips could never happen")
+            raise PolicyError("no day of the week is permitted: trips could never happen")
 
     def day_block(self, day: date) -> Block | None:
         """Whether automatic trips are forbidden on the whole of ``day``."""
@@ -228,7 +227,7 @@ class WeatherPolicy:
 
     def __post_init__(self) -> None:
         if self.cold_limit_c >= self.hot_limit_c:
-            raise PolicyError("weather.cold_limit_c must be below weather.hot_limit_c")
+            raise PolicyError("cold_limit_c must be below hot_limit_c")
 
 
 @dataclass(frozen=True)
@@ -290,9 +289,9 @@ class TripPolicy:
     final_reminder_s: int = 30 * 60  # a re-notice this long before the cut
     final_reminder_confirmed: bool = True  # ...whose delivery is confirmed (only a confirmed delivery counts)
     final_reminder_max_age_s: int = 4 * 3600  # an older reminder is not "shortly before"
-    grace_s: dict = field(default_factory=lambda: {"residential": 0, "commercial": 0})  # after reaching trip level
+    grace_s: dict[str, int] = field(default_factory=lambda: {"residential": 0, "commercial": 0})  # after reaching trip level
     daily_cap_per_area: int = 200
-    area_caps: dict = field(default_factory=dict)  # area -> cap, overriding the default
+    area_caps: dict[str, int] = field(default_factory=dict)  # area -> cap, overriding the default
     trip_command_ttl_s: int = 2 * 3600  # a trip command expires this long after it was planned (or at window end)
     window: TripWindowPolicy = field(default_factory=TripWindowPolicy)
     weather: WeatherPolicy = field(default_factory=WeatherPolicy)
@@ -300,21 +299,21 @@ class TripPolicy:
     def __post_init__(self) -> None:
         for name in ("notice_lead_s", "final_reminder_s", "trip_command_ttl_s"):
             if getattr(self, name) < 0:
-                raise PolicyError(f"trips.{name} must not be negative")
+                raise PolicyError(f"{name} must not be negative")
         if self.notice_max_age_s <= self.notice_lead_s + self.renotice_before_s:
-            raise PolicyError("trips.notice_max_age_s must exceed trips.notice_lead_s + trips.renotice_before_s, "
+            raise PolicyError("notice_max_age_s must exceed notice_lead_s + renotice_before_s, "
                               "or a fresh notice would be stale before the cut")
         if self.final_reminder_max_age_s <= self.final_reminder_s:
-            raise PolicyError("trips.final_reminder_max_age_s must exceed trips.final_reminder_s")
+            raise PolicyError("final_reminder_max_age_s must exceed final_reminder_s")
         classes = {c.value for c in CustomerClass}
         for k, v in self.grace_s.items():
             if k not in classes:
-                raise PolicyError(f"trips.grace_s: unknown customer class {k!r}; allowed: {', '.join(sorted(classes))}")
+                raise PolicyError(f"grace_s: unknown customer class {k!r}; allowed: {', '.join(sorted(classes))}")
             if not isinstance(v, int) or v < 0:
-                raise PolicyError(f"trips.grace_s.{k} must be a whole number of seconds >= 0, got {v!r}")
+                raise PolicyError(f"grace_s.{k} must be a whole number of seconds >= 0, got {v!r}")
         for area, cap in {"(default)": self.daily_cap_per_area, **self.area_caps}.items():
             if not isinstance(cap, int) or cap < 1:
-                raise PolicyError(f"trips daily cap for area {area} must be a whole number >= 1, got {cap!r}")
+                raise PolicyError(f"the daily cap for area {area} must be a whole number >= 1, got {cap!r}")
 
     def grace_for(self, klass: CustomerClass) -> int:
         return int(self.grace_s.get(klass.value, 0))
