@@ -538,3 +538,52 @@ def test_why_is_this_meter_off():
     assert why.opened_by_gateway is False and why.summary.startswith("not opened by the gateway")
     assert explain("M9", None, [], []).relay == "unknown"
     assert explain("M9", (0, sim.now, 0, 1), [], [], c.fmt).summary.startswith("closed")
+
+
+def test_a_payment_does_not_undo_an_operators_trip_but_does_undo_ours():
+    c = controller(utility(2))
+    sim = Sim(c, MONDAY)
+    c.manual("M0", RelayAction.TRIP, "wang", "supervisor", "meter bypass found on site", "req-1", MONDAY)
+    sim.collect()
+    sim.run(MONDAY + 60)
+    assert sim.relay("M0").open
+    c.on_decisions([decision(K.CLOSE, "A0", balance=5000, t=sim.now)], sim.now)
+    sim.collect()
+    sim.run(sim.now + 60)
+    assert sim.relay("M0").open  # still open: the operator's reason stands until an operator closes it
+    withheld = sim.of("close_withheld")
+    assert len(withheld) == 1 and withheld[0]["actor"] == "wang" and "bypass" in withheld[0]["reason"]
+    # ...and it is remembered after the command itself would have been forgotten
+    sim.run(sim.now + 3 * DAY)
+    assert c._opened_by_operator("M0").command_id == "manual:req-1:M0"
+
+
+def test_a_payment_while_a_trip_outcome_is_unknown_closes_after_reading_back():
+    c = controller()
+    sim = Sim(c, MONDAY)
+    case = _to_the_brink(c, sim)
+    relay = sim.relay("M0")
+    relay.silent = True  # the trip goes out, nothing comes back: did it act?
+    sim.run(sim.now + 10)
+    trip = c.commands[case.command_ids[0]]
+    assert trip.state == CommandState.RETRY_WAIT and trip.readback_first
+    relay.silent, relay.open = False, True  # it had acted
+    c.on_decisions([decision(K.CANCEL_TRIP, seq=3, level=2, balance=800, t=sim.now)], sim.now)
+    sim.collect()
+    close = next(x for x in c.commands.values() if x.action == RelayAction.CLOSE)
+    assert close.readback_first and trip.state == CommandState.CANCELLED
+    sim.run(sim.now + 60)
+    assert close.state == CommandState.CONFIRMED and not relay.open
+
+
+def test_a_relay_found_open_before_any_frame_is_not_ours():
+    from gateway.core.commands import explain
+    c = controller()
+    sim = Sim(c, MONDAY, relays={"M0": FakeRelay(open_=True)})
+    c.observe_relays([("M0", RelayStatus(True, True, False))], MONDAY)  # the meter's own purse ran out
+    case = _to_the_brink(c, sim)
+    sim.run(sim.now + 60)
+    trip = c.commands[case.command_ids[0]]
+    assert trip.outcome == "already_open" and trip.attempts == 0 and sim.relay("M0").actions == []
+    why = explain("M0", (1, sim.now, 1, 0), [trip], [], c.fmt)
+    assert why.opened_by_gateway is False and "already open when trip command" in why.summary

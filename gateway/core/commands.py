@@ -241,6 +241,8 @@ class CommandMachine:
         or 'failed' (an attempt failed; see the state)."""
         outcome = c.target_reached(status)
         if outcome is not None:
+            if c.attempts == 0:  # there before any frame of ours: say so ("why is this meter off?" relies on it)
+                outcome = f"already_{outcome}"
             c.state, c.confirmed_at, c.outcome, c.next_at = CommandState.CONFIRMED, now, outcome, None
             c.readback_first, c.last_error, c.updated_at = False, "", now
             return "confirmed"
@@ -388,7 +390,7 @@ def explain(meter_id: str, relay_row: tuple | None, commands: list[Command], ord
     last = confirmed[0] if confirmed else None
     waiting = last is not None and last.action == RelayAction.CLOSE and last.outcome == "close_allowed"
     trip = next((c for c in confirmed if c.action == RelayAction.TRIP), None) if waiting else last
-    if trip is not None and trip.action == RelayAction.TRIP:
+    if trip is not None and trip.action == RelayAction.TRIP and trip.outcome == "open":
         who = "the balance engine" if trip.actor == "engine" else f"operator {trip.actor} ({trip.role})"
         summary = f"opened by {who} with command {trip.command_id} at {fmt(trip.confirmed_at)}: {trip.reason}"
         if waiting:
@@ -397,6 +399,10 @@ def explain(meter_id: str, relay_row: tuple | None, commands: list[Command], ord
         return RelayExplanation(meter_id, "open", at, True, trip.command_id, trip.actor, trip.role, trip.reason,
                                 trip.confirmed_at, keep, waiting, pending, order, summary + tail)
     summary = "not opened by the gateway: a fault, tampering or the meter's own protection, not arrears"
+    if last is not None and last.action == RelayAction.TRIP and last.outcome == "already_open":
+        summary = (f"not opened by the gateway: it was already open when trip command {last.command_id} came "
+                   f"(the meter's own prepaid purse or protection)")
+        last = None
     if commanded:
         summary += " (the meter says it was commanded open: its own prepaid purse, or another system)"
     if last is not None:

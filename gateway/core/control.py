@@ -384,17 +384,37 @@ class Controller:
                 self._touch(n)
         paid = paid_at if paid_at is not None else d.at
         for meter in self.dir.meters_of_account(d.account_id):
-            in_flight = False
+            maybe_open = False  # a trip of ours may have acted without our knowing (in flight, or no answer)
             for c in self._active_commands(meter.meter_id):
-                if c.action == RelayAction.TRIP:
-                    if c.state.in_flight:
-                        in_flight = True
-                    elif self.machine.cancel(c, now, why):
-                        self._command_changed(c, now, "relay_cancelled")
+                if c.action != RelayAction.TRIP or c.actor != ENGINE:
+                    continue  # an operator's trip (tampering, safety) is not undone by a payment
+                if c.state.in_flight:
+                    maybe_open = True
+                elif self.machine.cancel(c, now, why):
+                    maybe_open = maybe_open or c.attempts > 0
+                    self._command_changed(c, now, "relay_cancelled")
             status = self.relays.get(meter.meter_id)
-            if in_flight or (status is not None and status.open):
-                self._submit(self._close_command(meter, d, now, paid, readback_first=in_flight and not (
-                    status is not None and status.open)), now)
+            is_open = status is not None and status.open
+            if not (maybe_open or is_open):
+                continue
+            held = self._opened_by_operator(meter.meter_id)
+            if held is not None and not maybe_open:
+                # opened on purpose by an operator, not for arrears: the payment does not undo that
+                self._emit("close_withheld", meter.meter_id, now, account_id=d.account_id, decision_id=d.decision_id,
+                           command_id=held.command_id, actor=held.actor, reason=held.reason,
+                           detail="the relay was opened by an operator; a manual close is needed")
+                continue
+            self._submit(self._close_command(meter, d, now, paid, readback_first=not is_open), now)
+
+    def _opened_by_operator(self, meter_id: str) -> Command | None:
+        """The operator's trip that opened this meter's relay, if its latest confirmed command is one."""
+        confirmed = [self.commands[i] for i in self._commands_of.get(meter_id, ())
+                     if self.commands[i].state == CommandState.CONFIRMED]
+        last = max(confirmed, key=lambda c: c.confirmed_at or 0, default=None)
+        if last is not None and last.action == RelayAction.TRIP and last.actor != ENGINE \
+                and last.outcome == "open":
+            return last
+        return None
 
     def _close_command(self, meter: Meter, d: Decision, now: float, paid: float, readback_first: bool) -> Command:
         p = self.cfg.commands.close
@@ -832,8 +852,10 @@ class Controller:
     def _prune(self, now: float) -> None:
         """Forget finished things the gates no longer need (the store keeps everything)."""
         keep = self.cfg.keep_terminal_s
+        held = {c.command_id for c in (self._opened_by_operator(m) for m, st in self.relays.items() if st.open)
+                if c is not None}
         for cid in [i for i, c in self.commands.items() if not c.state.active and now - c.updated_at > keep
-                    and not (c.state == CommandState.FAILED and c.order_id in self.orders)]:
+                    and not (c.state == CommandState.FAILED and c.order_id in self.orders) and i not in held]:
             c = self.commands.pop(cid)
             self._commands_of[c.meter_id].remove(cid)
         for oid in [i for i, o in self.orders.items() if not o.state.active and o.verify_next_at is None

@@ -545,8 +545,13 @@ class Store(ABC):
                                           (now - notice_horizon_s,)),
             "cases": self.load_entities(CASES, "state IN ('waiting', 'scheduled', 'tripping', 'blocked') "
                                                "OR (plan_day >= ? AND state <> 'cancelled')", (today,)),
-            "commands": self.load_entities(COMMANDS, "state IN ('queued', 'sending', 'verifying', 'retry_wait', "
-                                                     "'dispatched') OR updated_at >= ?", (now - keep_s,)),
+            # active, recent, and the last confirmed command of each open relay (who opened it, and why)
+            "commands": self.load_entities(
+                COMMANDS, "state IN ('queued', 'sending', 'verifying', 'retry_wait', 'dispatched') OR updated_at >= ? "
+                          "OR (state = 'confirmed' AND meter_id IN (SELECT m.meter_id FROM relay_state r JOIN meters m "
+                          "ON m.meter_no = r.meter_no WHERE r.is_open = 1) AND confirmed_at = (SELECT MAX(c2.confirmed_at) "
+                          "FROM relay_commands c2 WHERE c2.meter_id = relay_commands.meter_id AND c2.state = 'confirmed'))",
+                (now - keep_s,)),
             "orders": self.load_entities(ORDERS, "state NOT IN ('completed', 'cancelled') OR verify_next_at IS NOT "
                                                  "NULL OR updated_at >= ?", (now - keep_s,)),
             "relays": relays,
