@@ -133,24 +133,30 @@ class Sim:
             self.collect()
         raise AssertionError("executor did not settle")
 
+    def do_due(self, execute: bool = True) -> None:
+        """Everything due at this instant: time's own work, receipts from upstream, the executor's steps."""
+        self.c.tick(self.now)
+        self.collect()
+        for due, rid, outcome in sorted(p for p in self.pending if p[0] <= self.now):
+            self.pending.remove((due, rid, outcome))
+            self.c.on_receipts([NoticeReceiptIn(rid, outcome, due)], self.now)
+            self.collect()
+        if execute:
+            self.execute()
+
+    def advance(self, until: float) -> bool:
+        """Move to the next instant anything is due (at most ``until``); False once ``until`` is reached."""
+        nxt = [t for t in (self.c.next_wakeup(), min((p[0] for p in self.pending), default=None))
+               if t is not None and t > self.now]
+        t = min(nxt, default=until)
+        self.now = min(t, until)
+        return t < until
+
     def run(self, until: float, max_steps=100_000):
         """Advance to ``until``, doing everything that falls due on the way."""
         for _ in range(max_steps):
-            self.c.tick(self.now)
-            self.collect()
-            for due, rid, outcome in sorted(p for p in self.pending if p[0] <= self.now):
-                self.pending.remove((due, rid, outcome))
-                self.c.on_receipts([NoticeReceiptIn(rid, outcome, due)], self.now)
-                self.collect()
-            self.execute()
-            nxt = [t for t in (self.c.next_wakeup(), min((p[0] for p in self.pending), default=None))
-                   if t is not None and t > self.now]
-            t = min(nxt, default=until)
-            if t >= until:
-                self.now = until
-                self.c.tick(self.now)
-                self.collect()
-                self.execute()
+            self.do_due()
+            if not self.advance(until):
+                self.do_due()
                 return
-            self.now = t
         raise AssertionError("simulation did not reach its end")

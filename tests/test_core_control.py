@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from gateway.core.commands import CommandState, ReconnectMode, RelayAction, RelayStatus
-from gateway.core.control import AuthorityError, CaseState, ControlConfig, NoticeReceiptIn, SendResult
+from gateway.core.control import AuthorityError, CaseState, ControlConfig, SendResult
 from gateway.core.dispatch import DispatchPolicy, FieldStatus, FieldUpdate, OrderState
 from gateway.core.engine import DecisionKind as K
 from gateway.core.model import CustomerClass
@@ -241,23 +241,18 @@ def test_keep_power_refusal_is_a_gate_not_a_failure_to_retry():
 
 
 def _to_the_brink(c, sim):
-    """Run until the trip command exists (TRIPPING)."""
+    """Run until the trip command exists (TRIPPING), without executing it."""
     c.on_decisions([decision(K.NOTICE, level=2, balance=1000)], MONDAY)
     sim.collect()
     sim.run(MONDAY + DAY + 3600)
     c.on_decisions([decision(K.TRIP, seq=2, t=sim.now)], sim.now)
     sim.collect()
     for _ in range(200):
+        sim.do_due(execute=False)
         case = c.cases["A0#2"]
         if case.state == CaseState.TRIPPING:
             return case
-        sim.now = c.next_wakeup()
-        c.tick(sim.now)
-        sim.collect()
-        for due, rid, outcome in sorted(p for p in sim.pending if p[0] <= sim.now):
-            sim.pending.remove((due, rid, outcome))
-            c.on_receipts([NoticeReceiptIn(rid, outcome, due)], sim.now)
-            sim.collect()
+        sim.advance(sim.now + 7 * DAY)
     raise AssertionError("never reached TRIPPING")
 
 
@@ -587,3 +582,20 @@ def test_a_relay_found_open_before_any_frame_is_not_ours():
     assert trip.outcome == "already_open" and trip.attempts == 0 and sim.relay("M0").actions == []
     why = explain("M0", (1, sim.now, 1, 0), [trip], [], c.fmt)
     assert why.opened_by_gateway is False and "already open when trip command" in why.summary
+
+
+def test_a_trip_that_fails_remotely_ends_the_case_and_by_configuration_gets_a_lower_priority_order():
+    for orders in (False, True):
+        c = controller(config=ControlConfig(dispatch=DispatchPolicy(trip_failure_orders=orders)))
+        sim = Sim(c, MONDAY, relays={"M0": FakeRelay(stuck=True)})
+        case = _to_the_brink(c, sim)
+        sim.run(sim.now + 2 * 3600)
+        trip = c.commands[case.command_ids[0]]
+        assert trip.state == CommandState.FAILED and trip.attempts == c.cfg.commands.trip.max_attempts
+        assert case.state == CaseState.FAILED and "acknowledged but the relay is still closed" in case.closed_reason
+        assert not sim.relay("M0").open
+        made = list(c.orders.values())
+        assert len(made) == orders
+        if orders:
+            assert made[0].kind.value == "disconnect" and made[0].deadline_at == pytest.approx(
+                made[0].created_at + c.cfg.dispatch.disconnect_deadline_s)

@@ -113,3 +113,14 @@ def test_bad_receipts_are_refused_with_the_reason():
     assert split_request_id("A/B#1/disconnect/2/3") == "A/B#1/disconnect/2"
     with pytest.raises(ValueError, match="not a notice request id"):
         split_request_id("nonsense")
+
+
+def test_the_first_confirmed_delivery_counts_a_later_one_on_another_channel_does_not_move_it():
+    n = notice()
+    t = n.created_at
+    N.advance(n, t, CONTACTS, "")
+    N.advance(n, t + 3600, CONTACTS, "")  # SMS silent: voice requested
+    N.receipt(n, "A1#7/1", ReceiptOutcome.DELIVERED, t + 100, t + 3700, "", CONTACTS, "")  # the SMS, late
+    N.receipt(n, "A1#7/2", ReceiptOutcome.DELIVERED, t + 3800, t + 3800, "", CONTACTS, "")  # and the call
+    assert (n.delivered_at, n.delivered_channel) == (t + 100, "sms")
+    assert n.attempts[1].outcome == ReceiptOutcome.DELIVERED

@@ -255,7 +255,8 @@ class Notifier:
 
     @staticmethod
     def _delivered(n: Notice, a: Attempt, at: int, step: NoticeStep) -> None:
-        n.delivered_at, n.delivered_channel = at, a.channel
+        if n.delivered_at is None or at < n.delivered_at:  # the first confirmed delivery is when they knew
+            n.delivered_at, n.delivered_channel = at, a.channel
         if n.state.active:
             n.state, n.due_at = NoticeState.DELIVERED, None
         step.transitions.append(("notice_delivered", f"{a.channel} at {at}"))
