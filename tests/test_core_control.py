@@ -318,16 +318,22 @@ def test_closes_go_before_trips_and_a_close_supersedes_a_queued_trip():
     assert again is c.commands["manual:req-2:M0"]
 
 
+def paid_while_open(relay: FakeRelay, engine=None, paid_at=None):
+    """A customer whose relay is open pays: the controller has made the close. Returns (controller, sim)."""
+    c = controller(engine)
+    c.relays["M0"] = RelayStatus(True, True, False)
+    sim = Sim(c, MONDAY, relays={"M0": relay})
+    c.on_decisions([decision(K.CLOSE, balance=5000)], MONDAY, {"A0": paid_at} if paid_at is not None else None)
+    sim.collect()
+    return c, sim
+
+
 # --------------------------------------------------------------------------- commands on the wire
 
 
 def test_a_meter_that_acknowledges_but_does_not_close_gets_a_field_order_with_the_payment_deadline():
-    c = controller()
-    c.relays["M0"] = RelayStatus(True, True, False)
-    sim = Sim(c, MONDAY, relays={"M0": FakeRelay(open_=True, stuck=True)})
     paid = MONDAY - 120
-    c.on_decisions([decision(K.CLOSE, balance=5000)], MONDAY, {"A0": paid})
-    sim.collect()
+    c, sim = paid_while_open(FakeRelay(open_=True, stuck=True), paid_at=paid)
     sim.run(MONDAY + 3600)
     close = next(x for x in c.commands.values() if x.action == RelayAction.CLOSE)
     orders = sim.of("field_order_created")
@@ -359,11 +365,7 @@ def test_a_meter_that_acknowledges_but_does_not_close_gets_a_field_order_with_th
 
 
 def test_remote_success_cancels_the_open_order():
-    c = controller()
-    c.relays["M0"] = RelayStatus(True, True, False)
-    sim = Sim(c, MONDAY, relays={"M0": FakeRelay(open_=True, stuck=True)})
-    c.on_decisions([decision(K.CLOSE, balance=5000)], MONDAY)
-    sim.collect()
+    c, sim = paid_while_open(FakeRelay(open_=True, stuck=True))
     sim.run(MONDAY + 1800)
     order = next(iter(c.orders.values()))
     sim.relay("M0").stuck = False  # the relay frees itself
@@ -395,11 +397,7 @@ def test_orders_escalate_near_the_deadline_and_rank_by_urgency():
 
 
 def test_a_completion_the_meter_contradicts_reopens_the_order():
-    c = controller()
-    c.relays["M0"] = RelayStatus(True, True, False)
-    sim = Sim(c, MONDAY, relays={"M0": FakeRelay(open_=True, stuck=True)})
-    c.on_decisions([decision(K.CLOSE, balance=5000)], MONDAY)
-    sim.collect()
+    c, sim = paid_while_open(FakeRelay(open_=True, stuck=True))
     sim.run(MONDAY + 1800)
     o = next(iter(c.orders.values()))
     c.on_field_updates([FieldUpdate("u1", o.order_id, FieldStatus.COMPLETED, sim.now, "crew-2")], sim.now)
@@ -413,11 +411,7 @@ def test_a_completion_the_meter_contradicts_reopens_the_order():
 
 
 def test_close_allowed_mode_succeeds_when_the_meter_accepts_and_tells_the_customer_to_press_the_button():
-    c = controller(utility(1, reconnect_mode="close_allowed"))
-    c.relays["M0"] = RelayStatus(True, True, False)
-    sim = Sim(c, MONDAY, relays={"M0": FakeRelay(open_=True)})
-    c.on_decisions([decision(K.CLOSE, balance=5000)], MONDAY)
-    sim.collect()
+    c, sim = paid_while_open(FakeRelay(open_=True), engine=utility(1, reconnect_mode="close_allowed"))
     sim.run(MONDAY + 60)
     close = next(x for x in c.commands.values() if x.action == RelayAction.CLOSE)
     assert close.mode == ReconnectMode.CLOSE_ALLOWED
@@ -427,12 +421,8 @@ def test_close_allowed_mode_succeeds_when_the_meter_accepts_and_tells_the_custom
 
 
 def test_no_answer_means_read_back_before_sending_again():
-    c = controller()
-    c.relays["M0"] = RelayStatus(True, True, False)
     relay = FakeRelay(open_=True, silent=True)
-    sim = Sim(c, MONDAY, relays={"M0": relay})
-    c.on_decisions([decision(K.CLOSE, balance=5000)], MONDAY)
-    sim.collect()
+    c, sim = paid_while_open(relay)
     sim.run(MONDAY + 8)
     close = next(x for x in c.commands.values() if x.action == RelayAction.CLOSE)
     assert close.state == CommandState.RETRY_WAIT and close.readback_first and close.attempts == 1
@@ -443,19 +433,11 @@ def test_no_answer_means_read_back_before_sending_again():
 
 
 def test_refusals_back_off_harder_and_a_password_refusal_is_final():
-    c = controller()
-    c.relays["M0"] = RelayStatus(True, True, False)
-    sim = Sim(c, MONDAY, relays={"M0": FakeRelay(open_=True, refuse=("other_error",))})
-    c.on_decisions([decision(K.CLOSE, balance=5000)], MONDAY)
-    sim.collect()
+    c, sim = paid_while_open(FakeRelay(open_=True, refuse=("other_error",)))
     sim.run(MONDAY + 1)
     close = next(x for x in c.commands.values() if x.action == RelayAction.CLOSE)
     assert close.state == CommandState.RETRY_WAIT and close.next_at - MONDAY >= c.cfg.commands.close.refusal_backoff_s
-    c2 = controller()
-    c2.relays["M0"] = RelayStatus(True, True, False)
-    sim2 = Sim(c2, MONDAY, relays={"M0": FakeRelay(open_=True, refuse=("password_error_or_unauthorized",))})
-    c2.on_decisions([decision(K.CLOSE, balance=5000)], MONDAY)
-    sim2.collect()
+    c2, sim2 = paid_while_open(FakeRelay(open_=True, refuse=("password_error_or_unauthorized",)))
     sim2.run(MONDAY + 3600)
     close = next(x for x in c2.commands.values() if x.action == RelayAction.CLOSE)
     assert close.state == CommandState.FAILED and close.attempts == 1 and "lock the meter" in close.outcome
