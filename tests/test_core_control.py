@@ -581,3 +581,29 @@ def test_a_trip_that_fails_remotely_ends_the_case_and_by_configuration_gets_a_lo
         if orders:
             assert made[0].kind.value == "disconnect" and made[0].deadline_at == pytest.approx(
                 made[0].created_at + c.cfg.dispatch.disconnect_deadline_s)
+
+
+def test_a_final_reminder_announces_its_days_cut_only():
+    """The reminder goes out, then a weather flag moves the cut to another day: a new reminder for that day."""
+    c = controller()
+    sim = Sim(c, MONDAY, deliver=lambda r: None if r["purpose"] == "final_reminder" else (ReceiptOutcome.DELIVERED, 60))
+    case = None
+    c.on_decisions([decision(K.NOTICE, level=2, balance=1000)], MONDAY)
+    sim.collect()
+    sim.run(MONDAY + DAY + 3600)
+    c.on_decisions([decision(K.TRIP, seq=2, t=sim.now)], sim.now)
+    sim.collect()
+    sim.run(sim.now + 600)  # the reminder was requested; no receipt yet
+    case = c.cases["A0#2"]
+    first = c.notices[case.final_notice_id]
+    assert first.state.active
+    c.set_area_flag(AreaFlag("north", "extreme_weather", True, sim.now, sim.now + DAY, "ops", "storm"), sim.now)
+    sim.collect()
+    sim.deliver = lambda r: (ReceiptOutcome.DELIVERED, 60)
+    sim.run(sim.now + 2 * DAY)
+    assert first.state.value == "cancelled" and "moved to another day" in first.closed_reason
+    assert case.final_notice_id != first.notice_id
+    cuts = trip_actions(sim)
+    assert len(cuts) == 1
+    assert c.calendar.day(int(cuts[0])) == c.calendar.day(int(c.notices[case.final_notice_id].params["planned_at"]))
+    assert_trip_was_legitimate(sim, c)

@@ -1005,6 +1005,7 @@ class Controller:
         not_before = max(eligible, notice.delivered_at + t.notice_lead_s)
         earliest = max(now, not_before)
         slot, block = self._plan(case, acct.area, not_before, now)
+        self._drop_reminder(case, now, slot)
         if slot is None:
             self._unplan(case)
             return self._wait(case, now, block)
@@ -1037,6 +1038,16 @@ class Controller:
             if blocked is not None:
                 return self._wait(case, now, blocked, CaseState.SCHEDULED)
         self._trip(case, acct, meters, now)
+
+    def _drop_reminder(self, case: TripCase, now: float, slot: float | None) -> None:
+        """A final reminder still being delivered for a cut that moved to another day (or off the plan) stops:
+        the customer is not told a time that no longer holds."""
+        r = self.notices.get(case.final_notice_id)
+        if r is None or not r.state.active:
+            return
+        if slot is None or self.calendar.day(int(r.params["planned_at"])) != self.calendar.day(int(slot)):
+            if self.notifier.cancel(r, now, "the cut it announced was moved to another day"):
+                self._touch(r)
 
     def _reminder_due(self, slot: float) -> float:
         t = self.cfg.trips
@@ -1113,7 +1124,9 @@ class Controller:
         due = self._reminder_due(slot)
         r = self.notices.get(case.final_notice_id)
         when = self._reminder_time(r)
-        usable = r is not None and (r.state.active or when is not None) and \
+        same_day = r is not None and self.calendar.day(int(r.params.get("planned_at", 0))) == \
+            self.calendar.day(int(slot))  # a reminder announced a cut on its day, not on another
+        usable = same_day and (r.state.active or when is not None) and \
             (when is None or now <= when + t.final_reminder_max_age_s)
         if not usable:
             if r is not None and r.state == NoticeState.EXHAUSTED and r.updated_at >= due:
