@@ -45,6 +45,7 @@ class CostControl:
         self.accounting = Accounting(store, policy)
         self.controller = self._load_controller(now)
         self.last_effects = Effects()
+        self._stale = False  # a failed transaction whose rebuild failed too: rebuild before any more work
 
     @property
     def engine(self) -> Engine:
@@ -56,13 +57,27 @@ class CostControl:
         state = self.store.control_state(now, self.config.keep_terminal_s,
                                          self.config.trips.notice_max_age_s + self.config.keep_terminal_s,
                                          c.calendar.day(int(now)).isoformat())
-        c.restore(**state)
+        c.restore(now, **state)
         return c
 
     def reload(self, now: float | None = None) -> None:
         """Rebuild the engine and the controller from the store (after a failed transaction)."""
         self.accounting.reload()
         self.controller = self._load_controller(now)
+
+    def _fresh(self, now: float) -> None:
+        """Never work on memory ahead of the store: a rebuild that failed is retried first (and raises)."""
+        if self._stale:
+            self.reload(now)
+            self._stale = False
+
+    def _rebuild_after_failure(self, now: float) -> None:
+        self._stale = True
+        try:
+            self.reload(now)
+            self._stale = False
+        except Exception:
+            log.exception("rebuilding from the store failed; the next call tries again before any work")
 
     # -- the one way effects are committed ---------------------------------------------------------
     def _flush(self, now: float) -> Effects:
@@ -83,21 +98,23 @@ class CostControl:
             self.controller.on_decisions(outcome.decisions, now, paid_at)
             self._flush(now)
 
+        self._fresh(now)
         try:
             return call(*args, then=then)
         except BaseException:
-            self.controller = self._load_controller(now)  # the engine was rebuilt by Accounting
+            self._rebuild_after_failure(now)
             raise
 
     def _control(self, work, now: float) -> Effects:
         """A controller input in one transaction; on failure both halves are rebuilt from the store."""
+        self._fresh(now)
         try:
             with self.store.transaction():
                 work()
                 return self._flush(now)
         except BaseException:
             log.exception("control transaction failed; rebuilding from the store")
-            self.reload(now)
+            self._rebuild_after_failure(now)
             raise
 
     # -- inputs -----------------------------------------------------------------------------------------
@@ -144,18 +161,18 @@ class CostControl:
         existing = self.store.command(f"manual:{key}:{meter_id}")
         if existing is not None:
             return existing  # the same request again, even after a restart: the same command
-        refused: list[AuthorityError] = []
+        outcome: list = []
 
         def work():
             try:
-                self.controller.manual(meter_id, action, operator, role, reason, key, now, mode)
-            except AuthorityError as exc:
-                refused.append(exc)
+                outcome.append(self.controller.manual(meter_id, action, operator, role, reason, key, now, mode))
+            except AuthorityError as exc:  # the refusal is audited: commit that, then raise
+                outcome.append(exc)
 
         self._control(work, now)
-        if refused:
-            raise refused[0]
-        return self.controller.commands[f"manual:{key}:{meter_id}"]
+        if isinstance(outcome[0], AuthorityError):
+            raise outcome[0]
+        return outcome[0]
 
     # -- the executor's side ------------------------------------------------------------------------------
     def steps(self, now: float) -> list[Step]:

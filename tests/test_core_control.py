@@ -10,7 +10,7 @@ from gateway.core.commands import CommandState, ReconnectMode, RelayAction, Rela
 from gateway.core.control import AuthorityError, CaseState, ControlConfig, SendResult
 from gateway.core.dispatch import DispatchPolicy, FieldStatus, FieldUpdate, OrderState
 from gateway.core.engine import DecisionKind as K
-from gateway.core.model import CustomerClass
+from gateway.core.model import CostControlMode, CustomerClass
 from gateway.core.notices import ReceiptOutcome
 from gateway.core.policy import AreaFlag, Forecast, Gate, TripPolicy, TripWindowPolicy
 
@@ -557,7 +557,8 @@ def test_a_relay_found_open_before_any_frame_is_not_ours():
     from gateway.core.commands import explain
     c = controller()
     sim = Sim(c, MONDAY, relays={"M0": FakeRelay(open_=True)})
-    c.observe_relays([("M0", RelayStatus(True, True, False))], MONDAY)  # the meter's own purse ran out
+    sim.relay("M0").commanded_open = False
+    c.observe_relays([("M0", RelayStatus(True, False, False))], MONDAY)  # the meter's own protection opened it
     case = _to_the_brink(c, sim)
     sim.run(sim.now + 60)
     trip = c.commands[case.command_ids[0]]
@@ -607,3 +608,166 @@ def test_a_final_reminder_announces_its_days_cut_only():
     assert len(cuts) == 1
     assert c.calendar.day(int(cuts[0])) == c.calendar.day(int(c.notices[case.final_notice_id].params["planned_at"]))
     assert_trip_was_legitimate(sim, c)
+
+
+# --------------------------------------------------------------------------- regressions from review
+
+
+def test_a_payment_after_a_trip_that_failed_without_a_verified_position_still_closes():
+    c = controller()
+    sim = Sim(c, MONDAY)
+    case = _to_the_brink(c, sim)
+    relay = sim.relay("M0")
+    relay.silent = True  # frames act (or not), nothing answers, reads fail: the trip fails unverified
+    sim.run(sim.now + 2 * 3600)
+    trip = c.commands[case.command_ids[0]]
+    assert trip.state == CommandState.FAILED and case.state == CaseState.FAILED
+    relay.silent, relay.open = False, True  # it had acted
+    c.on_decisions([decision(K.CANCEL_TRIP, seq=3, level=2, balance=800, t=sim.now)], sim.now)
+    sim.collect()
+    sim.run(sim.now + 60)
+    close = next(x for x in c.commands.values() if x.action == RelayAction.CLOSE)
+    assert close.state == CommandState.CONFIRMED and not relay.open
+
+
+def test_a_relay_seen_commanded_open_with_nothing_to_warrant_it_is_closed():
+    e = utility(1)
+    c = controller(e)
+    sim = Sim(c, MONDAY, relays={"M0": FakeRelay(open_=True)})
+    c.observe_relays([("M0", RelayStatus(True, True, False))], MONDAY)  # not in arrears, no command of anyone's
+    sim.collect()
+    sim.run(MONDAY + 60)
+    assert sim.of("relay_unwarranted_open") and not sim.relay("M0").open
+    # ...but not while the account is in arrears, nor a local-mode meter (its own purse opens it)
+    c2 = controller(utility(1, accounts={0: dataclasses.replace(account(0), mode=CostControlMode.LOCAL)}))
+    c2.observe_relays([("M0", RelayStatus(True, True, False))], MONDAY)
+    assert not [x for x in c2.commands.values()]
+
+
+def test_an_operators_trip_stays_after_a_payment_even_when_our_trip_found_it_open():
+    e = utility(1, meters_per_account=2)
+    c = controller(e)
+    sim = Sim(c, MONDAY)
+    c.manual("M0", RelayAction.TRIP, "wang", "supervisor", "tampering", "req-1", MONDAY)
+    sim.collect()
+    sim.run(MONDAY + 60)
+    case = _to_the_brink(c, sim)  # the account reaches the trip level: both meters get trip commands
+    sim.run(sim.now + 60)
+    trips = {c.commands[i].meter_id: c.commands[i] for i in case.command_ids}
+    assert trips["M0"].outcome == "already_open" and trips["M0-1"].outcome == "open"
+    c.on_decisions([decision(K.CLOSE, seq=3, balance=5000, t=sim.now)], sim.now)
+    sim.collect()
+    sim.run(sim.now + 60)
+    assert sim.relay("M0").open and not sim.relay("M0-1").open
+    assert [w["command_id"] for w in sim.of("close_withheld")] == ["manual:req-1:M0"]
+    from gateway.core.commands import explain
+    mine = sorted((x for x in c.commands.values() if x.meter_id == "M0"), key=lambda x: -x.created_at)
+    why = explain("M0", (1, sim.now, 1, 0), mine, [], c.fmt)
+    assert why.opened_by_gateway and why.actor == "wang" and "tampering" in why.summary
+
+
+def test_a_payment_cancels_disconnect_orders_and_a_superseded_close_takes_its_order_along():
+    c = controller(config=ControlConfig(dispatch=DispatchPolicy(trip_failure_orders=True)))
+    sim = Sim(c, MONDAY, relays={"M0": FakeRelay(stuck=True)})
+    _to_the_brink(c, sim)
+    sim.run(sim.now + 2 * 3600)
+    order = next(iter(c.orders.values()))
+    assert order.kind.value == "disconnect" and order.state == OrderState.OPEN
+    c.on_decisions([decision(K.CANCEL_TRIP, seq=3, level=2, balance=800, t=sim.now)], sim.now)
+    sim.collect()
+    assert order.state == OrderState.CANCELLED and order.note == "the customer paid"
+    # a reconnect order goes when its close is superseded (an operator trips the meter instead)
+    c2, sim2 = paid_while_open(FakeRelay(open_=True, stuck=True))
+    sim2.run(MONDAY + 3600)
+    order = next(iter(c2.orders.values()))
+    c2.manual("M0", RelayAction.TRIP, "wang", "supervisor", "meter to be replaced", "req-9", sim2.now)
+    assert order.state == OrderState.CANCELLED and "superseded by manual:req-9:M0" in order.note
+
+
+def test_a_partial_payment_above_the_trip_level_holds_the_cut_without_reminders():
+    c = controller()
+    sim = Sim(c, MONDAY)
+    _to_the_brink(c, sim)
+    balances = {"A0": (200, 0)}  # paid a little: above the trip level, still in the trip band (hysteresis)
+    c.dir.balance_and_level = lambda a: balances.get(a, (-5, 0))
+    sim.balances["M0"] = balances["A0"]
+    reminders_before = len([n for n in sim.notices.values() if n.purpose.value == "final_reminder"])
+    sim.run(sim.now + 5 * DAY)
+    assert trip_actions(sim) == []
+    assert len([e for e in sim.of("relay_requested") if e["action"] == "trip"]) == 1
+    assert len([n for n in sim.notices.values() if n.purpose.value == "final_reminder"]) == reminders_before
+    assert c.cases["A0#2"].gate == "balance"
+    balances["A0"] = sim.balances["M0"] = (-50, 0)  # used up again
+    sim.run(sim.now + 3 * DAY)
+    assert len(trip_actions(sim)) == 1
+    assert_trip_was_legitimate(sim, c)
+
+
+def test_customers_no_channel_reaches_are_never_stuck_and_never_tripped():
+    for contacts, channels, address in (({"email": "a@b.cn"}, ("email",), "1 Main St"), ({}, (), "")):
+        acct = dataclasses.replace(account(0, channels=channels, contacts=contacts), address=address)
+        c = controller(utility(1, accounts={0: acct}))
+        sim = Sim(c, MONDAY)
+        c.on_decisions([decision(K.TRIP)], MONDAY)
+        sim.collect()
+        sim.run(MONDAY + 20 * DAY)
+        case = c.cases["A0#1"]
+        assert trip_actions(sim) == []
+        assert case.state.active and case.next_check_at is not None and case.next_check_at > MONDAY + 19 * DAY
+        ids = [n["notice_id"] for n in sim.of("notice_exhausted")]
+        assert len(ids) == len(set(ids)) >= 10  # retried every day, every notice its own id
+
+
+def test_second_failed_visit_counts():
+    c, sim = paid_while_open(FakeRelay(open_=True, stuck=True))
+    sim.run(MONDAY + 3600)
+    o = next(iter(c.orders.values()))
+    for i in range(2):
+        c.on_field_updates([FieldUpdate(f"f{i}", o.order_id, FieldStatus.FAILED, sim.now + i, "crew-1", "no access")],
+                           sim.now + i)
+    assert o.visits == 2 and o.state == OrderState.FAILED
+
+
+def test_an_operator_joining_a_close_underway_gets_that_command_and_a_manual_close_stops_the_notices():
+    c, sim = paid_while_open(FakeRelay(open_=True, stuck=True))
+    sim.run(MONDAY + 600)
+    engine_close = next(x for x in c.commands.values() if x.action == RelayAction.CLOSE)
+    joined = c.manual("M0", RelayAction.CLOSE, "li", "operator", "customer called: still off", "call-77", sim.now)
+    assert joined is engine_close
+    assert any(a.action == "manual_close_joined" for a in c.take_effects().audit)
+    c2 = controller()
+    c2.on_decisions([decision(K.TRIP)], MONDAY)
+    pending = [n for n in c2.notices.values() if n.state.active]
+    assert pending
+    c2.manual("M0", RelayAction.CLOSE, "li", "operator", "hardship", "k1", MONDAY + 60)
+    assert all(not n.state.active for n in pending)
+
+
+def test_a_command_found_sending_after_a_restart_gets_the_settle_time_to_show_its_position():
+    c = controller()
+    cmd = c.manual("M0", RelayAction.TRIP, "wang", "supervisor", "test", "req-1", MONDAY)
+    c.authorize(cmd.command_id, MONDAY)
+    assert cmd.state == CommandState.SENDING
+    again = controller()
+    again.restore(MONDAY + 1, [], [], [dataclasses.replace(cmd)], [], {}, [], [])
+    recovered = again.commands[cmd.command_id]
+    assert recovered.state == CommandState.VERIFYING and recovered.verify_until == MONDAY + 1 + 5.0
+    step = again.steps(MONDAY + 1)[0]
+    again.on_read_result(step, MONDAY + 1, RelayStatus(False, True, False))  # still moving
+    assert recovered.state == CommandState.VERIFYING
+    again.on_read_result(again.steps(MONDAY + 2)[0], MONDAY + 2, RelayStatus(True, True, False))
+    assert recovered.state == CommandState.CONFIRMED and recovered.attempts == 1
+
+
+def test_a_read_the_command_no_longer_waits_for_changes_nothing():
+    c, sim = paid_while_open(FakeRelay(open_=True, stuck=True))
+    step = c.steps(MONDAY)[0]
+    close = c.commands[step.subject_id]
+    c.authorize(close.command_id, MONDAY)
+    c.on_send_result(close.command_id, MONDAY, SendResult.ACKNOWLEDGED)
+    read = c.steps(MONDAY + 1)[0]
+    c.on_read_result(read, MONDAY + 6, RelayStatus(True, False, False))  # settle time up: failed, backing off
+    assert close.state == CommandState.RETRY_WAIT
+    nxt = close.next_at
+    c.on_read_result(read, MONDAY + 7, RelayStatus(True, False, False))  # the same read step, again
+    assert close.state == CommandState.RETRY_WAIT and close.next_at == nxt

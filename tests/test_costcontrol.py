@@ -145,3 +145,25 @@ def test_manual_refusals_are_audited_and_why_explains_the_meter(store_url):
     actions = [a[4] for a in cc.store.audit_log("M1")]
     assert actions == ["manual_trip_refused", "relay_trip_requested", "relay_trip_sent", "relay_trip_confirmed"]
     cc.store.close()
+
+
+def test_a_rebuild_that_fails_is_retried_before_any_more_work(store_url, monkeypatch):
+    cc = setup(store_url)
+    cc.ingest_readings(regs(cc, [("M0", MONDAY - HOUR, 0)]), MONDAY - HOUR)
+    cc.ingest_readings(regs(cc, [("M0", MONDAY, 10)]), MONDAY, relays=[("M0", RelayStatus(True, True))])
+    real_reload, real_write = cc.accounting.reload, cc.store.write_effects
+
+    def fail(*a, **k):
+        raise RuntimeError("connection lost")
+
+    monkeypatch.setattr(cc.store, "write_effects", fail)
+    monkeypatch.setattr(cc.accounting, "reload", fail)
+    with pytest.raises(RuntimeError):
+        cc.ingest_credits([Payment("p1", "A0", 5000, MONDAY + 100)], MONDAY + 120)
+    assert cc._stale  # memory may be ahead of the store: nothing more until it is rebuilt
+    monkeypatch.setattr(cc.store, "write_effects", real_write)
+    monkeypatch.setattr(cc.accounting, "reload", real_reload)
+    r = cc.ingest_credits([Payment("p1", "A0", 5000, MONDAY + 100)], MONDAY + 130)
+    assert not cc._stale and [d.kind.value for d in r.decisions] == ["close_request"]
+    assert len([c for c in cc.controller.commands.values() if c.action == RelayAction.CLOSE]) == 1
+    cc.store.close()

@@ -19,7 +19,7 @@ from gateway.store import open_store
 from simulators.dlt645 import SimBus, SimMeter, serve_tcp
 
 ROOT = Path(__file__).resolve().parent.parent
-STEPS = 8
+STEPS = 6
 pytestmark = pytest.mark.slow
 
 
@@ -48,7 +48,9 @@ async def kill(p: asyncio.subprocess.Process) -> None:
 
 
 async def test_killed_mid_command_no_relay_action_is_lost_or_repeated(store_url):
-    meter = SimMeter("000000000001", relay_delay_s=0.3)
+    # the contact takes longer to move than the gateway takes to restart: a read right after the restart still
+    # sees the old position, and only waiting out the settle time tells the frame acted
+    meter = SimMeter("000000000001", relay_delay_s=1.0)
     server = await serve_tcp(SimBus.of([meter], clock=local_naive(SystemClock()), turnaround_s=0.0))
     port = server.sockets[0].getsockname()[1]
     try:
@@ -64,7 +66,7 @@ async def test_killed_mid_command_no_relay_action_is_lost_or_repeated(store_url)
         assert [a for _, a, _ in meter.relay_log] == ["trip"]
         # 3. killed at random moments while commands come and go
         rng = random.Random(4)
-        for _ in range(4):
+        for _ in range(3):
             p = await spawn(store_url, port, "none")
             await asyncio.sleep(rng.uniform(0.4, 1.5))
             await kill(p)

@@ -97,7 +97,7 @@ class RetryPolicy:
         if self.max_attempts < 1:
             raise PolicyError(f"{what}.max_attempts must be at least 1")
         for name in ("max_elapsed_s", "backoff_s", "backoff_max_s", "settle_s", "verify_every_s", "ttl_s",
-                     "dispatched_retry_s"):
+                     "dispatched_retry_s", "frame_validity_s"):
             if getattr(self, name) <= 0:
                 raise PolicyError(f"{what}.{name} must be positive")
         if not 0 <= self.jitter < 1:
@@ -387,10 +387,12 @@ def explain(meter_id: str, relay_row: tuple | None, commands: list[Command], ord
         return RelayExplanation(meter_id, "closed", at, None, keep_power=keep, pending=pending, order=order,
                                 summary=f"closed (verified {fmt(at)})" + (", keep-power on" if keep else "") + tail)
     confirmed = [c for c in commands if c.state == CommandState.CONFIRMED]
-    last = confirmed[0] if confirmed else None
+    acted = sorted((c for c in confirmed if not c.outcome.startswith("already_")),  # found it there: did nothing
+                   key=lambda c: c.confirmed_at or 0, reverse=True)
+    last = acted[0] if acted else None
     waiting = last is not None and last.action == RelayAction.CLOSE and last.outcome == "close_allowed"
-    trip = next((c for c in confirmed if c.action == RelayAction.TRIP), None) if waiting else last
-    if trip is not None and trip.action == RelayAction.TRIP and trip.outcome == "open":
+    trip = next((c for c in acted if c.action == RelayAction.TRIP), None) if waiting else last
+    if trip is not None and trip.action == RelayAction.TRIP:
         who = "the balance engine" if trip.actor == "engine" else f"operator {trip.actor} ({trip.role})"
         summary = f"opened by {who} with command {trip.command_id} at {fmt(trip.confirmed_at)}: {trip.reason}"
         if waiting:
@@ -399,10 +401,10 @@ def explain(meter_id: str, relay_row: tuple | None, commands: list[Command], ord
         return RelayExplanation(meter_id, "open", at, True, trip.command_id, trip.actor, trip.role, trip.reason,
                                 trip.confirmed_at, keep, waiting, pending, order, summary + tail)
     summary = "not opened by the gateway: a fault, tampering or the meter's own protection, not arrears"
-    if last is not None and last.action == RelayAction.TRIP and last.outcome == "already_open":
-        summary = (f"not opened by the gateway: it was already open when trip command {last.command_id} came "
+    found = next((c for c in confirmed if c.outcome == "already_open"), None)
+    if found is not None and (last is None or (found.confirmed_at or 0) > (last.confirmed_at or 0)):
+        summary = (f"not opened by the gateway: it was already open when trip command {found.command_id} came "
                    f"(the meter's own prepaid purse or protection)")
-        last = None
     if commanded:
         summary += " (the meter says it was commanded open: its own prepaid purse, or another system)"
     if last is not None:

@@ -35,7 +35,7 @@ from .commands import (
 )
 from .dispatch import DispatchPolicy, Dispatcher, FieldUpdate, OrderKind, OrderState, WorkOrder
 from .engine import Decision, DecisionKind
-from .model import Account, Meter, RelayStateChanged
+from .model import Account, CostControlMode, Meter, RelayStateChanged
 from .notices import (
     DISCONNECT_NOTICES,
     Notice,
@@ -99,11 +99,15 @@ class ControlConfig:
     calendar: CalendarPolicy = field(default_factory=CalendarPolicy)
     final_reminder_margin_s: int = 900  # the reminder is requested this long before it is needed
     notice_retry_s: int = 24 * 3600  # after every channel failed, a new notice of disconnection this much later
+    balance_recheck_s: int = 3600  # a case held by a balance above the trip level is looked at again this often
     keep_terminal_s: int = 24 * 3600  # finished commands and cases stay in memory this long (the store keeps all)
 
     def __post_init__(self) -> None:
-        if self.final_reminder_margin_s < 0 or self.notice_retry_s <= 0 or self.keep_terminal_s <= 0:
-            raise PolicyError("final_reminder_margin_s must be >= 0; notice_retry_s and keep_terminal_s > 0")
+        if self.final_reminder_margin_s < 0:
+            raise PolicyError("final_reminder_margin_s must not be negative")
+        for name in ("notice_retry_s", "balance_recheck_s", "keep_terminal_s"):
+            if getattr(self, name) <= 0:
+                raise PolicyError(f"{name} must be positive")
 
 
 class Directory(Protocol):
@@ -114,6 +118,10 @@ class Directory(Protocol):
     def meter(self, meter_id: str) -> Meter: ...
 
     def meters_of_account(self, account_id: str) -> list[Meter]: ...
+
+    def balance_and_level(self, account_id: str) -> tuple[int, int]: ...  # balance and trip level, fen
+
+    def in_trip_band(self, account_id: str) -> bool: ...
 
 
 # --------------------------------------------------------------------------- outputs
@@ -233,6 +241,7 @@ class TripCase:
     final_notice_id: str = ""
     command_ids: list = field(default_factory=list)
     rounds: int = 0  # times trip commands were made (a gate at send time sends the case back to planning)
+    notices_made: int = 0  # notices this case asked for (their ids count on from here, never reused)
     closed_at: float | None = None
     closed_reason: str = ""
     updated_at: float = 0.0
@@ -266,7 +275,7 @@ class Controller:
 
     # ------------------------------------------------------------------ restore and effects
 
-    def restore(self, notices: list[Notice], cases: list[TripCase], commands: list[Command],
+    def restore(self, now: float, notices: list[Notice], cases: list[TripCase], commands: list[Command],
                 orders: list[WorkOrder], relays: dict[str, RelayStatus], flags: list[AreaFlag],
                 forecasts: list[Forecast]) -> None:
         """Load what the store says after a restart (active entities and the recent ones the gates need)."""
@@ -278,7 +287,8 @@ class Controller:
             if c.state == CommandState.SENDING:
                 # the gateway stopped between committing SENDING and hearing back: the frame may have gone out,
                 # so read the relay before anything is sent again
-                c.state, c.next_at, c.verify_until = CommandState.VERIFYING, c.updated_at, c.updated_at
+                settle = self.machine.policy.for_action(c.action).settle_s
+                c.state, c.next_at, c.verify_until = CommandState.VERIFYING, now, now + settle
                 c.last_error = "the gateway restarted while sending: outcome unknown, reading back"
             self._add_command(c)
         for o in orders:
@@ -311,8 +321,9 @@ class Controller:
             self._fx.orders[obj.order_id] = obj
 
     def _add_notice(self, n: Notice) -> None:
+        if n.notice_id not in self.notices:
+            self._notices_of.setdefault(n.account_id, []).append(n.notice_id)
         self.notices[n.notice_id] = n
-        self._notices_of.setdefault(n.account_id, []).append(n.notice_id)
 
     def _add_case(self, c: TripCase) -> None:
         self.cases[c.case_id] = c
@@ -322,8 +333,9 @@ class Controller:
             self._plans.setdefault((self._area(c.account_id), c.plan_day), {})[c.case_id] = c.planned_at
 
     def _add_command(self, c: Command) -> None:
+        if c.command_id not in self.commands:
+            self._commands_of.setdefault(c.meter_id, []).append(c.command_id)
         self.commands[c.command_id] = c
-        self._commands_of.setdefault(c.meter_id, []).append(c.command_id)
 
     def _area(self, account_id: str) -> str:
         return self.dir.account(account_id).area
@@ -371,28 +383,22 @@ class Controller:
         self._evaluate(case, now)
 
     def _recover(self, d: Decision, now: float, paid_at: float | None) -> None:
-        """Arrears cleared: cancel the case, its notices and every trip not yet in flight; close what is open or
-        may be (a trip in flight cannot be recalled: the close follows it, ahead of everything else)."""
+        """Arrears cleared: cancel the case, its notices, every trip of ours not yet in flight and every
+        disconnect order; close what is open or may be (a trip in flight cannot be recalled: the close follows
+        it, ahead of everything else; a trip that got no answer may have acted: the close reads back first)."""
         why = f"arrears cleared: balance {d.balance_fen} fen ({d.reason})"
         case_id = self._case_of.get(d.account_id)
         if case_id:
             self._close_case(self.cases[case_id], now, CaseState.CANCELLED, why)
-        for nid in self._notices_of.get(d.account_id, []):
-            n = self.notices[nid]
-            if n.purpose in (NoticePurpose.DISCONNECT, NoticePurpose.FINAL_REMINDER) and \
-                    self.notifier.cancel(n, now, why):
-                self._touch(n)
+        self._cancel_disconnect_notices(d.account_id, now, why)
         paid = paid_at if paid_at is not None else d.at
         for meter in self.dir.meters_of_account(d.account_id):
-            maybe_open = False  # a trip of ours may have acted without our knowing (in flight, or no answer)
-            for c in self._active_commands(meter.meter_id):
-                if c.action != RelayAction.TRIP or c.actor != ENGINE:
-                    continue  # an operator's trip (tampering, safety) is not undone by a payment
-                if c.state.in_flight:
-                    maybe_open = True
-                elif self.machine.cancel(c, now, why):
-                    maybe_open = maybe_open or c.attempts > 0
-                    self._command_changed(c, now, "relay_cancelled")
+            maybe_open = self._cancel_engine_trips(meter.meter_id, now, why)
+            for o in self.orders.values():
+                if o.meter_id == meter.meter_id and o.kind == OrderKind.DISCONNECT and \
+                        self.dispatcher.cancel(o, now, "the customer paid"):
+                    self._touch(o)
+                    self._emit("field_order_cancelled", o.meter_id, now, order_id=o.order_id, reason=o.note)
             status = self.relays.get(meter.meter_id)
             is_open = status is not None and status.open
             if not (maybe_open or is_open):
@@ -404,24 +410,57 @@ class Controller:
                            command_id=held.command_id, actor=held.actor, reason=held.reason,
                            detail="the relay was opened by an operator; a manual close is needed")
                 continue
-            self._submit(self._close_command(meter, d, now, paid, readback_first=not is_open), now)
+            self._submit(self._close_command(meter, d.account_id, d.decision_id, f"arrears cleared: balance "
+                                             f"{d.balance_fen} fen", now, paid, readback_first=not is_open), now)
+
+    def _cancel_disconnect_notices(self, account_id: str, now: float, why: str) -> None:
+        for nid in self._notices_of.get(account_id, []):
+            n = self.notices[nid]
+            if n.purpose in (NoticePurpose.DISCONNECT, NoticePurpose.FINAL_REMINDER) and self.notifier.cancel(n, now, why):
+                self._touch(n)
+
+    def _cancel_engine_trips(self, meter_id: str, now: float, why: str) -> bool:
+        """Cancel our trips of this meter not yet in flight; True if one of them may have opened the relay
+        (in flight, or sent without a verified outcome since the last close we confirmed)."""
+        mine = [self.commands[i] for i in self._commands_of.get(meter_id, ())
+                if self.commands[i].action == RelayAction.TRIP and self.commands[i].actor == ENGINE]
+        last_close = max((c.confirmed_at or 0 for c in self._acted(meter_id) if c.action == RelayAction.CLOSE),
+                         default=0)
+        maybe_open = False
+        for c in mine:
+            if c.state.in_flight:
+                maybe_open = True
+            elif c.state.active:
+                if self.machine.cancel(c, now, why):
+                    maybe_open = maybe_open or c.attempts > 0
+                    self._command_changed(c, now, "relay_cancelled")
+            elif c.state != CommandState.CONFIRMED and c.attempts > 0 and c.created_at > last_close:
+                maybe_open = True  # sent, failed or stopped without a verified position
+        return maybe_open
+
+    def _acted(self, meter_id: str) -> list[Command]:
+        """Confirmed commands of the meter that moved (or set) its relay, newest first; a command confirmed by
+        finding the relay already where it wanted it did nothing."""
+        out = [self.commands[i] for i in self._commands_of.get(meter_id, ())
+               if self.commands[i].state == CommandState.CONFIRMED
+               and not self.commands[i].outcome.startswith("already_")]
+        return sorted(out, key=lambda c: c.confirmed_at or 0, reverse=True)
 
     def _opened_by_operator(self, meter_id: str) -> Command | None:
-        """The operator's trip that opened this meter's relay, if its latest confirmed command is one."""
-        confirmed = [self.commands[i] for i in self._commands_of.get(meter_id, ())
-                     if self.commands[i].state == CommandState.CONFIRMED]
-        last = max(confirmed, key=lambda c: c.confirmed_at or 0, default=None)
-        if last is not None and last.action == RelayAction.TRIP and last.actor != ENGINE \
-                and last.outcome == "open":
+        """The operator's trip that opened this meter's relay, if the last command that acted is one."""
+        acted = self._acted(meter_id)
+        last = acted[0] if acted else None
+        if last is not None and last.action == RelayAction.TRIP and last.actor != ENGINE:
             return last
         return None
 
-    def _close_command(self, meter: Meter, d: Decision, now: float, paid: float, readback_first: bool) -> Command:
+    def _close_command(self, meter: Meter, account_id: str, origin: str, reason: str, now: float, paid: float,
+                       readback_first: bool) -> Command:
         p = self.cfg.commands.close
-        return Command(f"close:{d.decision_id}:{meter.meter_id}", meter.meter_id, d.account_id, RelayAction.CLOSE,
-                       ENGINE, ENGINE, f"arrears cleared: balance {d.balance_fen} fen", d.decision_id, now,
-                       now + p.ttl_s, mode=ReconnectMode(meter.reconnect_mode), readback_first=readback_first,
-                       payment_at=paid, deadline_at=paid + self.cfg.dispatch.reconnect_deadline_s, updated_at=now)
+        return Command(f"close:{origin}:{meter.meter_id}", meter.meter_id, account_id, RelayAction.CLOSE,
+                       ENGINE, ENGINE, reason, origin, now, now + p.ttl_s, mode=ReconnectMode(meter.reconnect_mode),
+                       readback_first=readback_first, payment_at=paid,
+                       deadline_at=paid + self.cfg.dispatch.reconnect_deadline_s, updated_at=now)
 
     # ------------------------------------------------------------------ inputs: the world
 
@@ -482,6 +521,23 @@ class Controller:
                     self._on_confirmed(c, now, via="poll")
             if old is not None and old.keep_power and not status.keep_power:
                 self._reevaluate_meter_account(meter_id, now)
+            if status.open and status.commanded_open and not (old is not None and old.open):
+                self._close_unwarranted(meter_id, now)
+
+    def _close_unwarranted(self, meter_id: str, now: float) -> None:
+        """A relay newly seen commanded open on a remote-mode account that is not in arrears, that no operator
+        opened and no command is working on: nothing warrants it (a trip of ours that acted unseen, before the
+        customer paid), so it is closed. Local-mode meters open themselves on an empty purse: left to the
+        engine's decisions."""
+        meter = self.dir.meter(meter_id)
+        acct = self.dir.account(meter.account_id)
+        if acct.mode != CostControlMode.REMOTE or self.dir.in_trip_band(acct.account_id) or \
+                self._active_commands(meter_id) or self._opened_by_operator(meter_id) is not None:
+            return
+        origin = f"poll-{int(now)}"
+        c = self._submit(self._close_command(meter, acct.account_id, origin, "relay found commanded open while the "
+                                             "account is not in arrears", now, now, readback_first=False), now)
+        self._emit("relay_unwarranted_open", meter_id, now, account_id=acct.account_id, command_id=c.command_id)
 
     def set_area_flag(self, flag: AreaFlag, now: float) -> None:
         self.conditions.flags[(flag.area, flag.flag)] = flag
@@ -542,10 +598,15 @@ class Controller:
         if action == RelayAction.CLOSE:
             c.payment_at, c.deadline_at = now, now + self.cfg.dispatch.reconnect_deadline_s
             case_id = self._case_of.get(acct.account_id)
+            why = f"operator {operator} closed the relay manually: {reason}"
             if case_id:  # an operator who closes wants the customer on: the automatic case ends here
-                self._close_case(self.cases[case_id], now, CaseState.CANCELLED,
-                                 f"operator {operator} closed the relay manually: {reason}")
-        return self._submit(c, now)
+                self._close_case(self.cases[case_id], now, CaseState.CANCELLED, why)
+            self._cancel_disconnect_notices(acct.account_id, now, why)
+        made = self._submit(c, now)
+        if made is not c:  # the same action is already underway: the request joins it
+            self._audit(now, operator, role, f"manual_{action.value}_joined", meter_id, reason, request=key,
+                        command_id=made.command_id)
+        return made
 
     # ------------------------------------------------------------------ commands
 
@@ -558,7 +619,10 @@ class Controller:
         if c.command_id in self.commands:
             return self.commands[c.command_id]
         for other in self._active_commands(c.meter_id):
-            if other.action == c.action:
+            # an operator's trip takes over from one of ours still waiting (the gates of arrears are not theirs);
+            # otherwise the same action already underway stands
+            takes_over = c.action == RelayAction.TRIP and c.actor != ENGINE and other.actor == ENGINE
+            if other.action == c.action and (not takes_over or other.state.in_flight):
                 return other
             if self.machine.cancel(other, now, f"superseded by {c.command_id}", c.command_id):
                 self._command_changed(other, now, "relay_cancelled")
@@ -579,6 +643,10 @@ class Controller:
     def _command_changed(self, c: Command, now: float, kind: str) -> None:
         self._touch(c)
         self._emit(kind, c.meter_id, now, **self._command_payload(c))
+        o = self.orders.get(c.order_id) if c.order_id else None
+        if kind == "relay_cancelled" and o is not None and self.dispatcher.cancel(o, now, f"command {c.outcome}"):
+            self._touch(o)  # superseded or stopped: the crew is not sent for it
+            self._emit("field_order_cancelled", o.meter_id, now, order_id=o.order_id, reason=o.note)
 
     def steps(self, now: float) -> list[Step]:
         """Executor work due now, most urgent first. Commands of one meter run one at a time."""
@@ -599,14 +667,22 @@ class Controller:
     def _busy_meters(self) -> set[str]:
         return {c.meter_id for c in self.commands.values() if c.state.in_flight}
 
-    def next_wakeup(self) -> float | None:
-        """The earliest instant at which anything here is due (commands, notices, cases, orders)."""
+    def next_step_at(self) -> float | None:
+        """When the executor has work next: a command or a completed order's read, on a meter free to take it
+        (time's other work, notices and gates, is the ticker's)."""
         busy = self._busy_meters()
         times = [c.next_at for c in self.commands.values() if c.state.active and c.next_at is not None
-                 and (c.state.in_flight or c.meter_id not in busy)]  # waiting behind a command in flight
+                 and (c.state.in_flight or c.meter_id not in busy)]
+        times += [o.verify_next_at for o in self.orders.values()
+                  if o.verify_next_at is not None and o.meter_id not in busy]
+        return min(times) if times else None
+
+    def next_wakeup(self) -> float | None:
+        """The earliest instant at which anything here is due (commands, notices, cases, orders)."""
+        step = self.next_step_at()
+        times = [step] if step is not None else []
         times += [n.due_at for n in self.notices.values() if n.state.active and n.due_at is not None]
         times += [c.next_check_at for c in self.cases.values() if c.state.active and c.next_check_at is not None]
-        times += [o.verify_next_at for o in self.orders.values() if o.verify_next_at is not None]
         for o in self.orders.values():
             if o.state.active and o.escalation < 2:
                 times.append(o.deadline_at - (self.cfg.dispatch.escalate_before_s if o.escalation == 0 else 0))
@@ -691,8 +767,8 @@ class Controller:
             self._order_read(self.orders[step.subject_id], now, status)
             return
         c = self.commands[step.subject_id]
-        if not c.state.active:
-            return
+        if not c.state.active or (c.state != CommandState.VERIFYING and not c.readback_first):
+            return  # a read this command no longer waits for (it moved on meanwhile): its position is noted above
         if status is None:
             result = self.machine.on_read_failed(c, now, why)
         else:
@@ -965,7 +1041,10 @@ class Controller:
 
     def _wait(self, case: TripCase, now: float, block: Block, state: CaseState = CaseState.WAITING) -> None:
         changed = (case.gate, case.state) != (block.gate.value, state)
-        case.state, case.gate, case.gate_reason, case.next_check_at = state, block.gate.value, block.reason, block.retry_at
+        retry = block.retry_at
+        if retry is None and block.gate not in (Gate.KEEP_POWER, Gate.WEATHER):
+            retry = now + self.cfg.balance_recheck_s  # nothing else would wake it: never wait on nothing
+        case.state, case.gate, case.gate_reason, case.next_check_at = state, block.gate.value, block.reason, retry
         case.updated_at = now
         self._touch(case)
         if changed:  # one event per gate met, not one per look
@@ -996,6 +1075,14 @@ class Controller:
             self._unplan(case)
             return self._wait(case, now, Block(Gate.KEEP_POWER, f"meter(s) {', '.join(kp)} in keep-power (保电): "
                                                                 f"the meter refuses trips"), CaseState.BLOCKED)
+        balance, level = self.dir.balance_and_level(acct.account_id)
+        if balance > level:
+            # a partial payment put the balance above the trip level without leaving the trip band (hysteresis):
+            # no cut, no reminder; looked at again until the balance is at the trip level again
+            self._unplan(case)
+            self._drop_reminder(case, now, None)
+            return self._wait(case, now, Block(Gate.BALANCE, f"balance {balance} fen is above the trip level "
+                                                             f"{level} fen", now + self.cfg.balance_recheck_s))
         eligible = case.opened_at + t.grace_for(acct.customer_class)
         if now < eligible:
             return self._wait(case, now, Block(Gate.GRACE, f"grace period until {self.fmt(eligible)}", eligible))
@@ -1069,10 +1156,15 @@ class Controller:
             return self._wait(case, now, Block(Gate.NOTICE, f"no channel confirmed the notice of disconnection "
                                                             f"{last.notice_id}; a new one at {self.fmt(retry)}", retry),
                               CaseState.BLOCKED)
-        k = sum(1 for i in self._notices_of.get(acct.account_id, ()) if i.startswith(f"{case.case_id}/disconnect/"))
-        n = self._new_notice(acct.account_id, NoticePurpose.DISCONNECT, f"{case.case_id}/disconnect/{k + 1}", now,
-                             {"balance_fen": case.balance_fen})
+        case.notices_made += 1
+        n = self._new_notice(acct.account_id, NoticePurpose.DISCONNECT,
+                             f"{case.case_id}/disconnect/{case.notices_made}", now, {"balance_fen": case.balance_fen})
         case.notice_id = n.notice_id
+        if n.state == NoticeState.EXHAUSTED:  # no channel at all reaches this customer (no contact, no address)
+            retry = now + self.cfg.notice_retry_s
+            return self._wait(case, now, Block(Gate.NOTICE, f"no channel can reach the customer ({n.closed_reason}); "
+                                                            f"tried again at {self.fmt(retry)}", retry),
+                              CaseState.BLOCKED)
         why = "the last confirmed notice would be stale at the cut; a fresh one requested" if stale else \
             "no confirmed notice; the notice of disconnection requested"
         self._wait(case, now, Block(Gate.NOTICE, why, n.due_at))
@@ -1134,10 +1226,16 @@ class Controller:
                 self._unplan(case)
                 nxt = self.calendar.at(self.calendar.day(int(now)) + timedelta(days=1), 0)
                 return Block(Gate.FINAL_REMINDER, "no channel confirmed the final reminder; re-planned", nxt)
-            k = sum(1 for i in self._notices_of.get(acct.account_id, ()) if i.startswith(f"{case.case_id}/final/"))
-            r = self._new_notice(acct.account_id, NoticePurpose.FINAL_REMINDER, f"{case.case_id}/final/{k + 1}",
-                                 now, {"planned_at": slot, "balance_fen": case.balance_fen})
+            case.notices_made += 1
+            r = self._new_notice(acct.account_id, NoticePurpose.FINAL_REMINDER,
+                                 f"{case.case_id}/final/{case.notices_made}", now,
+                                 {"planned_at": slot, "balance_fen": case.balance_fen})
             case.final_notice_id = r.notice_id
+            if r.state == NoticeState.EXHAUSTED:  # no fast channel reaches this customer
+                self._unplan(case)
+                nxt = self.calendar.at(self.calendar.day(int(now)) + timedelta(days=1), 0)
+                return Block(Gate.FINAL_REMINDER, f"no fast channel can reach the customer for the final reminder "
+                                                  f"({r.closed_reason}); re-planned", nxt)
             when = self._reminder_time(r)
         if when is None:
             return Block(Gate.FINAL_REMINDER, f"waiting for the final reminder {r.notice_id} to be confirmed",

@@ -128,7 +128,7 @@ class Dispatcher:
         new = OrderState(u.status.value)
         if new != OrderState.FAILED and o.state != OrderState.FAILED and _RANK[new] < _RANK[o.state]:
             return "stale"
-        if new == o.state:
+        if new == o.state and new != OrderState.FAILED:  # another failed visit is news, not a repeat
             return "stale"
         o.state = new
         o.crew = u.crew or o.crew

@@ -249,6 +249,13 @@ class Engine:
     def balance_of(self, account_id: str) -> int:
         return int(self.balance(np.array([self.account_no[account_id]]))[0])
 
+    def balance_and_level(self, account_id: str) -> tuple[int, int]:
+        """The account's balance and its trip level (fen), as this engine sees them."""
+        return self.balance_of(account_id), int(self.levels.trip[self.account_no[account_id]])
+
+    def in_trip_band(self, account_id: str) -> bool:
+        return int(self.state[self.account_no[account_id]]) == TRIP
+
     def fresh_balance(self, account_id: str, committed_credits_fen: int) -> tuple[int, int]:
         """``(balance, trip level)`` with the credits the store holds now, which include payments committed
         after this engine last looked (by anyone): the check at the moment of sending a trip."""

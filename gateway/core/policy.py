@@ -297,9 +297,11 @@ class TripPolicy:
     weather: WeatherPolicy = field(default_factory=WeatherPolicy)
 
     def __post_init__(self) -> None:
-        for name in ("notice_lead_s", "final_reminder_s", "trip_command_ttl_s"):
+        for name in ("notice_lead_s", "final_reminder_s"):
             if getattr(self, name) < 0:
                 raise PolicyError(f"{name} must not be negative")
+        if self.trip_command_ttl_s <= 0:
+            raise PolicyError("trip_command_ttl_s must be positive: a command that expires at once is never sent")
         if self.notice_max_age_s <= self.notice_lead_s + self.renotice_before_s:
             raise PolicyError("notice_max_age_s must exceed notice_lead_s + renotice_before_s, "
                               "or a fresh notice would be stale before the cut")

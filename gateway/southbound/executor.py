@@ -54,8 +54,11 @@ class CommandExecutor:
         """Perform every step due now; buses in parallel, one step at a time on each. Returns steps done."""
         due = await self._due(None)
         buses = sorted({self.bus_of(s.meter_id) for s in due})
-        done = await asyncio.gather(*(self._drain_bus(bus) for bus in buses))
-        return sum(done)
+        done = await asyncio.gather(*(self._drain_bus(bus) for bus in buses), return_exceptions=True)
+        for bus, result in zip(buses, done):
+            if isinstance(result, BaseException):
+                log.error("bus %s: executor pass failed: %r", bus, result)
+        return sum(d for d in done if isinstance(d, int))
 
     async def _drain_bus(self, bus: str) -> int:
         n = 0
@@ -98,29 +101,36 @@ class CommandExecutor:
                 result, detail, errors = SendResult.REFUSED, str(exc), exc.errors
                 try:  # why? keep-power is a gate, anything else a refusal
                     status = await driver.read(step.meter_id)
-                except RelayDriverError:
+                except Exception:
                     status = None
+            except Exception as exc:  # whatever went wrong, the frame may have gone out: read back before more
+                log.exception("meter %s: sending command %s failed", step.meter_id, step.subject_id)
+                result, detail = SendResult.NO_ANSWER, f"{type(exc).__name__}: {exc}"
         await self.writer.call(self.control.send_result, step.subject_id, self.clock.now(), result, detail,
                                errors, status)
 
     async def _read(self, driver: RelayDriver, step: Step) -> None:
         try:
             status = await driver.read(step.meter_id)
-        except RelayDriverError as exc:
-            await self.writer.call(self.control.read_result, step, self.clock.now(), None, str(exc))
+        except Exception as exc:
+            if not isinstance(exc, RelayDriverError):
+                log.exception("meter %s: reading the relay failed", step.meter_id)
+            await self.writer.call(self.control.read_result, step, self.clock.now(), None,
+                                   str(exc) if isinstance(exc, RelayDriverError) else f"{type(exc).__name__}: {exc}")
             return
         await self.writer.call(self.control.read_result, step, self.clock.now(), status)
 
-    async def run(self, stop: asyncio.Event, idle_s: float = 1.0) -> None:
-        """Real time: drain, then sleep until the next step is due, a wake() or ``idle_s``."""
+    async def run(self, stop: asyncio.Event, idle_s: float = 1.0, min_sleep_s: float = 0.01) -> None:
+        """Real time: drain, then sleep until the next step is due, a wake() or ``idle_s`` (never less than
+        ``min_sleep_s``: a step that cannot be done yet must not spin the loop)."""
         while not stop.is_set():
             self._wake.clear()
             try:
                 await self.drain()
             except Exception:
                 log.exception("executor pass failed; trying again")
-            nxt = await self.writer.call(self.control.controller.next_wakeup)
-            delay = idle_s if nxt is None else min(max(nxt - self.clock.now(), 0.0), idle_s)
+            nxt = await self.writer.call(self.control.controller.next_step_at)
+            delay = idle_s if nxt is None else min(max(nxt - self.clock.now(), min_sleep_s), idle_s)
             if delay > 0:
                 waits = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())]
                 await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)

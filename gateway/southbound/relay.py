@@ -10,7 +10,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Protocol
 
 from gateway.core.commands import ReconnectMode, RelayAction, RelayStatus
-from protocols.dlt645.client import Dlt645Client, Dlt645LinkError, Dlt645Refused, Dlt645Timeout
+from protocols.dlt645.client import Dlt645BadReply, Dlt645Client, Dlt645LinkError, Dlt645Refused, Dlt645Timeout
 from protocols.dlt645.codes import RelayAction as Dlt645Action
 from protocols.dlt645.formats import FormatError
 
@@ -73,6 +73,8 @@ class Dlt645RelayDriver:
             raise RelayRefused(str(exc), tuple(exc.errors)) from None
         except Dlt645LinkError as exc:
             raise RelayLinkDown(str(exc), exc.written) from None
+        except Dlt645BadReply as exc:  # something answered, but not an acknowledgement: the outcome is unknown
+            raise RelayNoAnswer(str(exc)) from None
 
     async def read(self, meter_id: str) -> RelayStatus:
         try:
@@ -83,7 +85,7 @@ class Dlt645RelayDriver:
             raise RelayNoAnswer(str(exc)) from None
         except Dlt645LinkError as exc:
             raise RelayLinkDown(str(exc), exc.written) from None
-        except FormatError as exc:
+        except (FormatError, Dlt645BadReply) as exc:
             raise RelayDriverError(f"meter {meter_id}: unreadable status word 3: {exc}") from None
         return status_from_word(word)
 

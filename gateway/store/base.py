@@ -88,8 +88,8 @@ MIGRATIONS: list[list[str]] = [
             case_id TEXT PRIMARY KEY, account_id TEXT NOT NULL, opened_at {real} NOT NULL, balance_fen BIGINT NOT NULL,
             state TEXT NOT NULL, gate TEXT NOT NULL, gate_reason TEXT NOT NULL, next_check_at {real},
             plan_day TEXT NOT NULL, planned_at {real}, notice_id TEXT NOT NULL, final_notice_id TEXT NOT NULL,
-            command_ids TEXT NOT NULL, rounds INTEGER NOT NULL, closed_at {real}, closed_reason TEXT NOT NULL,
-            updated_at {real} NOT NULL)""",
+            command_ids TEXT NOT NULL, rounds INTEGER NOT NULL, notices_made INTEGER NOT NULL, closed_at {real},
+            closed_reason TEXT NOT NULL, updated_at {real} NOT NULL)""",
         "CREATE INDEX trip_cases_state ON trip_cases (state)",
         "CREATE INDEX trip_cases_account ON trip_cases (account_id, opened_at)",
         """CREATE TABLE relay_commands (
@@ -545,12 +545,14 @@ class Store(ABC):
                                           (now - notice_horizon_s,)),
             "cases": self.load_entities(CASES, "state IN ('waiting', 'scheduled', 'tripping', 'blocked') "
                                                "OR (plan_day >= ? AND state <> 'cancelled')", (today,)),
-            # active, recent, and the last confirmed command of each open relay (who opened it, and why)
+            # active, recent, and for each open relay the last command that acted on it (who opened it, and why)
             "commands": self.load_entities(
                 COMMANDS, "state IN ('queued', 'sending', 'verifying', 'retry_wait', 'dispatched') OR updated_at >= ? "
-                          "OR (state = 'confirmed' AND meter_id IN (SELECT m.meter_id FROM relay_state r JOIN meters m "
-                          "ON m.meter_no = r.meter_no WHERE r.is_open = 1) AND confirmed_at = (SELECT MAX(c2.confirmed_at) "
-                          "FROM relay_commands c2 WHERE c2.meter_id = relay_commands.meter_id AND c2.state = 'confirmed'))",
+                          "OR (state = 'confirmed' AND substr(outcome, 1, 8) <> 'already_' AND meter_id IN "
+                          "(SELECT m.meter_id FROM relay_state r JOIN meters m ON m.meter_no = r.meter_no "
+                          "WHERE r.is_open = 1) AND confirmed_at = (SELECT MAX(c2.confirmed_at) FROM relay_commands c2 "
+                          "WHERE c2.meter_id = relay_commands.meter_id AND c2.state = 'confirmed' "
+                          "AND substr(c2.outcome, 1, 8) <> 'already_'))",
                 (now - keep_s,)),
             "orders": self.load_entities(ORDERS, "state NOT IN ('completed', 'cancelled') OR verify_next_at IS NOT "
                                                  "NULL OR updated_at >= ?", (now - keep_s,)),

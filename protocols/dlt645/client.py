@@ -44,6 +44,10 @@ class Dlt645Refused(Dlt645Error):
         self.errors = reply.errors
 
 
+class Dlt645BadReply(Dlt645Error):
+    """A reply that matched the request but could not be used: malformed data, or the wrong kind of reply."""
+
+
 class Dlt645LinkError(Dlt645Error):
     """The link could not be opened or was lost. ``written``: the request had gone out before (its outcome
     is unknown), as opposed to a link that could not be opened (nothing was sent)."""
@@ -292,22 +296,29 @@ class Dlt645Client:
         self.password_level = password_level
         self.operator = operator
 
-    async def _ask(self, request, *, reply_len: int = 64, retries: int | None = None) -> m.Message:
+    async def _ask(self, request, *, reply_len: int = 64, retries: int | None = None,
+                   expect: type | tuple = object) -> m.Message:
         frame = await self.link.exchange(request.frame(), reply_len=reply_len,
                                          retries=self.link.settings.retries if retries is None else retries)
-        reply = m.parse(frame, self.edition)
+        try:
+            reply = m.parse(frame, self.edition)
+        except m.MessageError as exc:
+            raise Dlt645BadReply(f"malformed reply from {frame.address} on {self.link.name}: {exc}") from None
         if isinstance(reply, m.AbnormalReply):
             raise Dlt645Refused(reply)
+        if not isinstance(reply, expect):
+            raise Dlt645BadReply(f"unexpected {type(reply).__name__} from {frame.address} on {self.link.name} "
+                                 f"to function {request.frame().control:02X}")
         return reply
 
     async def read_raw(self, address: str, di: int) -> bytes:
         """Read one DI; follow-up frames are requested and joined."""
-        reply = await self._ask(m.ReadRequest(address, di, self.edition))
+        reply = await self._ask(m.ReadRequest(address, di, self.edition), expect=m.ReadReply)
         payload = reply.payload
         seq = 0
         while reply.followup:
             seq += 1
-            reply = await self._ask(m.ReadFollowupRequest(address, di, seq, self.edition))
+            reply = await self._ask(m.ReadFollowupRequest(address, di, seq, self.edition), expect=m.ReadReply)
             payload += reply.payload
         return payload
 
@@ -316,12 +327,12 @@ class Dlt645Client:
 
     async def read_address(self) -> str:
         """Ask whoever is on the bus for its address (only meaningful with one meter on the line)."""
-        reply = await self._ask(m.ReadAddressRequest())
+        reply = await self._ask(m.ReadAddressRequest(), expect=m.ReadAddressReply)
         return reply.address
 
     async def write(self, address: str, di: int, payload: bytes, *, retries: int = 0) -> None:
         await self._ask(m.WriteRequest(address, di, payload, self.password, self.password_level, self.operator),
-                        reply_len=1, retries=retries)
+                        reply_len=1, retries=retries, expect=m.Ack)
 
     async def relay(self, address: str, action: RelayAction, *, valid_for: timedelta = timedelta(minutes=10),
                     now: datetime | None = None, valid_until: datetime | None = None, retries: int = 0) -> None:
@@ -333,7 +344,8 @@ class Dlt645Client:
         if valid_until is None:
             valid_until = (now or datetime.now()).replace(microsecond=0) + valid_for
         await self._ask(m.RelayControlRequest(address, RelayAction(action), valid_until, self.password,
-                                              self.password_level, self.operator), reply_len=1, retries=retries)
+                                              self.password_level, self.operator), reply_len=1, retries=retries,
+                        expect=m.Ack)
 
     async def relay_state(self, address: str) -> dict:
         """Status word 3 decoded: ``relay`` is the contact ('open'/'closed'), plus keep-power and alarm bits."""
@@ -344,11 +356,11 @@ class Dlt645Client:
                                  expect_reply=False)
 
     async def freeze(self, address: str, **when: int) -> None:
-        await self._ask(m.FreezeRequest(address, **when), reply_len=1, retries=0)
+        await self._ask(m.FreezeRequest(address, **when), reply_len=1, retries=0, expect=m.Ack)
 
     async def change_baud(self, address: str, baud: int) -> None:
-        await self._ask(m.ChangeBaudRequest(address, baud), reply_len=1, retries=0)
+        await self._ask(m.ChangeBaudRequest(address, baud), reply_len=1, retries=0, expect=m.ChangeBaudReply)
 
 
 __all__ = ["Dlt645Client", "Dlt645Link", "LinkSettings", "LinkStats", "Dlt645Error", "Dlt645Timeout",
-           "Dlt645Refused", "Dlt645LinkError"]
+           "Dlt645Refused", "Dlt645LinkError", "Dlt645BadReply"]

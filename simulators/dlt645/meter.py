@@ -37,6 +37,7 @@ class Faults:
     wrong_address: float = 0.0
     abnormal: float = 0.0  # answer reads with an abnormal reply
     abnormal_error: str = "other_error"
+    ack_instead_of_data: float = 0.0  # answer reads with a bare acknowledgement (a firmware glitch seen in the field)
     stuck_relay: bool = False  # acknowledges relay commands but the contact does not move
 
     @classmethod
@@ -204,6 +205,8 @@ class SimMeter:
         if isinstance(request, m.ReadRequest):
             if self.faults.abnormal and self.rng.random() < self.faults.abnormal:
                 return m.AbnormalReply(addr, Function2007.READ_DATA, error_word(self.faults.abnormal_error))
+            if self.faults.ack_instead_of_data and self.rng.random() < self.faults.ack_instead_of_data:
+                return m.Ack(addr, Function2007.READ_DATA)
             value = self.values().get(request.di)
             if value is None:
                 return m.AbnormalReply(addr, Function2007.READ_DATA, error_word("no_data_requested"))

@@ -1,0 +1,94 @@
+"""The executor on a real clock against simulated meters over TCP: it sleeps when nothing can be done, and an
+unexpected failure on the wire leaves a command in a state that will be read back, never stuck."""
+import asyncio
+
+from gateway.app import Bus, Gateway
+from gateway.clock import SystemClock, local_naive
+from dataclasses import replace
+
+from gateway.core.commands import CommandPolicy, CommandState, RelayAction
+from gateway.core.control import ControlConfig
+from gateway.core.model import Account, Meter
+from protocols.dlt645.client import Dlt645BadReply, Dlt645Link, LinkSettings
+from simulators.dlt645 import SimBus, SimMeter, serve_tcp
+from simulators.dlt645.meter import Faults
+
+from .core_fixtures import POLICY, tariffs
+
+FAST = LinkSettings(baud=9600, turnaround_s=0.2, margin_s=0.1, retries=0)
+_P = CommandPolicy()
+QUICK = ControlConfig(commands=CommandPolicy(close=replace(_P.close, settle_s=1.0, verify_first_s=0.2, verify_every_s=0.2),
+                                             trip=replace(_P.trip, settle_s=1.0, verify_first_s=0.2, verify_every_s=0.2)))
+
+
+async def gateway(tmp_path, meter: SimMeter):
+    server = await serve_tcp(SimBus.of([meter], clock=local_naive(SystemClock()), turnaround_s=0.0))
+    link = Dlt645Link.tcp("127.0.0.1", server.sockets[0].getsockname()[1], FAST)
+    gw = await Gateway(f"sqlite://{tmp_path / 'g.db'}", [Bus(link, [meter.address])], QUICK, POLICY).open()
+    await gw.writer.call(gw.control.accounting.register, tariffs(), [Account("A1", tariff_id="flat")],
+                         [Meter(meter.address, "A1", channel=link.name)])
+    return gw, server
+
+
+async def test_the_executor_sleeps_while_the_only_due_command_waits_behind_one_in_flight(tmp_path, monkeypatch):
+    meter = SimMeter("000000000001")
+    gw, server = await gateway(tmp_path, meter)
+    cc = gw.control
+    try:
+        now = gw.clock.now()
+        trip = await gw.writer.call(cc.manual, meter.address, RelayAction.TRIP, "wang", "supervisor", "test", "r1", now)
+        await gw.writer.call(cc.authorize, trip.command_id, now)  # SENDING, never answered: the meter is busy
+        await gw.writer.call(cc.manual, meter.address, RelayAction.CLOSE, "li", "operator", "undo", "r2", now)
+        calls = {"n": 0}
+        real_steps = cc.steps
+
+        def counting(t):
+            calls["n"] += 1
+            return real_steps(t)
+
+        monkeypatch.setattr(cc, "steps", counting)
+        stop = asyncio.Event()
+        runner = asyncio.create_task(gw.executor.run(stop, idle_s=0.1))
+        await asyncio.sleep(0.5)
+        stop.set()
+        await runner
+        assert calls["n"] <= 10, calls  # about one pass per idle period, not thousands
+        assert cc.controller.next_step_at() is None  # the close is not due while the trip is in flight
+    finally:
+        await gw.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_unexpected_replies_and_errors_leave_commands_to_be_read_back(tmp_path, monkeypatch):
+    meter = SimMeter("000000000001", faults=Faults(ack_instead_of_data=1.0))
+    gw, server = await gateway(tmp_path, meter)
+    cc = gw.control
+    try:
+        try:  # the client says what went wrong, it does not crash on the reply
+            await gw.buses[0].client.relay_state(meter.address)
+            raise AssertionError("an acknowledgement is not a status word")
+        except Dlt645BadReply as exc:
+            assert "malformed reply" in str(exc) and "read reply needs at least 4 data bytes" in str(exc)
+        driver = gw.executor.drivers[gw.buses[0].name]
+
+        async def broken_send(*a, **k):
+            raise RuntimeError("driver bug")
+
+        monkeypatch.setattr(driver, "send", broken_send)
+        now = gw.clock.now()
+        cmd = await gw.writer.call(cc.manual, meter.address, RelayAction.TRIP, "wang", "supervisor", "test", "r1", now)
+        await gw.executor.drain()
+        state = cc.controller.commands[cmd.command_id]
+        assert state.state == CommandState.VERIFYING and "RuntimeError: driver bug" in state.last_error
+        await asyncio.sleep(0.3)
+        await gw.executor.drain()  # the read-back gets an acknowledgement instead of data: a failed read
+        assert state.state == CommandState.VERIFYING
+        await asyncio.sleep(1.0)
+        await gw.executor.drain()
+        assert state.state == CommandState.RETRY_WAIT and state.readback_first
+        assert "unreadable status word 3" in state.last_error
+    finally:
+        await gw.close()
+        server.close()
+        await server.wait_closed()
