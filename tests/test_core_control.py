@@ -460,10 +460,15 @@ def test_backoff_grows_with_jitter_and_is_reproducible():
     for failures in range(1, 6):
         cmd.failures = failures
         delays.append(c.machine.backoff(cmd, p))
-    assert delays == [c.machine.backoff(cmd, p) for cmd.failures in range(1, 6)]
+    assert delays == [c.machine.backoff(cmd, p) for cmd.failures in range(1, 6)]  # a replay waits the same
     base = [min(p.backoff_s * 2 ** (k - 1), p.backoff_max_s) for k in range(1, 6)]
     assert all(b * (1 - p.jitter) <= d <= b * (1 + p.jitter) for b, d in zip(base, delays))
     assert delays[3] > delays[0] * 4
+    # commands that failed together do not all come back together
+    others = [dataclasses.replace(cmd, command_id=f"trip:case-{i}:1:M0", failures=1) for i in range(50)]
+    spread = [c.machine.backoff(o, p) for o in others]
+    assert max(spread) - min(spread) > p.backoff_s * p.jitter
+    assert len({round(x, 6) for x in spread}) > 40
 
 
 # --------------------------------------------------------------------------- authority

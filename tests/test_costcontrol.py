@@ -167,3 +167,31 @@ def test_a_rebuild_that_fails_is_retried_before_any_more_work(store_url, monkeyp
     assert not cc._stale and [d.kind.value for d in r.decisions] == ["close_request"]
     assert len([c for c in cc.controller.commands.values() if c.action == RelayAction.CLOSE]) == 1
     cc.store.close()
+
+
+def test_the_send_time_balance_sees_a_payment_committed_by_someone_else(store_url):
+    """Another gateway instance (or anything writing the ledger) committed a payment this engine has not seen:
+    the trip is stopped at the moment of sending, from the store's own sum of the account's credits."""
+    cc = setup(store_url)
+    cc.ingest_readings(regs(cc, [("M0", MONDAY - HOUR, 0)]), MONDAY - HOUR)
+    cc.ingest_readings(regs(cc, [("M0", MONDAY, 10)]), MONDAY)
+    request = next(e[5] for e in cc.store.outbox() if e[2] == "notice_request")
+    cc.ingest_receipts([NoticeReceiptIn(request["request_id"], ReceiptOutcome.DELIVERED, MONDAY + 60)], MONDAY + 60)
+    t = MONDAY + 60
+    while not any(c.action == RelayAction.TRIP for c in cc.controller.commands.values()):
+        t = cc.controller.next_wakeup()
+        cc.tick(t)
+        for e in cc.store.outbox(unpublished=True):
+            if e[2] == "notice_request":  # the final reminder, delivered at once
+                cc.ingest_receipts([NoticeReceiptIn(e[5]["request_id"], ReceiptOutcome.DELIVERED, t)], t)
+            cc.store.mark_published([e[0]], t)
+        assert t < MONDAY + 3 * 86400
+    trip = next(c for c in cc.controller.commands.values() if c.action == RelayAction.TRIP)
+    with cc.store.transaction():  # elsewhere: a payment lands in the ledger, not through this engine
+        cc.store._execute("INSERT INTO ledger (entry_id, account_no, kind, amount_fen, at, operator, reason, channel, "
+                          "recorded_at) VALUES ('other-1', 0, 'payment', 5000, ?, '', '', 'counter', ?)", (int(t), int(t)))
+    assert cc.engine.balance_of("A0") == -500  # this engine has not seen it (10 kWh at 0.50)
+    block = cc.authorize(trip.command_id, t)
+    assert block.gate.value == "balance" and "fresh balance 4500 fen" in block.reason
+    assert cc.store.command(trip.command_id).state == CommandState.CANCELLED
+    cc.store.close()
