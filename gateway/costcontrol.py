@@ -175,8 +175,14 @@ class CostControl:
         return outcome[0]
 
     # -- the executor's side ------------------------------------------------------------------------------
-    def steps(self, now: float) -> list[Step]:
-        return self.controller.steps(now)
+    def steps(self, now: float, bus: str | None = None) -> list[Step]:
+        return self.controller.steps(now, bus)
+
+    def next_step(self, now: float, bus: str) -> Step | None:
+        return self.controller.next_step(now, bus)
+
+    def due_buses(self, now: float) -> set[str]:
+        return self.controller.due_buses(now)
 
     def authorize(self, command_id: str, now: float) -> Permit | Block:
         """Commit SENDING (or the block that stops the command) before any frame goes out. Automatic trips

@@ -270,6 +270,9 @@ class Controller:
         self._notices_of: dict[str, list[str]] = {}
         self._case_of: dict[str, str] = {}  # account -> its active case
         self._commands_of: dict[str, list[str]] = {}  # meter -> its commands in memory, oldest first
+        # bus -> commands that may still be active (finished ones are dropped when met): the executor asks per
+        # bus and per step, so a step costs what that bus has pending, not everything in memory
+        self._pending_by_bus: dict[str, set[str]] = {}
         self._plans: dict[tuple[str, str], dict[str, float]] = {}  # (area, day) -> case id -> slot
         self._fx = Effects()
 
@@ -336,6 +339,20 @@ class Controller:
         if c.command_id not in self.commands:
             self._commands_of.setdefault(c.meter_id, []).append(c.command_id)
         self.commands[c.command_id] = c
+        if c.state.active:
+            self._pending_by_bus.setdefault(self.dir.meter(c.meter_id).channel, set()).add(c.command_id)
+
+    def _pending(self, bus: str | None = None) -> list[Command]:
+        """Active commands (of one bus, or all), forgetting finished ones on the way."""
+        out = []
+        for b in ([bus] if bus is not None else list(self._pending_by_bus)):
+            ids = self._pending_by_bus.get(b)
+            if not ids:
+                continue
+            done = [i for i in ids if not self.commands[i].state.active]
+            ids.difference_update(done)
+            out.extend(self.commands[i] for i in ids)
+        return out
 
     def _area(self, account_id: str) -> str:
         return self.dir.account(account_id).area
@@ -648,31 +665,41 @@ class Controller:
             self._touch(o)  # superseded or stopped: the crew is not sent for it
             self._emit("field_order_cancelled", o.meter_id, now, order_id=o.order_id, reason=o.note)
 
-    def steps(self, now: float) -> list[Step]:
-        """Executor work due now, most urgent first. Commands of one meter run one at a time."""
-        out = []
-        busy = self._busy_meters()
-        for c in self.commands.values():
-            if not c.state.active or (c.meter_id in busy and not c.state.in_flight):
+    def steps(self, now: float, bus: str | None = None) -> list[Step]:
+        """Executor work due now (on one bus, or all), most urgent first. Commands of one meter run one at a
+        time."""
+        return sorted(self._due_steps(now, bus), key=_urgency)
+
+    def next_step(self, now: float, bus: str) -> Step | None:
+        """The most urgent step due now on ``bus`` (one pass, no sort: the executor asks before every step)."""
+        return min(self._due_steps(now, bus), key=_urgency, default=None)
+
+    def due_buses(self, now: float) -> set[str]:
+        return {self.dir.meter(s.meter_id).channel for s in self._due_steps(now, None)}
+
+    def _due_steps(self, now: float, bus: str | None):
+        pending = self._pending(bus)
+        busy = {c.meter_id for c in pending if c.state.in_flight}
+        for c in pending:
+            if c.meter_id in busy and not c.state.in_flight:
                 continue
             kind = self.machine.step_due(c, now)
             if kind is not None:
-                out.append(Step(kind, "command", c.command_id, c.meter_id, c.priority, c.next_at or now))
+                yield Step(kind, "command", c.command_id, c.meter_id, c.priority, c.next_at or now)
         for o in self.orders.values():
-            if o.verify_next_at is not None and now >= o.verify_next_at and o.meter_id not in busy:
-                out.append(Step(StepKind.READ, "order", o.order_id, o.meter_id, 0, o.verify_next_at))
-        out.sort(key=lambda s: (s.priority, s.due_at, s.subject_id))
-        return out
+            if o.verify_next_at is not None and now >= o.verify_next_at and o.meter_id not in busy and \
+                    (bus is None or self.dir.meter(o.meter_id).channel == bus):
+                yield Step(StepKind.READ, "order", o.order_id, o.meter_id, 0, o.verify_next_at)
 
     def _busy_meters(self) -> set[str]:
-        return {c.meter_id for c in self.commands.values() if c.state.in_flight}
+        return {c.meter_id for c in self._pending() if c.state.in_flight}
 
     def next_step_at(self) -> float | None:
         """When the executor has work next: a command or a completed order's read, on a meter free to take it
         (time's other work, notices and gates, is the ticker's)."""
-        busy = self._busy_meters()
-        times = [c.next_at for c in self.commands.values() if c.state.active and c.next_at is not None
-                 and (c.state.in_flight or c.meter_id not in busy)]
+        pending = self._pending()
+        busy = {c.meter_id for c in pending if c.state.in_flight}
+        times = [c.next_at for c in pending if c.next_at is not None and (c.state.in_flight or c.meter_id not in busy)]
         times += [o.verify_next_at for o in self.orders.values()
                   if o.verify_next_at is not None and o.meter_id not in busy]
         return min(times) if times else None
@@ -1272,6 +1299,10 @@ class Controller:
 
     def fmt(self, t: float) -> str:
         return f"{self.calendar.local(int(t)):%Y-%m-%d %H:%M}"
+
+
+def _urgency(s: Step) -> tuple:
+    return s.priority, s.due_at, s.subject_id
 
 
 def _request_payload(r: NoticeRequest) -> dict:

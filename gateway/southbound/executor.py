@@ -46,14 +46,9 @@ class CommandExecutor:
         """Something new may be due (a payment made a close): look now, not at the next wakeup."""
         self._wake.set()
 
-    async def _due(self, bus: str | None) -> list[Step]:
-        steps = await self.writer.call(self.control.steps, self.clock.now())
-        return steps if bus is None else [s for s in steps if self.bus_of(s.meter_id) == bus]
-
     async def drain(self) -> int:
         """Perform every step due now; buses in parallel, one step at a time on each. Returns steps done."""
-        due = await self._due(None)
-        buses = sorted({self.bus_of(s.meter_id) for s in due})
+        buses = sorted(await self.writer.call(self.control.due_buses, self.clock.now()))
         done = await asyncio.gather(*(self._drain_bus(bus) for bus in buses), return_exceptions=True)
         for bus, result in zip(buses, done):
             if isinstance(result, BaseException):
@@ -63,10 +58,11 @@ class CommandExecutor:
     async def _drain_bus(self, bus: str) -> int:
         n = 0
         while True:
-            steps = await self._due(bus)  # asked afresh each time: a close made meanwhile goes first
-            if not steps:
+            # asked afresh before each step: a close made meanwhile goes first
+            step = await self.writer.call(self.control.next_step, self.clock.now(), bus)
+            if step is None:
                 return n
-            await self.perform(steps[0])
+            await self.perform(step)
             n += 1
 
     async def perform(self, step: Step) -> None:
