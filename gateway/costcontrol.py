@@ -119,8 +119,8 @@ class CostControl:
 
     # -- inputs -----------------------------------------------------------------------------------------
     def ingest_readings(self, batch: ReadingBatch, now: float,
-                        relays: list[tuple[str, RelayStatus]] = ()) -> IngestResult:
-        """A batch of readings and, from the same poll, the relays' positions."""
+                        relays: list[tuple[str, RelayStatus, float]] = ()) -> IngestResult:
+        """A batch of readings and, from the same poll, the relays' positions with when each was read."""
         def call(then):
             def both(outcome, result):
                 if relays:

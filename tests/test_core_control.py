@@ -231,7 +231,7 @@ def test_keep_power_refusal_is_a_gate_not_a_failure_to_retry():
     assert len([e for e in sim.of("relay_requested") if e["action"] == "trip"]) == 1  # not hammered
     # keep-power released (seen by the poller): the case plans again, with a new final reminder
     sim.relay("M0").keep_power = False
-    c.observe_relays([("M0", RelayStatus(False, False, False))], sim.now)
+    c.observe_relays([("M0", RelayStatus(False, False, False), sim.now)], sim.now)
     sim.collect()
     sim.run(sim.now + 2 * DAY)
     assert len(trip_actions(sim)) == 1 and c.cases["A0#1"].state == CaseState.TRIPPED
@@ -563,7 +563,8 @@ def test_a_relay_found_open_before_any_frame_is_not_ours():
     c = controller()
     sim = Sim(c, MONDAY, relays={"M0": FakeRelay(open_=True)})
     sim.relay("M0").commanded_open = False
-    c.observe_relays([("M0", RelayStatus(True, False, False))], MONDAY)  # the meter's own protection opened it
+    # the meter's own protection opened it
+    c.observe_relays([("M0", RelayStatus(True, False, False), MONDAY)], MONDAY)
     case = _to_the_brink(c, sim)
     sim.run(sim.now + 60)
     trip = c.commands[case.command_ids[0]]
@@ -639,13 +640,14 @@ def test_a_relay_seen_commanded_open_with_nothing_to_warrant_it_is_closed():
     e = utility(1)
     c = controller(e)
     sim = Sim(c, MONDAY, relays={"M0": FakeRelay(open_=True)})
-    c.observe_relays([("M0", RelayStatus(True, True, False))], MONDAY)  # not in arrears, no command of anyone's
+    # not in arrears, no command of anyone's: nothing warrants it
+    c.observe_relays([("M0", RelayStatus(True, True, False), MONDAY)], MONDAY)
     sim.collect()
     sim.run(MONDAY + 60)
     assert sim.of("relay_unwarranted_open") and not sim.relay("M0").open
     # ...but not while the account is in arrears, nor a local-mode meter (its own purse opens it)
     c2 = controller(utility(1, accounts={0: dataclasses.replace(account(0), mode=CostControlMode.LOCAL)}))
-    c2.observe_relays([("M0", RelayStatus(True, True, False))], MONDAY)
+    c2.observe_relays([("M0", RelayStatus(True, True, False), MONDAY)], MONDAY)
     assert not [x for x in c2.commands.values()]
 
 
@@ -754,7 +756,7 @@ def test_a_command_found_sending_after_a_restart_gets_the_settle_time_to_show_it
     c.authorize(cmd.command_id, MONDAY)
     assert cmd.state == CommandState.SENDING
     again = controller()
-    again.restore(MONDAY + 1, [], [], [dataclasses.replace(cmd)], [], {}, [], [])
+    again.restore(MONDAY + 1, [], [], [dataclasses.replace(cmd)], [], {}, {}, [], [])
     recovered = again.commands[cmd.command_id]
     assert recovered.state == CommandState.VERIFYING and recovered.verify_until == MONDAY + 1 + 5.0
     step = again.steps(MONDAY + 1)[0]
@@ -776,3 +778,15 @@ def test_a_read_the_command_no_longer_waits_for_changes_nothing():
     nxt = close.next_at
     c.on_read_result(read, MONDAY + 7, RelayStatus(True, False, False))  # the same read step, again
     assert close.state == CommandState.RETRY_WAIT and close.next_at == nxt
+
+
+def test_a_poll_that_read_the_relay_before_a_read_back_cannot_put_the_old_position_back():
+    c, sim = paid_while_open(FakeRelay(open_=True))
+    poll_read_at = MONDAY + 0.1  # the poller read the status word (still open)...
+    sim.run(MONDAY + 10)  # ...the close went out and its read-back confirmed it closed...
+    close = next(x for x in c.commands.values() if x.action == RelayAction.CLOSE)
+    assert close.state == CommandState.CONFIRMED and "M0" not in c.relays
+    c.observe_relays([("M0", RelayStatus(True, True, False), poll_read_at)], MONDAY + 11)  # ...committed last
+    sim.collect()
+    assert "M0" not in c.relays and not sim.of("relay_unwarranted_open")
+    assert len([x for x in c.commands.values() if x.action == RelayAction.CLOSE]) == 1

@@ -59,7 +59,8 @@ def test_a_payment_and_the_close_it_causes_commit_together(store_url):
     # the engine made a trip request; the controller asked for a notice of disconnection (no warning confirmed)
     assert cc.store.load_entities(ENTITY_TABLES[1], "account_id = 'A0'")[0].gate == "notice"
     # the relay is seen open by the next poll (the meter's own protection, say): a verified position
-    cc.ingest_readings(regs(cc, [("M0", MONDAY + 60, 10)]), MONDAY + 60, relays=[("M0", RelayStatus(True, True))])
+    cc.ingest_readings(regs(cc, [("M0", MONDAY + 60, 10)]), MONDAY + 60,
+                       relays=[("M0", RelayStatus(True, True), MONDAY + 60)])
     r = cc.ingest_credits([Payment("p1", "A0", 5000, MONDAY + 100)], MONDAY + 120)
     assert [d.kind.value for d in r.decisions] == ["close_request"]
     rows = cc.store.load_entities(ENTITY_TABLES[2], "account_id = 'A0'")
@@ -105,7 +106,7 @@ def test_a_restart_rebuilds_the_same_controller(store_url):
 def test_a_failed_transaction_leaves_memory_as_the_store_says(store_url, monkeypatch):
     cc = setup(store_url)
     cc.ingest_readings(regs(cc, [("M0", MONDAY - HOUR, 0)]), MONDAY - HOUR)
-    cc.ingest_readings(regs(cc, [("M0", MONDAY, 10)]), MONDAY, relays=[("M0", RelayStatus(True, True))])
+    cc.ingest_readings(regs(cc, [("M0", MONDAY, 10)]), MONDAY, relays=[("M0", RelayStatus(True, True), MONDAY)])
     before = snapshot(cc.controller)
 
     def broken(*a, **k):
@@ -150,7 +151,7 @@ def test_manual_refusals_are_audited_and_why_explains_the_meter(store_url):
 def test_a_rebuild_that_fails_is_retried_before_any_more_work(store_url, monkeypatch):
     cc = setup(store_url)
     cc.ingest_readings(regs(cc, [("M0", MONDAY - HOUR, 0)]), MONDAY - HOUR)
-    cc.ingest_readings(regs(cc, [("M0", MONDAY, 10)]), MONDAY, relays=[("M0", RelayStatus(True, True))])
+    cc.ingest_readings(regs(cc, [("M0", MONDAY, 10)]), MONDAY, relays=[("M0", RelayStatus(True, True), MONDAY)])
     real_reload, real_write = cc.accounting.reload, cc.store.write_effects
 
     def fail(*a, **k):

@@ -267,6 +267,9 @@ class Controller:
         self.commands: dict[str, Command] = {}
         self.orders: dict[str, WorkOrder] = {}
         self.relays: dict[str, RelayStatus] = {}  # meters whose relay is open, commanded open or in keep-power
+        # when each meter's relay was last seen: a poll that read it before a read-back but is committed after
+        # it must not put an old position back
+        self._relay_seen_at: dict[str, float] = {}
         self._notices_of: dict[str, list[str]] = {}
         self._case_of: dict[str, str] = {}  # account -> its active case
         self._commands_of: dict[str, list[str]] = {}  # meter -> its commands in memory, oldest first
@@ -279,8 +282,8 @@ class Controller:
     # ------------------------------------------------------------------ restore and effects
 
     def restore(self, now: float, notices: list[Notice], cases: list[TripCase], commands: list[Command],
-                orders: list[WorkOrder], relays: dict[str, RelayStatus], flags: list[AreaFlag],
-                forecasts: list[Forecast]) -> None:
+                orders: list[WorkOrder], relays: dict[str, RelayStatus], relay_seen_at: dict[str, float],
+                flags: list[AreaFlag], forecasts: list[Forecast]) -> None:
         """Load what the store says after a restart (active entities and the recent ones the gates need)."""
         for n in notices:
             self._add_notice(n)
@@ -297,6 +300,7 @@ class Controller:
         for o in orders:
             self.orders[o.order_id] = o
         self.relays = dict(relays)
+        self._relay_seen_at = dict(relay_seen_at)
         for f in flags:
             self.conditions.flags[(f.area, f.flag)] = f
         for fc in forecasts:
@@ -521,15 +525,18 @@ class Controller:
                 self._audit(now, u.crew or "field", "field", f"field_{u.status.value}", o.meter_id,
                             u.note, order_id=o.order_id)
 
-    def observe_relays(self, observations: list[tuple[str, RelayStatus]], now: float) -> None:
-        """Relay positions read by the poller (status word 3 on every cycle): keep-power changes reopen the
-        gates, a reconnect the customer or a crew made confirms a close still waiting to retry."""
-        for meter_id, status in observations:
+    def observe_relays(self, observations: list[tuple[str, RelayStatus, float]], now: float) -> None:
+        """Relay positions read by the poller (status word 3 on every cycle), each with when it was read:
+        keep-power changes reopen the gates, a reconnect the customer or a crew made confirms a close still
+        waiting to retry. A position read before the last one known is history, not news."""
+        for meter_id, status, seen_at in observations:
             old = self.relays.get(meter_id)
             if old == status or (old is None and not status.open and not status.keep_power
                                  and not status.commanded_open):
+                self._relay_seen_at[meter_id] = max(seen_at, self._relay_seen_at.get(meter_id, seen_at))
                 continue
-            self._relay_seen(meter_id, status, now)
+            if not self._relay_seen(meter_id, status, seen_at):
+                continue
             for c in self._active_commands(meter_id):
                 if c.state.in_flight:
                     continue
@@ -876,15 +883,20 @@ class Controller:
         c.history.append({"at": now, "event": event, "detail": detail})
         del c.history[:-30]  # the last thirty steps; the audit log keeps everything
 
-    def _relay_seen(self, meter_id: str, status: RelayStatus, now: float) -> None:
+    def _relay_seen(self, meter_id: str, status: RelayStatus, at: float) -> bool:
+        """Note a relay position read at ``at``; False (and nothing changed) if a later one is already known."""
+        if at < self._relay_seen_at.get(meter_id, at):
+            return False
+        self._relay_seen_at[meter_id] = at
         old = self.relays.get(meter_id)
         if status.open or status.keep_power or status.commanded_open:
             self.relays[meter_id] = status
         else:
             self.relays.pop(meter_id, None)
         if old != status:
-            self._fx.relay_states.append(RelayStateChanged(meter_id, status.open, int(now), status.commanded_open,
+            self._fx.relay_states.append(RelayStateChanged(meter_id, status.open, int(at), status.commanded_open,
                                                            status.keep_power))
+        return True
 
     # ------------------------------------------------------------------ field orders
 

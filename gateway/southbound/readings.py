@@ -15,20 +15,21 @@ _REGISTERS = ("forward_active_energy_total", "forward_active_energy_sharp", "for
 
 
 def to_batch(readings: list[Reading], engine: Engine, utc_offset_s: int = 8 * 3600
-             ) -> tuple[ReadingBatch, list[tuple[str, RelayStatus]]]:
-    """Energy registers (kWh, 2 decimals) become Wh exactly; the purse (yuan) fen; status word 3 the relay.
-    A reading without the energy block still reports its relay. Times without a zone are the utility's."""
+             ) -> tuple[ReadingBatch, list[tuple[str, RelayStatus, float]]]:
+    """Energy registers (kWh, 2 decimals) become Wh exactly; the purse (yuan) fen; status word 3 the relay,
+    with when it was read. A reading without the energy block still reports its relay. Times without a zone
+    are the utility's."""
     zone = timezone(timedelta(seconds=utc_offset_s))
     rows, relays = [], []
     for r in readings:
         v = r.values
+        taken = r.taken_at if r.taken_at.tzinfo else r.taken_at.replace(tzinfo=zone)
         word = v.get("status_word_3")
         if word:
-            relays.append((r.meter, status_from_word(word)))
+            relays.append((r.meter, status_from_word(word), taken.timestamp()))
         block = v.get("forward_active_energy_block")
         if not block:
             continue
-        taken = r.taken_at if r.taken_at.tzinfo else r.taken_at.replace(tzinfo=zone)
         regs = [int(Decimal(block[name]) * 1000) for name in _REGISTERS]
         purse = v.get("remaining_amount")
         balance = NO_BALANCE if purse is None else int(Decimal(purse) * 100)

@@ -534,12 +534,14 @@ class Store(ABC):
     def control_state(self, now: float, keep_s: float, notice_horizon_s: float, today: str) -> dict:
         """What the controller needs after a restart: everything active, and the recent past the gates use."""
         active_notices = "('waiting', 'requested')"
-        relays = {}
-        for meter_id, is_open, commanded, keep in self._query(
-                "SELECT m.meter_id, r.is_open, r.commanded_open, r.keep_power FROM relay_state r "
-                "JOIN meters m ON m.meter_no = r.meter_no "
-                "WHERE r.is_open = 1 OR r.keep_power = 1 OR r.commanded_open = 1"):
-            relays[meter_id] = RelayStatus(bool(is_open), None if commanded is None else bool(commanded), bool(keep))
+        relays, seen_at = {}, {}
+        for meter_id, is_open, commanded, keep, at in self._query(
+                "SELECT m.meter_id, r.is_open, r.commanded_open, r.keep_power, r.at FROM relay_state r "
+                "JOIN meters m ON m.meter_no = r.meter_no"):
+            seen_at[meter_id] = at
+            if is_open or keep or commanded:
+                relays[meter_id] = RelayStatus(bool(is_open), None if commanded is None else bool(commanded),
+                                               bool(keep))
         return {
             "notices": self.load_entities(NOTICES, f"state IN {active_notices} OR created_at >= ?",
                                           (now - notice_horizon_s,)),
@@ -557,6 +559,7 @@ class Store(ABC):
             "orders": self.load_entities(ORDERS, "state NOT IN ('completed', 'cancelled') OR verify_next_at IS NOT "
                                                  "NULL OR updated_at >= ?", (now - keep_s,)),
             "relays": relays,
+            "relay_seen_at": seen_at,
             "flags": [AreaFlag(a, f, bool(act), s, u, actor, r) for a, f, act, s, u, actor, r in self._query(
                 "SELECT area, flag, active, since, until, actor, reason FROM area_flags")],
             "forecasts": [Forecast(*r) for r in self._query(
