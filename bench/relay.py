@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import ROOT, machine_info, pin_to_one_cpu  # noqa: E402
 from gateway.app import Bus, Gateway  # noqa: E402
-from gateway.core.commands import CommandPolicy, CommandState, RelayAction  # noqa: E402
+from gateway.core.commands import CommandPolicy, CommandState  # noqa: E402
 from gateway.core.control import ControlConfig  # noqa: E402
 from gateway.core.model import Account, Meter, Payment  # noqa: E402
 from gateway.core.tariff import tariffs_from_config  # noqa: E402

@@ -21,7 +21,8 @@ MONDAY = at(2026, 3, 2, 10)  # an ordinary working Monday, 10:00
 
 
 def account(i, klass=CustomerClass.RESIDENTIAL, channels=("sms", "voice", "app"), area="north", contacts=None):
-    contacts = {"sms": f"1380000{i:04d}", "voice": f"1380000{i:04d}", "app": f"app-{i}"} if contacts is None else contacts
+    if contacts is None:
+        contacts = {"sms": f"1380000{i:04d}", "voice": f"1380000{i:04d}", "app": f"app-{i}"}
     return Account(f"A{i}", klass, tariff_id="flat", area=area, name=f"Customer {i}", address=f"{i} Main St",
                    lat=31.2 + i / 1000, lon=121.5, channels=channels, contacts=contacts)
 

@@ -190,7 +190,8 @@ def test_the_send_time_balance_sees_a_payment_committed_by_someone_else(store_ur
     trip = next(c for c in cc.controller.commands.values() if c.action == RelayAction.TRIP)
     with cc.store.transaction():  # elsewhere: a payment lands in the ledger, not through this engine
         cc.store._execute("INSERT INTO ledger (entry_id, account_no, kind, amount_fen, at, operator, reason, channel, "
-                          "recorded_at) VALUES ('other-1', 0, 'payment', 5000, ?, '', '', 'counter', ?)", (int(t), int(t)))
+                          "recorded_at) VALUES ('other-1', 0, 'payment', 5000, ?, '', '', 'counter', ?)",
+                          (int(t), int(t)))
     assert cc.engine.balance_of("A0") == -500  # this engine has not seen it (10 kWh at 0.50)
     block = cc.authorize(trip.command_id, t)
     assert block.gate.value == "balance" and "fresh balance 4500 fen" in block.reason

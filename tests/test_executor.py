@@ -17,8 +17,9 @@ from .core_fixtures import POLICY, tariffs
 
 FAST = LinkSettings(baud=9600, turnaround_s=0.2, margin_s=0.1, retries=0)
 _P = CommandPolicy()
-QUICK = ControlConfig(commands=CommandPolicy(close=replace(_P.close, settle_s=1.0, verify_first_s=0.2, verify_every_s=0.2),
-                                             trip=replace(_P.trip, settle_s=1.0, verify_first_s=0.2, verify_every_s=0.2)))
+_QUICK_VERIFY = dict(settle_s=1.0, verify_first_s=0.2, verify_every_s=0.2)
+QUICK = ControlConfig(commands=CommandPolicy(close=replace(_P.close, **_QUICK_VERIFY),
+                                             trip=replace(_P.trip, **_QUICK_VERIFY)))
 
 
 async def gateway(tmp_path, meter: SimMeter):

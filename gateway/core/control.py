@@ -437,7 +437,8 @@ class Controller:
     def _cancel_disconnect_notices(self, account_id: str, now: float, why: str) -> None:
         for nid in self._notices_of.get(account_id, []):
             n = self.notices[nid]
-            if n.purpose in (NoticePurpose.DISCONNECT, NoticePurpose.FINAL_REMINDER) and self.notifier.cancel(n, now, why):
+            if n.purpose in (NoticePurpose.DISCONNECT, NoticePurpose.FINAL_REMINDER) and \
+                    self.notifier.cancel(n, now, why):
                 self._touch(n)
 
     def _cancel_engine_trips(self, meter_id: str, now: float, why: str) -> bool:
@@ -750,7 +751,8 @@ class Controller:
                     command_id=c.command_id, attempt=c.attempts)
         return Permit(c.command_id, c.meter_id, c.action, c.mode, valid_until)
 
-    def _send_time_block(self, c: Command, now: float, balance_fen: int | None, trip_level_fen: int | None) -> Block | None:
+    def _send_time_block(self, c: Command, now: float, balance_fen: int | None,
+                         trip_level_fen: int | None) -> Block | None:
         case = self.cases.get(c.origin)
         if case is None or case.state != CaseState.TRIPPING:
             return Block(Gate.BALANCE, "its disconnect case is no longer open")

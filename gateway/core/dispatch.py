@@ -54,7 +54,8 @@ class DispatchPolicy:
     disconnect_deadline_s: int = 72 * 3600
     trip_failure_orders: bool = False  # failed remote trips also get (lower priority) field orders
     escalate_before_s: int = 4 * 3600  # escalate an order with less than this left
-    class_boost_s: dict[str, int] = field(default_factory=_default_boost)  # ranked as if the deadline were this much sooner
+    # ranked as if the deadline were this much sooner
+    class_boost_s: dict[str, int] = field(default_factory=_default_boost)
     verify_every_s: int = 300  # a completed order: read the meter until it answers...
     verify_window_s: int = 24 * 3600  # ...for this long
 

@@ -243,7 +243,8 @@ class Notifier:
             self._delivered(n, a, at, step)
             n.updated_at = now
             return step
-        step.transitions.append(("notice_escalated", f"{a.channel}: {outcome.value}" + (f" ({detail})" if detail else "")))
+        why = f"{a.channel}: {outcome.value}" + (f" ({detail})" if detail else "")
+        step.transitions.append(("notice_escalated", why))
         if n.state == NoticeState.REQUESTED and n.attempts[-1] is a:
             n.next_channel += 1
             n.state, n.due_at = NoticeState.WAITING, now

@@ -289,7 +289,8 @@ class TripPolicy:
     final_reminder_s: int = 30 * 60  # a re-notice this long before the cut
     final_reminder_confirmed: bool = True  # ...whose delivery is confirmed (only a confirmed delivery counts)
     final_reminder_max_age_s: int = 4 * 3600  # an older reminder is not "shortly before"
-    grace_s: dict[str, int] = field(default_factory=lambda: {"residential": 0, "commercial": 0})  # after reaching trip level
+    # after reaching the trip level, by customer class
+    grace_s: dict[str, int] = field(default_factory=lambda: {"residential": 0, "commercial": 0})
     daily_cap_per_area: int = 200
     area_caps: dict[str, int] = field(default_factory=dict)  # area -> cap, overriding the default
     trip_command_ttl_s: int = 2 * 3600  # a trip command expires this long after it was planned (or at window end)

@@ -410,7 +410,8 @@ class Store(ABC):
         purse = arrays("SELECT meter_no, balance_fen, credits_fen FROM readings WHERE (meter_no, t) IN "
                        "(SELECT meter_no, MAX(t) FROM readings WHERE balance_fen IS NOT NULL GROUP BY meter_no)", 3)
         sa, ss, sq = arrays("SELECT account_no, state, seq FROM account_state", 3)
-        rm, ro, rk, rc = arrays("SELECT meter_no, is_open, keep_power, COALESCE(commanded_open, -1) FROM relay_state", 4)
+        rm, ro, rk, rc = arrays("SELECT meter_no, is_open, keep_power, COALESCE(commanded_open, -1) "
+                                "FROM relay_state", 4)
         levels = arrays("SELECT account_no, warn1_fen, warn2_fen, trip_fen, close_fen FROM account_levels", 5)
         return Snapshot(ca, cs, ka, ks, ya, yw, yy, pa, pw, last[0], last[1], np.stack(last[2:7], axis=1),
                         purse[0], purse[1], purse[2], sa, ss.astype(np.int8), sq, rm, ro.astype(bool),
