@@ -44,7 +44,6 @@ class CostControl:
         self._new_id = new_id
         self.accounting = Accounting(store, policy)
         self.controller = self._load_controller(now)
-        self.last_effects = Effects()
         self._stale = False  # a failed transaction whose rebuild failed too: rebuild before any more work
 
     @property
@@ -85,7 +84,6 @@ class CostControl:
         if fx.relay_states:
             self.store.write_outcome(self.engine.apply_relay_states(fx.relay_states), int(now))
         self.store.write_effects(fx, now)
-        self.last_effects = fx
         return fx
 
     def _with_engine(self, call, now: float, *args) -> IngestResult:

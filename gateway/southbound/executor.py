@@ -40,7 +40,6 @@ class CommandExecutor:
         self.bus_of = bus_of
         self.clock = clock
         self._wake = asyncio.Event()
-        self.steps_done = 0
 
     def wake(self) -> None:
         """Something new may be due (a payment made a close): look now, not at the next wakeup."""
@@ -76,7 +75,6 @@ class CommandExecutor:
             await self._send(driver, step)
         else:
             await self._read(driver, step)
-        self.steps_done += 1
 
     async def _send(self, driver: RelayDriver, step: Step) -> None:
         status = None
