@@ -790,3 +790,16 @@ def test_a_poll_that_read_the_relay_before_a_read_back_cannot_put_the_old_positi
     sim.collect()
     assert "M0" not in c.relays and not sim.of("relay_unwarranted_open")
     assert len([x for x in c.commands.values() if x.action == RelayAction.CLOSE]) == 1
+
+
+def test_forgetting_finished_commands_leaves_no_dangling_references():
+    """A command that finished with nothing asking for steps meanwhile is forgotten cleanly."""
+    c, sim = paid_while_open(FakeRelay(open_=True))
+    step = c.steps(MONDAY)[0]
+    c.authorize(step.subject_id, MONDAY)
+    c.on_send_result(step.subject_id, MONDAY, SendResult.ACKNOWLEDGED)
+    c.on_read_result(c.steps(MONDAY + 1)[0], MONDAY + 1, RelayStatus(False, False, False))
+    assert c.commands[step.subject_id].state == CommandState.CONFIRMED
+    c.tick(MONDAY + 3 * DAY)  # forgotten: older than keep_terminal_s
+    assert step.subject_id not in c.commands
+    assert c.steps(MONDAY + 3 * DAY) == [] and c.next_step_at() is None

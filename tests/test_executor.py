@@ -93,3 +93,21 @@ async def test_unexpected_replies_and_errors_leave_commands_to_be_read_back(tmp_
         await gw.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_a_meter_on_a_bus_without_a_driver_fails_its_command_instead_of_spinning(tmp_path):
+    meter = SimMeter("000000000001")
+    gw, server = await gateway(tmp_path, meter)
+    cc = gw.control
+    try:
+        gw.executor.drivers.clear()  # the meter's channel names a bus nothing was configured for
+        now = gw.clock.now()
+        cmd = await gw.writer.call(cc.manual, meter.address, RelayAction.TRIP, "wang", "supervisor", "test", "r1", now)
+        await asyncio.wait_for(gw.executor.drain(), 5)
+        state = cc.controller.commands[cmd.command_id]
+        assert state.state == CommandState.RETRY_WAIT and "no channel configured for bus" in state.last_error
+        assert meter.relay_log == []
+    finally:
+        await gw.close()
+        server.close()
+        await server.wait_closed()

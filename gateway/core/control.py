@@ -975,6 +975,7 @@ class Controller:
                     and not (c.state == CommandState.FAILED and c.order_id in self.orders) and i not in held]:
             c = self.commands.pop(cid)
             self._commands_of[c.meter_id].remove(cid)
+            self._pending_by_bus.get(self.dir.meter(c.meter_id).channel, set()).discard(cid)
         for oid in [i for i, o in self.orders.items() if not o.state.active and o.verify_next_at is None
                     and now - o.updated_at > keep]:
             del self.orders[oid]

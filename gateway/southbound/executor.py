@@ -65,12 +65,8 @@ class CommandExecutor:
             n += 1
 
     async def perform(self, step: Step) -> None:
-        driver = self.drivers.get(self.bus_of(step.meter_id))
-        if driver is None:
-            log.error("meter %s: no driver for bus %r", step.meter_id, self.bus_of(step.meter_id))
-            await self.writer.call(self.control.read_result, step, self.clock.now(), None,
-                                   f"no channel configured for bus {self.bus_of(step.meter_id)!r}")
-            return
+        bus = self.bus_of(step.meter_id)
+        driver = self.drivers.get(bus) or _Unconfigured(bus)
         if step.kind == StepKind.SEND:
             await self._send(driver, step)
         else:
@@ -130,3 +126,21 @@ class CommandExecutor:
                 await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
                 for w in waits:
                     w.cancel()
+
+
+class _Unconfigured:
+    """The driver of a bus no channel was configured for: every exchange fails as a link that cannot be
+    opened (nothing sent), so its commands back off, fail and reach a field crew like any unreachable meter."""
+
+    def __init__(self, bus: str) -> None:
+        self.name = bus
+        self._lock = asyncio.Lock()
+
+    def reserved(self):
+        return self._lock
+
+    async def send(self, meter_id, action, mode, valid_until) -> None:
+        raise RelayLinkDown(f"no channel configured for bus {self.name!r}", written=False)
+
+    async def read(self, meter_id):
+        raise RelayLinkDown(f"no channel configured for bus {self.name!r}", written=False)
