@@ -52,6 +52,7 @@ from gateway.core.commands import CommandPolicy, CommandState  # noqa: E402
 from gateway.core.control import ControlConfig  # noqa: E402
 from gateway.core.model import Account, Meter, Payment  # noqa: E402
 from gateway.core.tariff import tariffs_from_config  # noqa: E402
+from gateway.store.entities import COMMANDS  # noqa: E402
 from protocols.dlt645.client import Dlt645Client, Dlt645Link, LinkSettings  # noqa: E402
 
 LINK = LinkSettings(baud=9600, turnaround_s=0.3, margin_s=0.2, retries=1)
@@ -114,7 +115,7 @@ async def run_once(label: str, config: ControlConfig, ports: list[int], addresse
         committed[meter_id] = gw.clock.now()  # the payment and its close command are durable: ack point
     deadline = time.monotonic() + 120
     while True:
-        closes = [c for c in await gw.writer.call(gw.control.store.load_entities, _commands(), "action = 'close'")]
+        closes = await gw.writer.call(gw.control.store.load_entities, COMMANDS, "action = 'close'")
         if len(closes) == n and all(c.state == CommandState.CONFIRMED for c in closes):
             break
         if time.monotonic() > deadline:
@@ -131,11 +132,6 @@ async def run_once(label: str, config: ControlConfig, ports: list[int], addresse
             "max_s": latency[-1], "mean_s": statistics.fmean(latency),
             "payment_commit_p50_ms": 1000 * _q(commit, 0.5), "payment_commit_p99_ms": 1000 * _q(commit, 0.99),
             "close_frames": sum(c.attempts for c in closes), "meter_reads": polls}
-
-
-def _commands():
-    from gateway.store.entities import COMMANDS
-    return COMMANDS
 
 
 def _q(values: list[float], q: float) -> float:

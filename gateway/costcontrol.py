@@ -150,9 +150,6 @@ class CostControl:
         self._with_engine(self.accounting.tick, now, int(now))
         return self._control(lambda: self.controller.tick(now), now)
 
-    def reevaluate(self, now: float) -> IngestResult:
-        return self._with_engine(self.accounting.reevaluate, now, int(now))
-
     def manual(self, meter_id: str, action: RelayAction, operator: str, role: str, reason: str, key: str,
                now: float, mode: ReconnectMode | None = None):
         """An operator's trip or close. A refusal (authority) is audited, committed and raised."""

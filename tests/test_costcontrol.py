@@ -197,3 +197,20 @@ def test_the_send_time_balance_sees_a_payment_committed_by_someone_else(store_ur
     assert block.gate.value == "balance" and "fresh balance 4500 fen" in block.reason
     assert cc.store.command(trip.command_id).state == CommandState.CANCELLED
     cc.store.close()
+
+
+def test_area_flags_and_forecasts_hold_across_a_restart(store_url):
+    from gateway.core.policy import AreaFlag, Forecast
+    cc = setup(store_url)
+    cc.set_area_flag(AreaFlag("north", "extreme_weather", True, MONDAY, MONDAY + 86400, "dispatcher", "blizzard"),
+                     MONDAY)
+    cc.set_forecast(Forecast("north", "2026-03-04", -9.0, -2.0, MONDAY), MONDAY)
+    assert cc.controller.gates.time_block("north", MONDAY + 60).gate.value == "weather"
+    cc.store.close()
+    again = CostControl(open_store(store_url), policy=POLICY, now=MONDAY + 120)
+    gates = again.controller.gates
+    assert "blizzard" in gates.time_block("north", MONDAY + 120).reason
+    assert "-9..-2" in gates.time_block("north", MONDAY + 2 * 86400).reason  # Wednesday's forecast
+    assert gates.time_block("south", MONDAY + 120) is None
+    assert [a[4] for a in again.store.audit_log("north")] == ["area_flag_set"]
+    again.store.close()

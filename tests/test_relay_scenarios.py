@@ -14,7 +14,7 @@ from gateway.core.dispatch import FieldStatus, FieldUpdate
 from gateway.core.model import CustomerClass, Payment
 from gateway.core.notices import ReceiptOutcome
 from gateway.core.policy import TripPolicy
-from gateway.store.entities import COMMANDS, ORDERS
+from gateway.store.entities import COMMANDS, NOTICES, ORDERS
 from simulators.dlt645 import SimMeter
 from simulators.dlt645.meter import Faults
 
@@ -47,8 +47,7 @@ def assert_every_trip_legitimate(h: Harness, address: str, account_id: str):
     old (and not stale), a confirmed final reminder at least its lead old, inside a permitted window."""
     t = h.config.trips
     store = h.cc.store
-    notices = store.load_entities(__import__("gateway.store.entities", fromlist=["NOTICES"]).NOTICES,
-                                  "account_id = ?", (account_id,))
+    notices = store.load_entities(NOTICES, "account_id = ?", (account_id,))
     zone = h.cc.controller.calendar.zone
     for when in trips(h, address):
         cut = when.replace(tzinfo=zone).timestamp()

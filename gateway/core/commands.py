@@ -173,6 +173,11 @@ class Command:
             self.next_at = self.created_at
 
     @property
+    def acted(self) -> bool:
+        """Confirmed by moving (or setting) the relay; not by finding it already where it wanted it."""
+        return self.state == CommandState.CONFIRMED and not self.outcome.startswith("already_")
+
+    @property
     def priority(self) -> int:
         """Lower runs first: closes before trips (a paid customer waits for no one)."""
         return 0 if self.action == RelayAction.CLOSE else 1
@@ -251,7 +256,7 @@ class CommandMachine:
             c.next_at = min(now + p.verify_every_s, c.verify_until)
             c.updated_at = now
             return "waiting"
-        if c.state in (CommandState.VERIFYING, CommandState.SENDING):
+        if c.state == CommandState.VERIFYING:
             where = "open" if status.open else "closed"
             why = (f"the meter acknowledged but the relay is still {where}" if not c.last_error
                    else f"{c.last_error}; the relay is still {where}")
@@ -387,8 +392,7 @@ def explain(meter_id: str, relay_row: tuple | None, commands: list[Command], ord
         return RelayExplanation(meter_id, "closed", at, None, keep_power=keep, pending=pending, order=order,
                                 summary=f"closed (verified {fmt(at)})" + (", keep-power on" if keep else "") + tail)
     confirmed = [c for c in commands if c.state == CommandState.CONFIRMED]
-    acted = sorted((c for c in confirmed if not c.outcome.startswith("already_")),  # found it there: did nothing
-                   key=lambda c: c.confirmed_at or 0, reverse=True)
+    acted = sorted((c for c in confirmed if c.acted), key=lambda c: c.confirmed_at or 0, reverse=True)
     last = acted[0] if acted else None
     waiting = last is not None and last.action == RelayAction.CLOSE and last.outcome == "close_allowed"
     trip = next((c for c in acted if c.action == RelayAction.TRIP), None) if waiting else last

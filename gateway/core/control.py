@@ -415,11 +415,9 @@ class Controller:
         paid = paid_at if paid_at is not None else d.at
         for meter in self.dir.meters_of_account(d.account_id):
             maybe_open = self._cancel_engine_trips(meter.meter_id, now, why)
-            for o in self.orders.values():
-                if o.meter_id == meter.meter_id and o.kind == OrderKind.DISCONNECT and \
-                        self.dispatcher.cancel(o, now, "the customer paid"):
-                    self._touch(o)
-                    self._emit("field_order_cancelled", o.meter_id, now, order_id=o.order_id, reason=o.note)
+            for o in list(self.orders.values()):
+                if o.meter_id == meter.meter_id and o.kind == OrderKind.DISCONNECT:
+                    self._cancel_order(o, now, "the customer paid")
             status = self.relays.get(meter.meter_id)
             is_open = status is not None and status.open
             if not (maybe_open or is_open):
@@ -463,9 +461,7 @@ class Controller:
     def _acted(self, meter_id: str) -> list[Command]:
         """Confirmed commands of the meter that moved (or set) its relay, newest first; a command confirmed by
         finding the relay already where it wanted it did nothing."""
-        out = [self.commands[i] for i in self._commands_of.get(meter_id, ())
-               if self.commands[i].state == CommandState.CONFIRMED
-               and not self.commands[i].outcome.startswith("already_")]
+        out = [self.commands[i] for i in self._commands_of.get(meter_id, ()) if self.commands[i].acted]
         return sorted(out, key=lambda c: c.confirmed_at or 0, reverse=True)
 
     def _opened_by_operator(self, meter_id: str) -> Command | None:
@@ -532,12 +528,8 @@ class Controller:
         waiting to retry. A position read before the last one known is history, not news."""
         for meter_id, status, seen_at in observations:
             old = self.relays.get(meter_id)
-            if old == status or (old is None and not status.open and not status.keep_power
-                                 and not status.commanded_open):
-                self._relay_seen_at[meter_id] = max(seen_at, self._relay_seen_at.get(meter_id, seen_at))
-                continue
             if not self._relay_seen(meter_id, status, seen_at):
-                continue
+                continue  # no news: the same position, or one older than what is known
             for c in self._active_commands(meter_id):
                 if c.state.in_flight:
                     continue
@@ -668,9 +660,12 @@ class Controller:
     def _command_changed(self, c: Command, now: float, kind: str) -> None:
         self._touch(c)
         self._emit(kind, c.meter_id, now, **self._command_payload(c))
-        o = self.orders.get(c.order_id) if c.order_id else None
-        if kind == "relay_cancelled" and o is not None and self.dispatcher.cancel(o, now, f"command {c.outcome}"):
-            self._touch(o)  # superseded or stopped: the crew is not sent for it
+        if kind == "relay_cancelled" and c.order_id in self.orders:  # superseded or stopped: no crew for it
+            self._cancel_order(self.orders[c.order_id], now, f"command {c.outcome}")
+
+    def _cancel_order(self, o: WorkOrder, now: float, why: str) -> None:
+        if self.dispatcher.cancel(o, now, why):
+            self._touch(o)
             self._emit("field_order_cancelled", o.meter_id, now, order_id=o.order_id, reason=o.note)
 
     def steps(self, now: float, bus: str | None = None) -> list[Step]:
@@ -699,9 +694,6 @@ class Controller:
                     (bus is None or self.dir.meter(o.meter_id).channel == bus):
                 yield Step(StepKind.READ, "order", o.order_id, o.meter_id, 0, o.verify_next_at)
 
-    def _busy_meters(self) -> set[str]:
-        return {c.meter_id for c in self._pending() if c.state.in_flight}
-
     def next_step_at(self) -> float | None:
         """When the executor has work next: a command or a completed order's read, on a meter free to take it
         (time's other work, notices and gates, is the ticker's)."""
@@ -718,9 +710,7 @@ class Controller:
         times = [step] if step is not None else []
         times += [n.due_at for n in self.notices.values() if n.state.active and n.due_at is not None]
         times += [c.next_check_at for c in self.cases.values() if c.state.active and c.next_check_at is not None]
-        for o in self.orders.values():
-            if o.state.active and o.escalation < 2:
-                times.append(o.deadline_at - (self.cfg.dispatch.escalate_before_s if o.escalation == 0 else 0))
+        times += [t for t in (self.dispatcher.next_escalation_at(o) for o in self.orders.values()) if t is not None]
         return min(times) if times else None
 
     def authorize(self, command_id: str, now: float, balance_fen: int | None = None,
@@ -761,8 +751,8 @@ class Controller:
             return Block(Gate.BALANCE, "no fresh balance to check: a trip is never sent without one")
         if balance_fen > trip_level_fen:
             return Block(Gate.BALANCE, f"fresh balance {balance_fen} fen is above the trip level {trip_level_fen} fen: "
-                                       f"a payment landed before the send", now + 3600)
-        return (Gates.class_block(acct.customer_class) or self._notice_block(acct.account_id, now, now)
+                                       f"a payment landed before the send", now + self.cfg.balance_recheck_s)
+        return (Gates.class_block(acct.customer_class) or self._notice_block(acct.account_id, now)
                 or self._reminder_block(case, now) or self.gates.time_block(acct.area, now))
 
     def on_send_result(self, command_id: str, now: float, result: SendResult, detail: str = "",
@@ -832,17 +822,15 @@ class Controller:
     def _on_confirmed(self, c: Command, now: float, via: str) -> None:
         o = self.orders.get(c.order_id) if c.order_id else None
         if o is not None and o.state == OrderState.COMPLETED and o.verified == "pending":
+            # the crew said done and this read agrees: the order is verified, the close was theirs
             c.outcome = "closed_by_field" if c.action == RelayAction.CLOSE else c.outcome
-            o.verified, o.verify_next_at, o.updated_at = "confirmed", None, now
-            self._touch(o)
-            self._emit("field_order_verified", o.meter_id, now, order_id=o.order_id, verified=o.verified)
+            self._order_verdict(o, now, relay_open=c.action == RelayAction.TRIP)
         self._note(c, now, "confirmed", f"{c.outcome} ({via})")
         self._command_changed(c, now, "relay_confirmed")
         self._audit(now, c.actor, c.role, f"relay_{c.action.value}_confirmed", c.meter_id, c.reason,
                     command_id=c.command_id, outcome=c.outcome, via=via)
-        if o is not None and self.dispatcher.cancel(o, now, f"remote {c.action.value} succeeded ({via})"):
-            self._touch(o)
-            self._emit("field_order_cancelled", o.meter_id, now, order_id=o.order_id, reason=o.note)
+        if o is not None:
+            self._cancel_order(o, now, f"remote {c.action.value} succeeded ({via})")
         if c.action == RelayAction.CLOSE and c.outcome == "close_allowed":
             # the meter allows the close: the customer must press the button
             self._new_notice(c.account_id, NoticePurpose.PRESS_BUTTON, f"{c.command_id}/press", now,
@@ -886,18 +874,20 @@ class Controller:
         del c.history[:-30]  # the last thirty steps; the audit log keeps everything
 
     def _relay_seen(self, meter_id: str, status: RelayStatus, at: float) -> bool:
-        """Note a relay position read at ``at``; False (and nothing changed) if a later one is already known."""
+        """Note a relay position read at ``at``. True if it changes what is known; False if it is the same, or
+        older than the last one known (a poll committed after a later read-back)."""
         if at < self._relay_seen_at.get(meter_id, at):
             return False
         self._relay_seen_at[meter_id] = at
-        old = self.relays.get(meter_id)
-        if status.open or status.keep_power or status.commanded_open:
-            self.relays[meter_id] = status
+        notable = status if (status.open or status.keep_power or status.commanded_open) else None
+        if self.relays.get(meter_id) == notable:  # meters closed and unremarkable are not kept
+            return False
+        if notable is None:
+            del self.relays[meter_id]
         else:
-            self.relays.pop(meter_id, None)
-        if old != status:
-            self._fx.relay_states.append(RelayStateChanged(meter_id, status.open, int(at), status.commanded_open,
-                                                           status.keep_power))
+            self.relays[meter_id] = notable
+        self._fx.relay_states.append(RelayStateChanged(meter_id, status.open, int(at), status.commanded_open,
+                                                       status.keep_power))
         return True
 
     # ------------------------------------------------------------------ field orders
@@ -924,11 +914,15 @@ class Controller:
         self._audit(now, ENGINE, ENGINE, "field_order_created", c.meter_id, o.reason, order_id=o.order_id,
                     command_id=c.command_id, deadline_at=deadline)
 
-    def _order_read(self, o: WorkOrder, now: float, status: RelayStatus | None) -> None:
-        verdict = self.dispatcher.verified(o, now, None if status is None else status.open)
+    def _order_verdict(self, o: WorkOrder, now: float, relay_open: bool | None) -> str:
+        verdict = self.dispatcher.verified(o, now, relay_open)
         self._touch(o)
         if verdict in ("confirmed", "contradicted", "unreachable"):
             self._emit("field_order_verified", o.meter_id, now, order_id=o.order_id, verified=verdict)
+        return verdict
+
+    def _order_read(self, o: WorkOrder, now: float, status: RelayStatus | None) -> None:
+        verdict = self._order_verdict(o, now, None if status is None else status.open)
         c = self.commands.get(o.command_id)
         if verdict == "confirmed" and c is not None and c.state != CommandState.CONFIRMED and \
                 not c.state.in_flight and o.kind == OrderKind.RECONNECT:
@@ -1006,8 +1000,7 @@ class Controller:
         for r in step.requests:
             self._emit("notice_request", n.account_id, now, **_request_payload(r))
         for kind, detail in step.transitions:
-            if kind != "notice_requested":
-                self._emit(kind, n.account_id, now, notice_id=n.notice_id, purpose=n.purpose.value, detail=detail)
+            self._emit(kind, n.account_id, now, notice_id=n.notice_id, purpose=n.purpose.value, detail=detail)
 
     def _notice_changed(self, n: Notice, now: float) -> None:
         self._touch(n)
@@ -1027,7 +1020,7 @@ class Controller:
                     best = n
         return best
 
-    def _notice_block(self, account_id: str, now: float, trip_at: float) -> Block | None:
+    def _notice_block(self, account_id: str, trip_at: float) -> Block | None:
         n = self._confirmed_notice(account_id, trip_at)
         if n is None:
             return Block(Gate.NOTICE, "no confirmed notice of disconnection that is not stale")

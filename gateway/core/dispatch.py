@@ -163,17 +163,21 @@ class Dispatcher:
         o.updated_at = now
         return o.verified
 
+    def _escalates_at(self, o: WorkOrder) -> tuple[float, float]:
+        """When the order reaches escalation level 1 (deadline at risk) and level 2 (overdue)."""
+        return o.deadline_at - self.policy.escalate_before_s, o.deadline_at
+
     def escalation_due(self, o: WorkOrder, now: float) -> int:
         """The escalation level the order should be at now (only ever rises)."""
         if not o.state.active:
             return o.escalation
-        if now >= o.deadline_at:
-            level = 2
-        elif now >= o.deadline_at - self.policy.escalate_before_s:
-            level = 1
-        else:
-            level = 0
+        level = sum(now >= t for t in self._escalates_at(o))
         return max(level, o.escalation)
+
+    def next_escalation_at(self, o: WorkOrder) -> float | None:
+        if not o.state.active or o.escalation >= 2:
+            return None
+        return self._escalates_at(o)[o.escalation]
 
     @staticmethod
     def cancel(o: WorkOrder, now: float, why: str) -> bool:

@@ -231,15 +231,16 @@ class Engine:
 
     # ------------------------------------------------------------------ balances
 
-    def balance(self, idx: np.ndarray | None = None) -> np.ndarray:
+    def balance(self, idx: np.ndarray | None = None, credits: np.ndarray | None = None) -> np.ndarray:
         """Balance in fen: credits minus cost (rounded down once), or the local meter's purse plus the credits
-        not yet topped up into it."""
+        not yet topped up into it. ``credits`` replaces the engine's own (for the accounts ``idx`` selects)."""
         if idx is None:
-            credits, cost, local, mbal, cread = (self.credits, self.cost, self.local, self.meter_bal,
-                                                 self.credits_at_read)
+            own, cost, local, mbal, cread = (self.credits, self.cost, self.local, self.meter_bal,
+                                             self.credits_at_read)
         else:
-            credits, cost, local, mbal, cread = (self.credits[idx], self.cost[idx], self.local[idx],
-                                                 self.meter_bal[idx], self.credits_at_read[idx])
+            own, cost, local, mbal, cread = (self.credits[idx], self.cost[idx], self.local[idx],
+                                             self.meter_bal[idx], self.credits_at_read[idx])
+        credits = own if credits is None else credits
         remote = credits - cost // UFEN_PER_FEN
         known = mbal != NO_BALANCE
         local_bal = np.where(known, mbal, 0) + credits - cread
@@ -260,14 +261,8 @@ class Engine:
         """``(balance, trip level)`` with the credits the store holds now, which include payments committed
         after this engine last looked (by anyone): the check at the moment of sending a trip."""
         a = self.account_no[account_id]
-        if self.local[a]:
-            if self.meter_bal[a] == NO_BALANCE:
-                balance = UNKNOWN_BALANCE
-            else:
-                balance = int(self.meter_bal[a]) + committed_credits_fen - int(self.credits_at_read[a])
-        else:
-            balance = committed_credits_fen - int(self.cost[a]) // UFEN_PER_FEN
-        return balance, int(self.levels.trip[a])
+        balance = self.balance(np.array([a]), np.array([committed_credits_fen], dtype=np.int64))
+        return int(balance[0]), int(self.levels.trip[a])
 
     # ------------------------------------------------------------------ readings
 

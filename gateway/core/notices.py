@@ -9,7 +9,6 @@ kept. Requests go out only inside each channel's permitted hours: a notice that 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import timedelta
 from enum import Enum
 
 from .policy import Hours, PolicyError, WorkCalendar
@@ -153,7 +152,8 @@ class Notice:
 
 @dataclass
 class NoticeStep:
-    """What one call changed: requests to publish, and a note per transition for the event log."""
+    """What one call changed: requests to publish, and the other transitions (escalated, delivered,
+    exhausted) as (event kind, detail) for the event log."""
 
     requests: list[NoticeRequest] = field(default_factory=list)
     transitions: list[tuple[str, str]] = field(default_factory=list)  # (event kind, detail)
@@ -166,16 +166,6 @@ class Notifier:
         self.policy = policy
         self.calendar = calendar
         self._hours = {name: Hours.parse(ch.hours) for name, ch in policy.channels.items()}
-
-    def next_in_hours(self, channel: str, t: int) -> int:
-        hours = self._hours[channel]
-        day = self.calendar.day(t)
-        for i in range(3):
-            d = day + timedelta(days=i)
-            start, end = self.calendar.at(d, hours.start_min), self.calendar.at(d, hours.end_min)
-            if t < end:
-                return max(t, start)
-        raise PolicyError(f"channel {channel}: no permitted hours")  # unreachable: hours are non-empty
 
     def advance(self, n: Notice, now: int, contacts: dict, postal_address: str) -> NoticeStep:
         """Move ``n`` as far as ``now`` allows: time out a silent channel, escalate, request the next."""
@@ -204,7 +194,7 @@ class Notifier:
                 step.transitions.append(("notice_escalated", f"no {channel} address on the account"))
                 n.next_channel += 1
                 continue
-            when = self.next_in_hours(channel, now)
+            when = self.calendar.next_within(self._hours[channel], now, 2)  # hours are never empty: found
             if when > now:
                 n.due_at = when  # outside the channel's hours: wait
                 break
@@ -214,7 +204,6 @@ class Notifier:
             n.state, n.due_at = NoticeState.REQUESTED, timeout_at
             step.requests.append(NoticeRequest(a.request_id, n.notice_id, n.account_id, n.purpose, channel,
                                                address, dict(n.params), now, timeout_at))
-            step.transitions.append(("notice_requested", f"{channel} to {address}"))
         n.updated_at = now
         return step
 

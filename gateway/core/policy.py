@@ -112,6 +112,18 @@ class WorkCalendar:
         local = self.local(t)
         return local.hour * 60 + local.minute
 
+    def next_within(self, hours: "Hours", t: int, days: int, day_allowed=lambda day: True) -> int | None:
+        """The earliest instant >= ``t`` inside ``hours`` of a day that ``day_allowed``, within ``days`` days."""
+        first = self.day(t)
+        for i in range(days):
+            d = first + timedelta(days=i)
+            if not day_allowed(d):
+                continue
+            start, end = self.at(d, hours.start_min), self.at(d, hours.end_min)
+            if t < end:
+                return max(t, start)
+        return None
+
     def holiday(self, day: date) -> str | None:
         """The holiday's name, or None. A working weekend day (调休) is never a holiday."""
         if day in self._extra_workdays:
@@ -199,15 +211,10 @@ class TripWindows:
 
     def next_open(self, t: int) -> int:
         """The earliest permitted instant at or after ``t``."""
-        day = self.calendar.day(t)
-        for i in range(self.SEARCH_DAYS):
-            d = day + timedelta(days=i)
-            if self.day_block(d) is not None:
-                continue
-            start, end = self.calendar.at(d, self.hours.start_min), self.calendar.at(d, self.hours.end_min)
-            if t < end:
-                return max(t, start)
-        raise PolicyError(f"no permitted trip window within {self.SEARCH_DAYS} days of {self.calendar.local(t)}")
+        when = self.calendar.next_within(self.hours, t, self.SEARCH_DAYS, lambda d: self.day_block(d) is None)
+        if when is None:
+            raise PolicyError(f"no permitted trip window within {self.SEARCH_DAYS} days of {self.calendar.local(t)}")
+        return when
 
     def window_of(self, t: int) -> tuple[int, int]:
         """Start and end of the permitted window of ``t``'s local day (whether or not that day is permitted)."""

@@ -548,7 +548,8 @@ class Store(ABC):
                                           (now - notice_horizon_s,)),
             "cases": self.load_entities(CASES, "state IN ('waiting', 'scheduled', 'tripping', 'blocked') "
                                                "OR (plan_day >= ? AND state <> 'cancelled')", (today,)),
-            # active, recent, and for each open relay the last command that acted on it (who opened it, and why)
+            # active, recent, and for each open relay the last command that acted on it (who opened it, and why;
+            # "acted" as in Command.acted: confirmed, and not by finding the relay already there)
             "commands": self.load_entities(
                 COMMANDS, "state IN ('queued', 'sending', 'verifying', 'retry_wait', 'dispatched') OR updated_at >= ? "
                           "OR (state = 'confirmed' AND substr(outcome, 1, 8) <> 'already_' AND meter_id IN "
