@@ -50,6 +50,7 @@ from .notices import (
 from .policy import AreaFlag, Block, Conditions, Forecast, Gate, Gates, PolicyError, TripPolicy, WorkCalendar
 
 ENGINE = "engine"  # the actor (and role) of automatic commands
+PRUNE_EVERY_S = 60  # how often finished entities are looked for to forget (a scan of everything in memory)
 ROLES = ("viewer", "operator", "supervisor", "admin")
 
 
@@ -276,6 +277,7 @@ class Controller:
         # bus -> commands that may still be active (finished ones are dropped when met): the executor asks per
         # bus and per step, so a step costs what that bus has pending, not everything in memory
         self._pending_by_bus: dict[str, set[str]] = {}
+        self._pruned_at = float("-inf")
         self._plans: dict[tuple[str, str], dict[str, float]] = {}  # (area, day) -> case id -> slot
         self._fx = Effects()
 
@@ -958,7 +960,9 @@ class Controller:
                 self._emit("field_order_escalated", o.meter_id, now, order_id=o.order_id, level=level,
                            reason="deadline passed" if level == 2 else "deadline at risk",
                            deadline_at=o.deadline_at, time_left_s=o.deadline_at - now)
-        self._prune(now)
+        if now - self._pruned_at >= PRUNE_EVERY_S:  # forgetting after a day needs no per-second precision
+            self._prune(now)
+            self._pruned_at = now
 
     def _prune(self, now: float) -> None:
         """Forget finished things the gates no longer need (the store keeps everything)."""
