@@ -498,9 +498,10 @@ class Store(ABC):
         self._executemany(f"INSERT INTO {table.name} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) "
                           f"ON CONFLICT ({table.key}) DO UPDATE SET {updates}", [table.to_row(o) for o in objects])
 
-    def load_entities(self, table: EntityTable, where: str, params: tuple = ()) -> list:
+    def load_entities(self, table: EntityTable, condition: str, params: tuple = ()) -> list:
+        """Rows of an entity table as entities; ``condition`` is what follows WHERE (ORDER BY and LIMIT too)."""
         return [table.from_row(r) for r in self._query(
-            f"SELECT {', '.join(table.columns)} FROM {table.name} WHERE {where}", params)]
+            f"SELECT {', '.join(table.columns)} FROM {table.name} WHERE {condition}", params)]
 
     def write_effects(self, fx: Effects, now: float) -> None:
         """Persist what the controller changed (inside the transaction that carried its input)."""
