@@ -1,7 +1,7 @@
 """Composition root: a running gateway from its parts (store, buses, policies) on a real clock.
 
-One writer thread owns the store; on the event loop run a poller per bus (every meter, one exchange at a
-time), the command executor (closes first, paced by the buses) and a ticker (notice timeouts, gates,
+One writer thread owns the store; on the event loop run a poll loop per channel (every meter, one exchange at
+a time; DL/T 645 buses, Modbus lines, MQTT concentrators alike), the command executor (closes first, paced by the buses) and a ticker (notice timeouts, gates,
 dispatch, escalation). A payment wakes the executor at once: its close does not wait for the next tick.
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ from gateway.core.model import Adjustment, Payment
 from gateway.core.readings import Reading
 from gateway.core.thresholds import ThresholdPolicy
 from gateway.costcontrol import CostControl
+from gateway.southbound.channel import Channel
 from gateway.southbound.executor import CommandExecutor
 from gateway.southbound.poller import BusPoller
 from gateway.southbound.readings import to_batch
@@ -29,11 +30,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Bus:
-    """One DL/T 645 line (RS-485 serial or a TCP transparent serial server) and the meters on it."""
+    """A DL/T 645 channel: one RS-485 line (or a TCP transparent serial server) and the meters on it."""
 
     link: Dlt645Link
     meters: list[str]
     client: Dlt645Client = field(init=False)
+    poller: BusPoller | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.client = Dlt645Client(self.link)
@@ -42,39 +44,47 @@ class Bus:
     def name(self) -> str:
         return self.link.name
 
+    def bind(self, clock, utc_offset_s: int) -> Dlt645RelayDriver:
+        self.poller = BusPoller(self.client, self.meters, clock=clock)
+        return Dlt645RelayDriver(self.client, utc_offset_s)
+
+    async def cycle(self, sink) -> None:
+        await self.poller.cycle(sink)
+
+    async def close(self) -> None:
+        await self.link.close()
+
 
 class Gateway:
-    def __init__(self, store_url: str, buses: list[Bus], config: ControlConfig | None = None,
+    def __init__(self, store_url: str, channels: list[Channel], config: ControlConfig | None = None,
                  policy: ThresholdPolicy | None = None, clock: Clock | None = None, poll_interval_s: float = 900.0,
                  tick_s: float = 1.0) -> None:
         self.clock = clock or SystemClock()
         self.config = config or ControlConfig()
         self.store_url = store_url
         self.policy = policy
-        self.buses = buses
+        self.channels = channels
         self.poll_interval_s = poll_interval_s
         self.tick_s = tick_s
         self.writer = Writer()
         self.control: CostControl | None = None
         self.executor: CommandExecutor | None = None
-        self.pollers: list[BusPoller] = []
         self.readings_seen = 0
 
     async def open(self) -> "Gateway":
         self.control = await self.writer.call(CostControl, open_store(self.store_url), self.config, self.policy,
                                               self.clock.now())
         offset = self.config.calendar.utc_offset_s
-        drivers = {bus.name: Dlt645RelayDriver(bus.client, offset) for bus in self.buses}
+        local = local_naive(self.clock, offset)
+        drivers = {channel.name: channel.bind(local, offset) for channel in self.channels}
         engine = self.control.engine
         self.executor = CommandExecutor(self.control, self.writer, drivers, lambda m: engine.meter(m).channel,
                                         self.clock)
-        self.pollers = [BusPoller(bus.client, bus.meters, clock=local_naive(self.clock, offset))
-                        for bus in self.buses]
         return self
 
     async def close(self) -> None:
-        for bus in self.buses:
-            await bus.link.close()
+        for channel in self.channels:
+            await channel.close()
         if self.control is not None:
             await self.writer.call(self.control.store.close)
         self.writer.close()
@@ -87,10 +97,10 @@ class Gateway:
             self.executor.wake()
         return result
 
-    async def poll_once(self, poller: BusPoller) -> None:
-        """One read cycle of a bus, committed as one batch (with the relay positions it saw)."""
+    async def poll_once(self, channel: Channel) -> None:
+        """One read cycle of a channel, committed as one batch (with the relay positions it saw)."""
         readings: list[Reading] = []
-        await poller.cycle(readings.append)
+        await channel.cycle(readings.append)
         batch, relays = to_batch(readings, self.control.engine, self.config.calendar.utc_offset_s)
         result = await self.writer.call(self.control.ingest_readings, batch, self.clock.now(), relays)
         self.readings_seen += len(readings)
@@ -98,13 +108,13 @@ class Gateway:
             self.executor.wake()
 
     # -- loops --------------------------------------------------------------------------------------------
-    async def _poll(self, poller: BusPoller, stop: asyncio.Event) -> None:
+    async def _poll(self, channel: Channel, stop: asyncio.Event) -> None:
         while not stop.is_set():
             started = asyncio.get_running_loop().time()
             try:
-                await self.poll_once(poller)
+                await self.poll_once(channel)
             except Exception:
-                log.exception("poll cycle on %s failed", poller.channel)
+                log.exception("poll cycle on %s failed", channel.name)
             rest = self.poll_interval_s - (asyncio.get_running_loop().time() - started)
             await _sleep_or_stop(stop, max(rest, 0.0))
 
@@ -120,7 +130,7 @@ class Gateway:
 
     async def run(self, stop: asyncio.Event) -> None:
         tasks = [asyncio.create_task(self.executor.run(stop)), asyncio.create_task(self._tick(stop))]
-        tasks += [asyncio.create_task(self._poll(p, stop)) for p in self.pollers]
+        tasks += [asyncio.create_task(self._poll(c, stop)) for c in self.channels]
         await asyncio.gather(*tasks)
 
 

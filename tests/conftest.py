@@ -92,3 +92,18 @@ def store_url(request, tmp_path):
         return f"sqlite://{tmp_path / 'feikong.db'}"
     return request.getfixturevalue("pg_dsn")
 
+
+
+# ---------------------------------------------------------------- a real Mosquitto broker on a free port
+
+from tests.mqtt_broker import Broker, mosquitto_available
+
+
+@pytest.fixture
+def broker(tmp_path):
+    """A Mosquitto broker of this test's own (anonymous, persistent, unlimited queues), killed at the end.
+    Never skipped: `./run test` installs mosquitto where it is missing."""
+    if not mosquitto_available():
+        pytest.fail("mosquitto is not installed; `./run test` installs it (Debian: mosquitto mosquitto-clients)")
+    with Broker(tmp_path / "broker") as b:
+        yield b

@@ -69,8 +69,8 @@ class Harness:
         return await self.writer.call(fn, *args, **kw)
 
     async def poll(self) -> None:
-        for poller in self.gw.pollers:
-            await self.gw.poll_once(poller)
+        for channel in self.gw.channels:
+            await self.gw.poll_once(channel)
 
     async def publish(self) -> list[tuple]:
         """Read new outbox events as upstream would, and answer notice requests."""

@@ -67,11 +67,11 @@ async def test_unexpected_replies_and_errors_leave_commands_to_be_read_back(tmp_
     cc = gw.control
     try:
         try:  # the client says what went wrong, it does not crash on the reply
-            await gw.buses[0].client.relay_state(meter.address)
+            await gw.channels[0].client.relay_state(meter.address)
             raise AssertionError("an acknowledgement is not a status word")
         except Dlt645BadReply as exc:
             assert "malformed reply" in str(exc) and "read reply needs at least 4 data bytes" in str(exc)
-        driver = gw.executor.drivers[gw.buses[0].name]
+        driver = gw.executor.drivers[gw.channels[0].name]
 
         async def broken_send(*a, **k):
             raise RuntimeError("driver bug")
