@@ -11,8 +11,10 @@ import logging
 from dataclasses import dataclass, field
 
 from gateway.clock import Clock, SystemClock, local_naive
-from gateway.core.control import ControlConfig
+from gateway.core.control import ControlConfig, NoticeReceiptIn
+from gateway.core.dispatch import FieldUpdate
 from gateway.core.model import Adjustment, Payment
+from gateway.core.policy import AreaFlag, Forecast
 from gateway.core.readings import Reading
 from gateway.core.thresholds import ThresholdPolicy
 from gateway.costcontrol import CostControl
@@ -92,10 +94,29 @@ class Gateway:
     # -- inputs -------------------------------------------------------------------------------------------
     async def credits(self, items: list[Payment | Adjustment]):
         """Payments in: committed (with any close they cause) before this returns, then the executor woken."""
-        result = await self.writer.call(self.control.ingest_credits, items, self.clock.now())
-        if result.decisions:
+        return await self._commit(self.control.ingest_credits, items)
+
+    async def _commit(self, method, *args):
+        """An input committed through the writer; the executor woken when it made relay work."""
+        result = await self.writer.call(method, *args, self.clock.now())
+        if getattr(result, "decisions", None) or getattr(result, "commands", None):
             self.executor.wake()
         return result
+
+    async def receipts(self, receipts: list[NoticeReceiptIn]):
+        return await self._commit(self.control.ingest_receipts, receipts)
+
+    async def field_updates(self, updates: list[FieldUpdate]):
+        return await self._commit(self.control.ingest_field_updates, updates)
+
+    async def area_flag(self, flag: AreaFlag):
+        return await self._commit(self.control.set_area_flag, flag)
+
+    async def forecast(self, forecast: Forecast):
+        return await self._commit(self.control.set_forecast, forecast)
+
+    async def tariffs(self, tariffs: dict):
+        return await self._commit(self.control.change_tariffs, tariffs)
 
     async def poll_once(self, channel: Channel) -> None:
         """One read cycle of a channel, committed as one batch (with the relay positions it saw)."""

@@ -12,7 +12,10 @@ One writer drives this (a dedicated thread in the service: :class:`gateway.write
 from __future__ import annotations
 
 import logging
+import uuid
 from datetime import datetime
+
+import numpy as np
 
 from gateway.accounting import Accounting, IngestResult
 from gateway.core.commands import RelayAction, RelayExplanation, RelayStatus, ReconnectMode, explain
@@ -21,6 +24,7 @@ from gateway.core.control import (
     ControlConfig,
     Controller,
     Effects,
+    Event,
     NoticeReceiptIn,
     Permit,
     SendResult,
@@ -30,10 +34,14 @@ from gateway.core.dispatch import FieldUpdate
 from gateway.core.engine import Engine, ReadingBatch
 from gateway.core.model import Adjustment, Payment
 from gateway.core.policy import AreaFlag, Block, Forecast
-from gateway.core.thresholds import ThresholdPolicy
+from gateway.core.thresholds import BAND_NAMES, ThresholdPolicy
 from gateway.store.base import Store
+from protocols.mqtt.billing import fen_to_yuan
 
 log = logging.getLogger(__name__)
+
+#: readings per outgoing ``readings`` event: keeps each MQTT message well under a broker's size limits
+READINGS_PER_EVENT = 1000
 
 
 class CostControl:
@@ -95,6 +103,7 @@ class CostControl:
                 paid_at[item.account_id] = max(paid_at.get(item.account_id, 0), min(at, now))
             self.controller.on_decisions(outcome.decisions, now, paid_at)
             self._flush(now)
+            self.store.add_events(self._report(outcome, result, now))
 
         self._fresh(now)
         try:
@@ -102,6 +111,32 @@ class CostControl:
         except BaseException:
             self._rebuild_after_failure(now)
             raise
+
+    def _report(self, outcome, result: IngestResult, now: float) -> list[Event]:
+        """Events for upstream, committed with the input: each payment applied (with the balance after it),
+        the readings accepted (in chunks) and the balances they left."""
+        e = self.engine
+        events = [Event(f"payment_applied/{p.payment_id}", "payment_applied", p.account_id, now,
+                        {"payment_id": p.payment_id, "account": p.account_id, "amount": fen_to_yuan(p.amount_fen),
+                         "balance": fen_to_yuan(e.balance_of(p.account_id))})
+                  for p in (result.credits.new if result.credits else ()) if isinstance(p, Payment)]
+        acc = outcome.accepted
+        if acc is None or not len(acc["meter"]):
+            return events
+        total_wh = acc["regs"][:, 0]
+        for lo in range(0, len(acc["meter"]), READINGS_PER_EVENT):
+            hi = lo + READINGS_PER_EVENT
+            rows = [[e.meter_ids[m], int(t), int(wh), int(b)] for m, t, wh, b in
+                    zip(acc["meter"][lo:hi], acc["t"][lo:hi], total_wh[lo:hi], acc["balance_fen"][lo:hi])]
+            events.append(Event(self._event_id(), "readings", "", now, {"rows": rows}))
+        idx = np.unique(acc["account"])
+        bands = e.state[idx]
+        rows = [[e.account_ids[a], int(b), BAND_NAMES[int(s)]] for a, b, s in zip(idx, e.balance(idx), bands)]
+        events.append(Event(self._event_id(), "balances", "", now, {"rows": rows}))
+        return events
+
+    def _event_id(self) -> str:
+        return self._new_id() if self._new_id else uuid.uuid4().hex
 
     def _control(self, work, now: float) -> Effects:
         """A controller input in one transaction; on failure both halves are rebuilt from the store."""
@@ -131,6 +166,19 @@ class CostControl:
     def ingest_credits(self, items: list[Payment | Adjustment], now: float) -> IngestResult:
         """Payments and adjustments: committed once, and any close they cause committed with them."""
         return self._with_engine(self.accounting.ingest_credits, now, items, int(now))
+
+    def change_tariffs(self, tariffs: dict, now: float) -> IngestResult:
+        """New tariff versions: stored, levels recalibrated, every account re-evaluated (decisions handled)."""
+        return self._with_engine(self.accounting.change_tariffs, now, tariffs, int(now))
+
+    def add_events(self, events: list[Event]) -> None:
+        """Events from the edges (dead letters), committed on their own; an id already there is kept."""
+        with self.store.transaction():
+            self.store.add_events(events)
+
+    def mark_published(self, seqs: list[int], at: float) -> None:
+        with self.store.transaction():
+            self.store.mark_published(seqs, at)
 
     def ingest_receipts(self, receipts: list[NoticeReceiptIn], now: float) -> Effects:
         return self._control(lambda: self.controller.on_receipts(receipts, now), now)

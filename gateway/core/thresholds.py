@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 NORMAL, WARNED_1, WARNED_2, TRIP = 0, 1, 2, 3
+BAND_NAMES = ("normal", "warning_1", "warning_2", "trip")
 
 
 @dataclass(frozen=True)

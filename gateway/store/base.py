@@ -508,9 +508,7 @@ class Store(ABC):
         for table, changed in ((NOTICES, fx.notices), (CASES, fx.cases), (COMMANDS, fx.commands),
                                (ORDERS, fx.orders)):
             self.save_entities(table, changed.values())
-        if fx.events:
-            self._executemany("INSERT INTO outbox (event_id, kind, subject, at, payload) VALUES (?, ?, ?, ?, ?)",
-                              [(e.event_id, e.kind, e.subject, e.at, _dumps(e.payload)) for e in fx.events])
+        self.add_events(fx.events)
         if fx.audit:
             self._executemany("INSERT INTO audit_log (at, actor, role, action, subject, reason, detail) "
                               "VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -594,6 +592,14 @@ class Store(ABC):
         """Every committed credit of the account (the fresh balance check at the moment of a trip)."""
         return int(self._query("SELECT COALESCE(CAST(SUM(amount_fen) AS BIGINT), 0) FROM ledger "
                                "WHERE account_no = ?", (account_no,))[0][0])
+
+    def add_events(self, events: list) -> None:
+        """Events into the outbox; an event id already there is kept as it was (a re-delivered input that
+        makes the same event again, such as a dead letter, is not an error)."""
+        if events:
+            self._executemany("INSERT INTO outbox (event_id, kind, subject, at, payload) VALUES (?, ?, ?, ?, ?) "
+                              "ON CONFLICT (event_id) DO NOTHING",
+                              [(e.event_id, e.kind, e.subject, e.at, _dumps(e.payload)) for e in events])
 
     def outbox(self, after_seq: int = 0, limit: int = 1000, unpublished: bool = False) -> list[tuple]:
         """``(seq, event_id, kind, subject, at, payload)`` in commit order."""

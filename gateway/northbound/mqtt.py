@@ -1,0 +1,418 @@
+"""The MQTT bridge to billing, notification and work-order systems (contract: ``protocols.mqtt.billing``).
+
+Inbound, at QoS 1 on a persistent MQTT 5 session (clean start off, a session expiry), so what billing
+published while the gateway was down waits at the broker. paho-mqtt with ``manual_ack``: a message is
+acknowledged to the broker only after what it carries is committed (a payment with the close it causes), so
+a crash at any point loses nothing; a re-delivered payment is a duplicate by its id and is not counted
+again. Messages are taken in batches (one transaction per batch: group commit). A message that cannot be
+used goes to the dead-letter topic, through the outbox, with the reason and the original payload; it never
+stops the consumer. A failure that is not the message's fault (the store is down) acknowledges nothing and
+tries the batch again.
+
+Outbound from the outbox, in commit order: published at QoS 1, marked published when the broker has
+acknowledged, published again after an outage (consumers de-duplicate on the event id). The gateway's
+status is retained at ``feikong/v1/status/<instance>``, with a last will saying "offline".
+
+paho runs its network loop on its own thread; its callbacks only hand things to the event loop.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import ssl
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from gateway.core.control import Event, NoticeReceiptIn
+from gateway.core.dispatch import FieldStatus, FieldUpdate
+from gateway.core.model import Payment
+from gateway.core.notices import ReceiptOutcome
+from gateway.core.policy import AreaFlag, Forecast
+from gateway.core.tariff import tariffs_from_config
+from protocols.mqtt import billing as contract
+
+log = logging.getLogger(__name__)
+
+VERSION = "feikong/0.1"
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """How the gateway reaches its broker (``[mqtt]`` in the gateway config; see config/gateway.example.toml)."""
+
+    host: str = "127.0.0.1"
+    port: int = 1883
+    #: this gateway instance: its status topic and, prefixed, its MQTT client id; stable across restarts, or
+    #: the broker's queued messages for the old session are never delivered
+    instance: str = "gw1"
+    username: str = ""
+    #: a file holding the password (kept out of the config file and out of logs)
+    password_file: str = ""
+    #: TLS: the CA that signed the broker's certificate; a client certificate and key where the broker asks
+    tls_ca_file: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    keepalive_s: int = 30
+    #: how long the broker keeps the session (and queues messages) while the gateway is away
+    session_expiry_s: int = 7 * 86400
+    #: several instances share the inbound load with a shared subscription ($share/<group>/...); "" = none
+    shared_group: str = ""
+    #: unacknowledged inbound messages the broker may have in flight to us (MQTT 5 receive maximum)
+    receive_maximum: int = 2000
+    #: most inbound messages committed in one transaction
+    batch_max: int = 500
+    #: most outbox events published before waiting for the broker's acknowledgements
+    publish_batch: int = 500
+    publish_ack_timeout_s: float = 10.0
+    #: how often an idle publisher looks at the outbox
+    publish_idle_s: float = 0.2
+    reconnect_max_s: int = 10
+
+    def __post_init__(self) -> None:
+        if not self.instance or any(c in self.instance for c in "/#+ "):
+            raise ValueError(f"instance {self.instance!r} must be non-empty, without '/', '#', '+' or spaces")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        for name in ("receive_maximum", "batch_max", "publish_batch", "session_expiry_s", "keepalive_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def client_id(self) -> str:
+        return f"feikong-{self.instance}"
+
+    def password(self) -> str | None:
+        if not self.password_file:
+            return None
+        try:
+            return Path(self.password_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ValueError(f"password_file {self.password_file}: cannot read: {exc.strerror}") from None
+
+
+def make_client(cfg: BrokerConfig, client_id: str, *, manual_ack: bool = False) -> paho.Client:
+    """A paho MQTT 5 client with the config's credentials and TLS (shared with the simulators and bench)."""
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5,
+                         manual_ack=manual_ack)
+    if cfg.username:
+        client.username_pw_set(cfg.username, cfg.password())
+    if cfg.tls_ca_file:
+        client.tls_set(ca_certs=cfg.tls_ca_file, certfile=cfg.tls_cert_file or None,
+                       keyfile=cfg.tls_key_file or None, cert_reqs=ssl.CERT_REQUIRED)
+    client.reconnect_delay_set(1, cfg.reconnect_max_s)
+    client.max_queued_messages_set(0)
+    return client
+
+
+def session_properties(cfg: BrokerConfig) -> Properties:
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = cfg.session_expiry_s
+    props.ReceiveMaximum = min(cfg.receive_maximum, 65535)
+    return props
+
+
+@dataclass
+class BridgeStats:
+    received: int = 0
+    committed: int = 0  # inbound messages whose content is committed (and then acknowledged)
+    duplicates: int = 0
+    dead_letters: int = 0
+    published: int = 0
+    retries: int = 0  # batches tried again after a failure that was not the messages' fault
+    connected: bool = False
+    connects: int = 0
+    last_error: str = ""
+
+
+@dataclass
+class _Inbound:
+    generation: int  # which connection it came on: an ack belongs to that connection only
+    mid: int
+    qos: int
+    topic: str
+    payload: bytes
+    item: Any = None  # decoded and converted, or None when it went to the dead letters
+
+
+@dataclass
+class _Run:
+    kind: type
+    messages: list[_Inbound] = field(default_factory=list)
+
+
+class BillingBridge:
+    """Runs beside a :class:`gateway.app.Gateway`: billing's messages in, the gateway's outbox out."""
+
+    def __init__(self, gateway, config: BrokerConfig) -> None:
+        self.gateway = gateway
+        self.config = config
+        self.stats = BridgeStats()
+        self.zone = timezone(timedelta(seconds=gateway.config.calendar.utc_offset_s))
+        self._client: paho.Client | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: asyncio.Queue[_Inbound] = asyncio.Queue()
+        self._connected = asyncio.Event()
+        self._acks: dict[int, asyncio.Future] = {}
+        self._lock = threading.Lock()  # the connection generation vs acknowledgements
+        self._generation = 0
+        self._wake = asyncio.Event()
+
+    # -- paho thread --------------------------------------------------------------------------------------
+    def _on_connect(self, client, userdata, flags, reason, properties) -> None:
+        if reason.is_failure:
+            self.stats.last_error = f"broker refused the connection: {reason}"
+            log.error("MQTT: %s", self.stats.last_error)
+            return
+        with self._lock:
+            self._generation += 1
+        prefix = f"$share/{self.config.shared_group}/" if self.config.shared_group else ""
+        client.subscribe([(prefix + topic, SubscribeOptions(qos=1)) for topic in contract.INBOUND])
+        client.publish(contract.status_topic(self.config.instance), self._status("online"), qos=1, retain=True)
+        self.stats.connects += 1
+        log.info("MQTT: connected to %s:%s (session present: %s)", self.config.host, self.config.port,
+                 flags.session_present)
+        self._loop.call_soon_threadsafe(self._set_connected, True)
+
+    def _on_disconnect(self, client, userdata, flags, reason, properties) -> None:
+        with self._lock:
+            self._generation += 1
+        if reason.is_failure:
+            self.stats.last_error = f"disconnected: {reason}"
+            log.warning("MQTT: %s; reconnecting", self.stats.last_error)
+        self._loop.call_soon_threadsafe(self._set_connected, False)
+
+    def _on_message(self, client, userdata, msg) -> None:
+        item = _Inbound(self._generation, msg.mid, msg.qos, msg.topic, msg.payload)
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    def _on_publish(self, client, userdata, mid, reason, properties) -> None:
+        self._loop.call_soon_threadsafe(self._published, mid, reason)
+
+    # -- event loop -----------------------------------------------------------------------------------------
+    def _set_connected(self, up: bool) -> None:
+        self.stats.connected = up
+        if up:
+            self._connected.set()
+        else:
+            self._connected.clear()
+
+    def _published(self, mid: int, reason) -> None:
+        fut = self._acks.pop(mid, None)
+        if fut is not None and not fut.done():
+            fut.set_result(not reason.is_failure)
+
+    def _status(self, state: str) -> bytes:
+        return contract.encode(contract.Status(self.config.instance, state, datetime.now(self.zone), VERSION))
+
+    def wake(self) -> None:
+        """New events are committed: publish now rather than at the next look."""
+        self._wake.set()
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        cfg = self.config
+        client = make_client(cfg, cfg.client_id, manual_ack=True)
+        client.will_set(contract.status_topic(cfg.instance), self._status("offline"), qos=1, retain=True)
+        client.max_inflight_messages_set(cfg.publish_batch)
+        client.on_connect, client.on_disconnect = self._on_connect, self._on_disconnect
+        client.on_message, client.on_publish = self._on_message, self._on_publish
+        client.connect_async(cfg.host, cfg.port, cfg.keepalive_s, clean_start=False,
+                             properties=session_properties(cfg))
+        client.loop_start()
+        self._client = client
+
+    async def run(self, stop: asyncio.Event) -> None:
+        if self._client is None:
+            await self.start()
+        tasks = [asyncio.create_task(self._consume()), asyncio.create_task(self._publish_loop(stop))]
+        try:
+            await stop.wait()
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.close()
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is None:
+            return
+        if self.stats.connected:
+            info = client.publish(contract.status_topic(self.config.instance), self._status("offline"), qos=1,
+                                  retain=True)
+            await asyncio.to_thread(info.wait_for_publish, 2.0)
+        client.disconnect()
+        await asyncio.to_thread(client.loop_stop)
+
+    # -- inbound ---------------------------------------------------------------------------------------------
+    async def _consume(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < self.config.batch_max and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            await self._handle_until_done(batch)
+
+    async def _handle_until_done(self, batch: list[_Inbound]) -> None:
+        delay = 0.5
+        while True:
+            try:
+                await self.handle(batch)
+                break
+            except Exception as exc:
+                # not the messages' fault (they were checked): nothing is acknowledged, try again
+                self.stats.retries += 1
+                self.stats.last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("MQTT: committing %d inbound messages failed; trying again in %.1fs", len(batch),
+                              delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+        self._ack(batch)
+
+    async def handle(self, batch: list[_Inbound]) -> None:
+        """Decode, commit (runs of one kind together, in arrival order), dead-letter what was refused."""
+        self.stats.received += len(batch)
+        now = self.gateway.clock.now()
+        letters: list[Event] = []
+        runs: list[_Run] = []
+        for msg in batch:
+            try:
+                msg.item = self._convert(contract.decode(msg.topic, msg.payload), now)
+            except (contract.BadMessage, ValueError) as exc:
+                letters.append(self._dead_letter(msg, str(exc), now))
+                continue
+            if not runs or runs[-1].kind is not type(msg.item):
+                runs.append(_Run(type(msg.item)))
+            runs[-1].messages.append(msg)
+        for run in runs:
+            letters += await self._commit(run, now)
+        if runs:
+            self.wake()
+        if letters:
+            await self.gateway.writer.call(self.gateway.control.add_events, letters)
+            self.stats.dead_letters += len(letters)
+            self.wake()
+        self.stats.committed += len(batch) - len(letters)
+
+    def _convert(self, m, now: float):
+        """Contract payload -> the domain's input (whose own checks may refuse it, as ValueError)."""
+        if isinstance(m, contract.Payment):
+            return Payment(m.payment_id, m.account, m.amount_fen, int(m.paid_at.timestamp()), m.channel)
+        if isinstance(m, contract.NoticeReceipt):
+            return NoticeReceiptIn(m.request_id, ReceiptOutcome(m.outcome), m.at.timestamp(), m.detail)
+        if isinstance(m, contract.FieldUpdate):
+            return FieldUpdate(m.update_id, m.order_id, FieldStatus(m.status), m.at.timestamp(), m.crew, m.note)
+        if isinstance(m, contract.AreaFlag):
+            return AreaFlag(m.area, m.flag, m.active, int(m.since.timestamp()),
+                            None if m.until is None else int(m.until.timestamp()), m.actor, m.reason)
+        if isinstance(m, contract.Forecast):
+            if m.min_c > m.max_c:
+                raise ValueError(f"forecast {m.forecast_id}: min_c {m.min_c} is above max_c {m.max_c}")
+            return Forecast(m.area, m.day.isoformat(), m.min_c, m.max_c, int(now))
+        if isinstance(m, contract.TariffChange):
+            return _Tariffs(m.change_id, tariffs_from_config(m.as_config()))
+        raise ValueError(f"no handler for {type(m).__name__}")
+
+    async def _commit(self, run: _Run, now: float) -> list[Event]:
+        gw, items = self.gateway, [m.item for m in run.messages]
+        if run.kind is Payment:
+            result = await gw.credits(items)
+            credits = result.credits
+            self.stats.duplicates += len(credits.duplicates)
+            by_id = {m.item.payment_id: m for m in run.messages}
+            return [self._dead_letter(by_id[item.payment_id], reason, now) for item, reason in credits.conflicts]
+        if run.kind is NoticeReceiptIn:
+            await gw.receipts(items)
+        elif run.kind is FieldUpdate:
+            await gw.field_updates(items)
+        elif run.kind is AreaFlag:
+            for flag in items:
+                await gw.area_flag(flag)
+        elif run.kind is Forecast:
+            for fc in items:
+                await gw.forecast(fc)
+        elif run.kind is _Tariffs:
+            for change in items:
+                await gw.tariffs(change.tariffs)
+        return []
+
+    def _dead_letter(self, msg: _Inbound, reason: str, now: float) -> Event:
+        log.warning("MQTT: dead letter from %s: %s", msg.topic, reason)
+        # the same message refused again (a re-delivery) makes the same event, kept once
+        key = hashlib.sha256(msg.topic.encode() + b"\0" + msg.payload + b"\0" + reason.encode()).hexdigest()[:32]
+        letter = contract.dead_letter(msg.topic, msg.payload, reason)
+        return Event(f"dead_letter/{key}", "dead_letter", msg.topic, now,
+                     {"topic": letter.topic, "reason": letter.reason, "payload": letter.payload,
+                      "encoding": letter.encoding})
+
+    def _ack(self, batch: list[_Inbound]) -> None:
+        client = self._client
+        if client is None:
+            return
+        with self._lock:
+            for msg in batch:
+                # a message from an earlier connection is re-delivered by the broker (and is then a duplicate);
+                # its old packet id may already name another message on this connection: never ack it
+                if msg.qos > 0 and msg.generation == self._generation:
+                    client.ack(msg.mid, msg.qos)
+
+    # -- outbound ---------------------------------------------------------------------------------------------
+    async def _publish_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await self._connected.wait()
+            try:
+                sent = await self.publish_pending()
+            except Exception as exc:
+                self.stats.last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("MQTT: publishing the outbox failed; trying again")
+                sent = 0
+            if sent < self.config.publish_batch:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self.config.publish_idle_s)
+                except asyncio.TimeoutError:
+                    pass
+
+    async def publish_pending(self) -> int:
+        """One batch of unpublished outbox events: publish, wait for the broker's acks, mark what was acked.
+        Returns how many were acknowledged."""
+        control = self.gateway.control
+        rows = await self.gateway.writer.call(control.store.outbox, 0, self.config.publish_batch, True)
+        if not rows:
+            return 0
+        client = self._client
+        waits = []
+        for seq, event_id, kind, subject, at, data in rows:
+            envelope = contract.Event(event_id, kind, subject, datetime.fromtimestamp(at, self.zone), seq,
+                                      self.config.instance, data)
+            info = client.publish(contract.event_topic(kind), contract.encode(envelope), qos=1)
+            if info.rc != paho.MQTT_ERR_SUCCESS and info.rc != paho.MQTT_ERR_NO_CONN:
+                raise RuntimeError(f"publish refused: {paho.error_string(info.rc)}")
+            fut = self._loop.create_future()
+            self._acks[info.mid] = fut
+            waits.append((seq, info.mid, fut))
+        done, _ = await asyncio.wait([f for _, _, f in waits], timeout=self.config.publish_ack_timeout_s)
+        acked = [seq for seq, _, fut in waits if fut in done and fut.result()]
+        for _, mid, fut in waits:
+            if not fut.done():  # the broker is away: these go again from the outbox
+                fut.cancel()
+                if self._acks.get(mid) is fut:
+                    del self._acks[mid]
+        if acked:
+            await self.gateway.writer.call(control.mark_published, acked, self.gateway.clock.now())
+            self.stats.published += len(acked)
+        return len(acked)
+
+
+@dataclass(frozen=True)
+class _Tariffs:
+    change_id: str
+    tariffs: dict

@@ -1,0 +1,1 @@
+"""MQTT contracts (versioned topic trees and payload schemas), shared by the gateway and the simulators."""
