@@ -6,6 +6,7 @@ Debian's ``mosquitto`` and ``mosquitto-clients`` where they are missing.
 """
 from __future__ import annotations
 
+import getpass
 import os
 import shutil
 import signal
@@ -63,6 +64,9 @@ class Broker:
 
     def _write_config(self) -> None:
         lines = [f"listener {self.port} {self.host}",
+                 # started as root, mosquitto drops to user "mosquitto", who cannot write to this test's
+                 # directory: its persistence file (sessions, queued messages) would silently never be saved
+                 f"user {getpass.getuser()}",
                  f"persistence true", f"persistence_location {self.dir}/",
                  # 0 = no limit: the default (1000) drops a burst queued for a subscriber that is away
                  f"max_queued_messages {self.max_queued}",

@@ -54,7 +54,9 @@ class LiveGateway:
             await self.gw.writer.call(cc.accounting.register, tariffs(), accounts, meters)
         self.bridge = BillingBridge(self.gw, self.mqtt)
         self.stop = asyncio.Event()
+        await self.bridge.start()
         self.tasks = [asyncio.create_task(self.gw.run(self.stop)), asyncio.create_task(self.bridge.run(self.stop))]
+        await self.bridge.ready()
         return self
 
     async def __aexit__(self, *exc) -> None:

@@ -21,3 +21,88 @@ async def test_a_payment_over_mqtt_closes_the_tripped_meter_and_the_verified_clo
             assert [(e.data["payment_id"], e.data["amount"]) for e in applied] == [("P1", "50.00")]
             assert not meter.relay_open
             assert await live.ledger() == [("P1", "A0", 5000)]
+
+
+PAYMENTS = f"{contract.IN}/payments"
+
+
+def _payment(pid: str, account: str = "A0", amount: str = "10.00") -> bytes:
+    return (f'{{"payment_id":"{pid}","account":"{account}","amount":"{amount}",'
+            f'"paid_at":"2026-11-25T10:00:00+08:00","channel":"bank"}}').encode()
+
+
+async def test_bad_messages_go_to_the_dead_letter_topic_with_the_reason_and_the_consumer_carries_on(broker, tmp_path):
+    bad = {
+        "not json": (PAYMENTS, b"{not json"),
+        "float money": (PAYMENTS, _payment("P2").replace(b'"10.00"', b"10.00")),
+        "three decimals": (PAYMENTS, _payment("P3", amount="10.001")),
+        "no offset": (PAYMENTS, _payment("P4").replace(b"+08:00", b"")),
+        "misspelt field": (PAYMENTS, _payment("P5").replace(b'"account"', b'"acount"')),
+        "zero": (PAYMENTS, _payment("P6", amount="0.00")),
+        "unknown account": (PAYMENTS, _payment("P7", account="NOBODY")),
+        "same id, other amount": (PAYMENTS, _payment("P1", amount="99.00")),
+        "not utf-8": (PAYMENTS, b"\xff\xfe\x00payment"),
+        "bad receipt outcome": (f"{contract.IN}/notice-receipts",
+                                b'{"receipt_id":"R1","request_id":"N1","outcome":"maybe",'
+                                b'"at":"2026-11-25T10:00:00+08:00"}'),
+        "bad tariff": (f"{contract.IN}/tariffs",
+                       b'{"change_id":"T1","tariff_id":"flat","versions":[{"effective_from":'
+                       b'"2026-01-01T00:00:00+08:00","kind":"flat"}]}'),
+    }
+    async with LiveGateway(f"sqlite://{tmp_path / 'g.db'}", broker, accounts=2) as live:
+        with BillingSim(broker.host, broker.port) as billing:
+            billing.publish(PAYMENTS, _payment("P1"))
+            await asyncio.to_thread(billing.wait_for, lambda b: b.of_kind("payment_applied"), 10, "P1 applied")
+            for topic, payload in bad.values():
+                billing.publish(topic, payload)
+            billing.publish(PAYMENTS, _payment("P1"))  # a plain re-delivery: acknowledged, not counted
+            billing.publish(PAYMENTS, _payment("P8", account="A1"))  # and the consumer carries on
+            await asyncio.to_thread(billing.wait_for, lambda b: len(b.of_kind("payment_applied")) == 2
+                                    and len(b.of_kind("dead_letter")) == len(bad), 10, "dead letters")
+            letters = {(e.data["topic"], e.data["payload"]): e.data for e in billing.of_kind("dead_letter")}
+        reasons = {name: letters[(topic, payload.decode("utf-8", "replace"))]["reason"]
+                   for name, (topic, payload) in bad.items() if name != "not utf-8"}
+        assert "not JSON" in reasons["not json"]
+        assert "Expected `str`, got `float` - at `$.amount`" in reasons["float money"]
+        assert "$.amount" in reasons["three decimals"]
+        assert "timezone" in reasons["no offset"]
+        assert "unknown field `acount`" in reasons["misspelt field"]
+        assert "must be positive" in reasons["zero"]
+        assert "NOBODY" in reasons["unknown account"]
+        assert "P1" in reasons["same id, other amount"] and "different" in reasons["same id, other amount"]
+        assert "$.outcome" in reasons["bad receipt outcome"]
+        assert "price" in reasons["bad tariff"]
+        binary = [d for d in letters.values() if d["encoding"] == "base64"]
+        assert len(binary) == 1 and "not JSON" in binary[0]["reason"]
+        assert sorted(await live.ledger()) == [("P1", "A0", 1000), ("P8", "A1", 1000)]
+        assert live.bridge.stats.duplicates == 1 and live.bridge.stats.dead_letters == len(bad)
+
+
+async def test_a_broker_restart_in_a_burst_of_10000_payments_loses_none_and_applies_none_twice(broker, store_url):
+    n, accounts = 10_000, 20
+    async with LiveGateway(store_url, broker, accounts=accounts) as live:
+        with BillingSim(broker.host, broker.port, in_flight=200) as billing:
+            sent = {}
+            for i in range(n):
+                pid = f"B{i:05d}"
+                billing.pay(f"A{i % accounts}", "1.00", pid)
+                sent[pid] = f"A{i % accounts}"
+                if i == n // 3:
+                    # mid-burst, with payments in flight both ways: the broker goes down and comes back
+                    await live.until(lambda: live.bridge.stats.committed > 500, 20, "some committed")
+                    await asyncio.to_thread(broker.restart)
+            await asyncio.to_thread(billing.wait_acked, 60)
+            await live.until(lambda: live.bridge.stats.committed - live.bridge.stats.duplicates >= n, 60,
+                             "every payment committed")
+            await asyncio.to_thread(billing.wait_for, lambda b: len(b.of_kind("payment_applied")) == n, 60,
+                                    "every payment_applied event")
+        ledger = await live.ledger()
+        assert len(ledger) == n and {pid: acc for pid, acc, _ in ledger} == sent
+        assert sum(fen for *_, fen in ledger) == n * 100
+        balances = {acc: fen for acc, fen in [(a, await live.call(live.gw.control.engine.balance_of, a))
+                                               for a in (f"A{i}" for i in range(accounts))]}
+        assert balances == {f"A{i}": n // accounts * 100 for i in range(accounts)}
+        stats = live.bridge.stats
+        assert stats.connects >= 2 and stats.dead_letters == 0
+        assert stats.committed == stats.received  # re-deliveries included: each acknowledged after its commit
+        print(f"burst of {n} through a broker restart: {stats}")

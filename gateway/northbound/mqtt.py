@@ -161,6 +161,7 @@ class BillingBridge:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: asyncio.Queue[_Inbound] = asyncio.Queue()
         self._connected = asyncio.Event()
+        self._subscribed = asyncio.Event()
         self._acks: dict[int, asyncio.Future] = {}
         self._lock = threading.Lock()  # the connection generation vs acknowledgements
         self._generation = 0
@@ -190,6 +191,14 @@ class BillingBridge:
             log.warning("MQTT: %s; reconnecting", self.stats.last_error)
         self._loop.call_soon_threadsafe(self._set_connected, False)
 
+    def _on_subscribe(self, client, userdata, mid, reasons, properties) -> None:
+        refused = [str(r) for r in reasons if r.is_failure]
+        if refused:
+            self.stats.last_error = f"broker refused the subscriptions: {', '.join(refused)}"
+            log.error("MQTT: %s", self.stats.last_error)
+            return
+        self._loop.call_soon_threadsafe(self._subscribed.set)
+
     def _on_message(self, client, userdata, msg) -> None:
         item = _Inbound(self._generation, msg.mid, msg.qos, msg.topic, msg.payload)
         self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
@@ -204,6 +213,7 @@ class BillingBridge:
             self._connected.set()
         else:
             self._connected.clear()
+            self._subscribed.clear()
 
     def _published(self, mid: int, reason) -> None:
         fut = self._acks.pop(mid, None)
@@ -225,10 +235,19 @@ class BillingBridge:
         client.max_inflight_messages_set(cfg.publish_batch)
         client.on_connect, client.on_disconnect = self._on_connect, self._on_disconnect
         client.on_message, client.on_publish = self._on_message, self._on_publish
+        client.on_subscribe = self._on_subscribe
         client.connect_async(cfg.host, cfg.port, cfg.keepalive_s, clean_start=False,
                              properties=session_properties(cfg))
         client.loop_start()
         self._client = client
+
+    async def ready(self, timeout: float = 10.0) -> None:
+        """Until connected and subscribed (a first connection: nothing is queued for us before that)."""
+        try:
+            await asyncio.wait_for(self._subscribed.wait(), timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"MQTT bridge not subscribed within {timeout}s at {self.config.host}:"
+                               f"{self.config.port}: {self.stats.last_error or 'no answer'}") from None
 
     async def run(self, stop: asyncio.Event) -> None:
         if self._client is None:
@@ -327,8 +346,9 @@ class BillingBridge:
             result = await gw.credits(items)
             credits = result.credits
             self.stats.duplicates += len(credits.duplicates)
-            by_id = {m.item.payment_id: m for m in run.messages}
-            return [self._dead_letter(by_id[item.payment_id], reason, now) for item, reason in credits.conflicts]
+            # by identity: one batch may hold two messages with the same payment id (a re-send and a conflict)
+            by_item = {id(m.item): m for m in run.messages}
+            return [self._dead_letter(by_item[id(item)], reason, now) for item, reason in credits.conflicts]
         if run.kind is NoticeReceiptIn:
             await gw.receipts(items)
         elif run.kind is FieldUpdate:
