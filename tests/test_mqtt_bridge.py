@@ -2,6 +2,8 @@
 out through the outbox, dead letters, the retained status with its last will."""
 import asyncio
 
+import msgspec
+
 from protocols.mqtt import billing as contract
 from simulators.billing import BillingSim
 
@@ -17,6 +19,8 @@ async def test_a_payment_over_mqtt_closes_the_tripped_meter_and_the_verified_clo
                                     and b.status["gw-test"].state == "online", 10, "gateway online")
             billing.pay("A0", "50.00", "P1")
             await asyncio.to_thread(billing.wait_for, lambda b: b.of_kind("relay_confirmed"), 20, "relay confirmed")
+            confirmed = msgspec.convert(billing.of_kind("relay_confirmed")[0].data, contract.RelayCommand)
+            assert (confirmed.action, confirmed.account_id, confirmed.state) == ("close", "A0", "confirmed")
             applied = billing.of_kind("payment_applied")
             assert [(e.data["payment_id"], e.data["amount"]) for e in applied] == [("P1", "50.00")]
             assert not meter.relay_open

@@ -40,8 +40,8 @@ OUT = f"{ROOT}/out"
 DEAD_LETTER = f"{ROOT}/dead-letter"
 STATUS = f"{ROOT}/status"
 
-Id = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[^\s#+/]+$",
-                         description="an identifier: no spaces and no MQTT wildcard or level characters")]
+Id = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^\S+$",
+                         description="an identifier: 1 to 128 characters, no spaces")]
 #: money as a decimal string in yuan, never a float: at most two decimals (fen)
 Yuan = Annotated[str, Meta(pattern=r"^[0-9]{1,10}(\.[0-9]{1,2})?$", examples=["50.00"],
                            description="yuan as a decimal string with at most two decimals")]
@@ -180,6 +180,23 @@ class PaymentApplied(Struct, frozen=True):
     balance: str  # yuan, after this payment
 
 
+class RelayCommand(Struct, frozen=True, forbid_unknown_fields=True):
+    """The data of every relay_* event: the command as it stands after the change the event names."""
+
+    command_id: str
+    account_id: str
+    action: Literal["trip", "close"]
+    mode: Literal["direct", "close_allowed"]
+    state: str  # queued, sending, verifying, confirmed, retry_wait, failed, dispatched, cancelled, blocked
+    actor: str
+    reason: str
+    attempts: int
+    outcome: str
+    error: str
+    deadline_at: float | None  # reconnects: the payment time plus the limit (epoch s)
+    order_id: str | None  # the field order, once there is one
+
+
 class ReadingRow(Struct, frozen=True, array_like=True):
     """One accepted reading as an array: [meter, taken_at (epoch s), total_wh, account balance_fen after it]."""
 
@@ -300,6 +317,7 @@ SCHEMAS: dict[str, Any] = {
     "tariff-change.json": TariffChange,
     "event.json": Event,
     "event-data-payment-applied.json": PaymentApplied,
+    "event-data-relay.json": RelayCommand,
     "event-data-readings.json": Readings,
     "event-data-balances.json": Balances,
     "event-data-dead-letter.json": DeadLetter,
