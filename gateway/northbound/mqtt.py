@@ -165,10 +165,12 @@ class BillingBridge:
         self._acks: dict[int, asyncio.Future] = {}
         self._lock = threading.Lock()  # the connection generation vs acknowledgements
         self._generation = 0
+        self._refused = False  # the broker refused the last connection attempt (credentials, say)
         self._wake = asyncio.Event()
 
     # -- paho thread --------------------------------------------------------------------------------------
     def _on_connect(self, client, userdata, flags, reason, properties) -> None:
+        self._refused = reason.is_failure
         if reason.is_failure:
             self.stats.last_error = f"broker refused the connection: {reason}"
             log.error("MQTT: %s", self.stats.last_error)
@@ -186,7 +188,7 @@ class BillingBridge:
     def _on_disconnect(self, client, userdata, flags, reason, properties) -> None:
         with self._lock:
             self._generation += 1
-        if reason.is_failure:
+        if reason.is_failure and not self._refused:  # a refusal already said why; keep that
             self.stats.last_error = f"disconnected: {reason}"
             log.warning("MQTT: %s; reconnecting", self.stats.last_error)
         self._loop.call_soon_threadsafe(self._set_connected, False)
