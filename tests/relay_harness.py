@@ -43,26 +43,33 @@ class Harness:
         self.events: list[tuple] = []  # (seq, event_id, kind, subject, at, payload), everything published
         self.executor_paused = False  # tests that step the executor themselves
 
-    async def __aenter__(self) -> "Harness":
+    async def open_channel(self):
+        """The line the meters are on: a simulated DL/T 645 bus over TCP (a subclass may put them elsewhere)."""
         # no turnaround delay: the line's real time is not what these tests are about (bench/ measures it)
         self.bus = SimBus.of(self.sims.values(), clock=local_naive(self.clock), turnaround_s=0.0)
         self.server = await serve_tcp(self.bus)
         port = self.server.sockets[0].getsockname()[1]
         self.link = Dlt645Link.tcp("127.0.0.1", port, FAST)
-        self.gw = await Gateway(self.store_url, [Bus(self.link, list(self.sims))], self.config, POLICY,
-                                self.clock).open()
+        return Bus(self.link, list(self.sims))
+
+    async def close_channel(self) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def __aenter__(self) -> "Harness":
+        channel = await self.open_channel()
+        self.gw = await Gateway(self.store_url, [channel], self.config, POLICY, self.clock).open()
         self.cc, self.executor, self.writer = self.gw.control, self.gw.executor, self.gw.writer
         if not self.cc.engine.account_ids:
             await self.call(self.cc.accounting.register, tariffs(), self.accounts,
-                            [Meter(addr, self.owner[addr], channel=self.link.name, max_kw=30,
+                            [Meter(addr, self.owner[addr], channel=channel.name, max_kw=30,
                                    reconnect_mode=self.modes.get(addr, "direct")) for addr in self.sims])
         self.next_poll = self.clock.now()
         return self
 
     async def __aexit__(self, *exc) -> None:
         await self.gw.close()
-        self.server.close()
-        await self.server.wait_closed()
+        await self.close_channel()
 
     # -- the world -----------------------------------------------------------------------------------
     async def call(self, fn, *args, **kw):
