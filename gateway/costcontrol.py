@@ -116,10 +116,12 @@ class CostControl:
         """Events for upstream, committed with the input: each payment applied (with the balance after it),
         the readings accepted (in chunks) and the balances they left."""
         e = self.engine
+        paid = [p for p in (result.credits.new if result.credits else ()) if isinstance(p, Payment)]
+        after = e.balance(np.array([e.account_no[p.account_id] for p in paid], dtype=np.int64)) if paid else ()
         events = [Event(f"payment_applied/{p.payment_id}", "payment_applied", p.account_id, now,
                         {"payment_id": p.payment_id, "account": p.account_id, "amount": fen_to_yuan(p.amount_fen),
-                         "balance": fen_to_yuan(e.balance_of(p.account_id))})
-                  for p in (result.credits.new if result.credits else ()) if isinstance(p, Payment)]
+                         "balance": fen_to_yuan(int(b))})
+                  for p, b in zip(paid, after)]
         acc = outcome.accepted
         if acc is None or not len(acc["meter"]):
             return events

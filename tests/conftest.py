@@ -96,7 +96,7 @@ def store_url(request, tmp_path):
 
 # ---------------------------------------------------------------- a real Mosquitto broker on a free port
 
-from tests.mqtt_broker import Broker, mosquitto_available
+from simulators.broker import Broker, mosquitto_available
 
 
 @pytest.fixture

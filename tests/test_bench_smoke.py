@@ -68,3 +68,20 @@ def test_relay_bench_quick(tmp_path):
     saved = json.loads(out.read_text())
     assert saved["results"] == summary
     assert all(run["verified"]["one_close_frame_per_meter"] for run in saved["runs"].values())
+
+
+MQTT_KEYS = ("payments_per_s", "events_per_s", "paho_floor_per_s", "payments_over_floor")
+
+
+def test_mqtt_bench_quick(tmp_path):
+    """bench/mqtt.py --quick checks the ledger and the events before it reports; here: it ran against its own
+    broker, reported positive rates for both sides, and saved them."""
+    out = tmp_path / "mqtt.json"
+    python = str(VENV_PYTHON) if VENV_PYTHON.exists() else sys.executable
+    proc = subprocess.run([python, str(ROOT / "bench" / "mqtt.py"), "--quick", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in MQTT_KEYS:
+        assert isinstance(summary[key], (int, float)) and summary[key] > 0, (key, summary)
+    assert json.loads(out.read_text())["results"] == summary

@@ -11,7 +11,7 @@ from gateway.northbound.mqtt import BillingBridge, BrokerConfig
 from protocols.mqtt import billing as contract
 from simulators.billing import BillingSim
 
-from .mqtt_broker import Broker, make_tls
+from simulators.broker import Broker, make_tls
 from .mqtt_fixtures import LiveGateway, tripped_meter
 
 ACL = Path(__file__).resolve().parent.parent / "config" / "mosquitto" / "acl"

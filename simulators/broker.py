@@ -1,8 +1,9 @@
-"""A real Mosquitto broker for the tests: started on a free port, stopped, killed and restarted at will.
+"""A real Mosquitto broker spawned on a free port, for the tests, the benchmarks and the demo: started,
+stopped, killed and restarted at will.
 
-Each broker gets its own directory (config, persistence file, log, password file, ACL, certificates), so
-tests never share state with each other or with a broker the machine runs on 1883. ``./run test`` installs
-Debian's ``mosquitto`` and ``mosquitto-clients`` where they are missing.
+Each broker gets its own directory (config, persistence file, log, password file, ACL, certificates), so it
+never shares state with another one or with a broker the machine runs on 1883. ``./run`` installs Debian's
+``mosquitto`` and ``mosquitto-clients`` where they are missing.
 """
 from __future__ import annotations
 
