@@ -81,3 +81,34 @@ def test_durations_and_partial_files(tmp_path):
 def test_build_refuses_anything_but_a_table():
     with pytest.raises(ConfigError, match="expected a table of settings"):
         build(ControlConfig, ["trips"], "control")
+
+
+# ---------------------------------------------------------------- the gateway's [mqtt] table
+
+import re  # noqa: E402
+
+from gateway.config import load_broker_config  # noqa: E402
+from gateway.northbound.mqtt import BrokerConfig  # noqa: E402
+
+
+def test_the_example_gateway_config_is_every_broker_setting_at_its_default():
+    path = Path(__file__).resolve().parent.parent / "config" / "gateway.example.toml"
+    assert load_broker_config(path) == BrokerConfig()
+    import dataclasses, tomllib
+    assert set(tomllib.loads(path.read_text())["mqtt"]) == {f.name for f in dataclasses.fields(BrokerConfig)}
+
+
+@pytest.mark.parametrize("text,message", [
+    ('[mqtt]\nport = "1883x"\n', "mqtt.port: expected a number"),
+    ('[mqtt]\nhots = "x"\n', "mqtt.hots: unknown setting"),
+    ('[mqtt]\ninstance = "gw/1"\n', "instance 'gw/1' must be non-empty, without '/'"),
+    ('[mqtt]\ntls_cert_file = "c.pem"\n', "tls_cert_file and tls_key_file go together"),
+    ('[mqtt]\nsession_expiry_s = "forever"\n', "mqtt.session_expiry_s: 'forever' is not a duration"),
+    ('[other]\n', "no [mqtt] table"),
+])
+def test_a_bad_broker_setting_is_refused_naming_the_file_and_key(tmp_path, text, message):
+    path = tmp_path / "gw.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(message)) as err:
+        load_broker_config(path)
+    assert str(path) in str(err.value)
