@@ -7,7 +7,6 @@ The meter's own relay log, which no one can argue with, must show each command's
 """
 import asyncio
 import random
-import signal
 import sys
 from pathlib import Path
 
@@ -18,6 +17,8 @@ from gateway.core.commands import CommandState
 from gateway.store import open_store
 from simulators.dlt645 import SimBus, SimMeter, serve_tcp
 
+from .child_process import kill, until_line
+
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 6
 pytestmark = pytest.mark.slow
@@ -27,24 +28,6 @@ async def spawn(url: str, port: int, pause: str) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tests.relay_crash_child", url, "127.0.0.1", str(port), pause, str(STEPS), cwd=ROOT,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-
-
-async def until_line(p: asyncio.subprocess.Process, wanted: str, timeout: float = 60) -> list[str]:
-    lines = []
-    while True:
-        raw = await asyncio.wait_for(p.stdout.readline(), timeout)
-        if not raw:
-            err = (await p.stderr.read()).decode()
-            raise AssertionError(f"child ended before {wanted!r}: {lines} {err}")
-        lines.append(raw.decode().strip())
-        if lines[-1] == wanted:
-            return lines
-
-
-async def kill(p: asyncio.subprocess.Process) -> None:
-    if p.returncode is None:
-        p.send_signal(signal.SIGKILL)
-    await p.wait()
 
 
 async def test_killed_mid_command_no_relay_action_is_lost_or_repeated(store_url):
