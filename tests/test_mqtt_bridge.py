@@ -1,6 +1,7 @@
 """The northbound MQTT bridge against a real Mosquitto broker: payments in (acknowledged after commit), events
 out through the outbox, dead letters, the retained status with its last will."""
 import asyncio
+from datetime import datetime, timedelta, timezone
 
 import msgspec
 
@@ -28,6 +29,7 @@ async def test_a_payment_over_mqtt_closes_the_tripped_meter_and_the_verified_clo
 
 
 PAYMENTS = f"{contract.IN}/payments"
+PAID = datetime(2026, 11, 25, 10, 0, tzinfo=timezone(timedelta(hours=8)))
 
 
 def _payment(pid: str, account: str = "A0", amount: str = "10.00") -> bytes:
@@ -110,3 +112,30 @@ async def test_a_broker_restart_in_a_burst_of_10000_payments_loses_none_and_appl
         assert stats.connects >= 2 and stats.dead_letters == 0
         assert stats.committed == stats.received  # re-deliveries included: each acknowledged after its commit
         print(f"burst of {n} through a broker restart: {stats}")
+
+
+async def test_two_instances_share_the_inbound_load_and_still_apply_each_payment_once(broker, pg_dsn):
+    """$share/<group>/...: the broker deals payments to both instances; re-sent payments may land on the other
+    instance, and the shared PostgreSQL ledger still holds each once."""
+    from gateway.northbound.mqtt import BrokerConfig
+
+    n, accounts = 2000, 10
+    group = dict(shared_group="feikong")
+    a = LiveGateway(pg_dsn, broker, accounts=accounts,
+                    mqtt=BrokerConfig(broker.host, broker.port, instance="gw-a", **group))
+    b = LiveGateway(pg_dsn, broker, accounts=accounts,
+                    mqtt=BrokerConfig(broker.host, broker.port, instance="gw-b", **group))
+    async with a, b:
+        with BillingSim(broker.host, broker.port, in_flight=100) as billing:
+            for i in range(n):
+                billing.pay(f"A{i % accounts}", "2.00", f"S{i:05d}", paid_at=PAID)
+            for i in range(0, n, 10):  # billing re-sends a tenth of them
+                billing.pay(f"A{i % accounts}", "2.00", f"S{i:05d}", paid_at=PAID)
+            await asyncio.to_thread(billing.wait_acked, 30)
+            total = lambda: a.bridge.stats.committed + b.bridge.stats.committed  # noqa: E731
+            await a.until(lambda: total() >= n + n // 10, 30, "every message committed by one of the two")
+        ledger = await a.ledger()
+    assert sorted(pid for pid, *_ in ledger) == [f"S{i:05d}" for i in range(n)]
+    assert sum(fen for *_, fen in ledger) == n * 200
+    assert a.bridge.stats.committed > n // 10 and b.bridge.stats.committed > n // 10  # both took a share
+    assert a.bridge.stats.duplicates + b.bridge.stats.duplicates == n // 10
