@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, field
 
 from gateway.clock import Clock, SystemClock, local_naive
 from gateway.core.control import ControlConfig, NoticeReceiptIn
@@ -19,42 +18,13 @@ from gateway.core.readings import Reading
 from gateway.core.thresholds import ThresholdPolicy
 from gateway.costcontrol import CostControl
 from gateway.southbound.channel import Channel
+from gateway.southbound.dlt645 import Bus  # noqa: F401  (the DL/T 645 channel, named here for callers)
 from gateway.southbound.executor import CommandExecutor
-from gateway.southbound.poller import BusPoller
 from gateway.southbound.readings import to_batch
-from gateway.southbound.relay import Dlt645RelayDriver
 from gateway.store import open_store
 from gateway.writer import Writer
-from protocols.dlt645.client import Dlt645Client, Dlt645Link
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Bus:
-    """A DL/T 645 channel: one RS-485 line (or a TCP transparent serial server) and the meters on it."""
-
-    link: Dlt645Link
-    meters: list[str]
-    client: Dlt645Client = field(init=False)
-    poller: BusPoller | None = field(init=False, default=None)
-
-    def __post_init__(self) -> None:
-        self.client = Dlt645Client(self.link)
-
-    @property
-    def name(self) -> str:
-        return self.link.name
-
-    def bind(self, clock, utc_offset_s: int) -> Dlt645RelayDriver:
-        self.poller = BusPoller(self.client, self.meters, clock=clock)
-        return Dlt645RelayDriver(self.client, utc_offset_s)
-
-    async def cycle(self, sink) -> None:
-        await self.poller.cycle(sink)
-
-    async def close(self) -> None:
-        await self.link.close()
 
 
 class Gateway:

@@ -68,9 +68,12 @@ class Broker:
                  # started as root, mosquitto drops to user "mosquitto", who cannot write to this test's
                  # directory: its persistence file (sessions, queued messages) would silently never be saved
                  f"user {getpass.getuser()}",
-                 f"persistence true", f"persistence_location {self.dir}/",
+                 "persistence true", f"persistence_location {self.dir}/",
                  # 0 = no limit: the default (1000) drops a burst queued for a subscriber that is away
                  f"max_queued_messages {self.max_queued}",
+                 # without it, Nagle's algorithm holds each small reply ~40 ms (concentrator round trips: 44 ms
+                 # each, 1 ms with it)
+                 "set_tcp_nodelay true",
                  "log_dest file " + str(self.dir / "mosquitto.log"),
                  "log_type error", "log_type warning", "log_type notice"]
         if self.users is None:
@@ -115,11 +118,17 @@ class Broker:
         if self.running:
             self.proc.send_signal(signal.SIGTERM)
             self.proc.wait(10)
+        self._release()
 
     def kill(self) -> None:
         if self.running:
             self.proc.kill()
             self.proc.wait(10)
+        self._release()
+
+    def _release(self) -> None:
+        if self.proc is not None and self.proc.stderr is not None:
+            self.proc.stderr.close()
 
     def restart(self) -> None:
         self.stop()
@@ -134,8 +143,6 @@ class Broker:
 
     def __exit__(self, *exc) -> None:
         self.kill()
-        if self.proc is not None and self.proc.stderr is not None:
-            self.proc.stderr.close()
 
 
 def mosquitto_available() -> bool:

@@ -118,7 +118,7 @@ async def test_mosquitto_pub_pays_and_mosquitto_sub_hears_the_verified_close(bro
             "stdbuf", "-oL", "mosquitto_sub", "-h", broker.host, "-p", str(broker.port), "-V", "mqttv5", "-q", "1", "-d",
             "-t", contract.event_topic("relay_confirmed"), "-C", "1", "-W", "30",
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-        while b"SUBACK" not in (await asyncio.wait_for(sub.stdout.readline(), 10)):
+        while b"SUBACK" not in (await asyncio.wait_for(sub.stdout.readline(), 30)):
             pass
         payment = json.dumps({"payment_id": "CLI-1", "account": "A0", "amount": "30.00",
                               "paid_at": "2026-11-25T10:00:00+08:00", "channel": "counter"})
