@@ -7,8 +7,10 @@ path, so a relay command and the poll never interleave on it.
 """
 from __future__ import annotations
 
+import asyncio
+from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Callable, Protocol, Sequence
+from typing import Awaitable, Callable, Protocol, Sequence
 
 from gateway.core.readings import Reading
 
@@ -33,3 +35,34 @@ class Channel(Protocol):
         in kWh), ``remaining_amount`` (yuan), ``status_word_3`` ({relay, relay_command, keep_power})."""
 
     async def close(self) -> None: ...
+
+
+class Line:
+    """A half-duplex path, one task at a time. ``reserved()`` holds it across several exchanges and whatever
+    the holder does between them (a relay command's last gate check before its frame); inside, the holder's
+    own exchanges pass straight through (re-entrant for that task)."""
+
+    def __init__(self) -> None:
+        self._lock = asyncio.Lock()
+        self._holder: asyncio.Task | None = None
+
+    @asynccontextmanager
+    async def reserved(self):
+        if self._holder is not None and self._holder is asyncio.current_task():
+            yield self
+            return
+        async with self._lock:
+            self._holder = asyncio.current_task()
+            try:
+                yield self
+            finally:
+                self._holder = None
+
+
+async def read_each(meters: Sequence[str], read_meter: Callable[[str], Awaitable[Reading]],
+                    sink: Callable[[Reading], object]) -> None:
+    """One read cycle: every meter in turn, each reading handed to ``sink`` (which may be a coroutine)."""
+    for meter in meters:
+        result = sink(await read_meter(meter))
+        if asyncio.iscoroutine(result):
+            await result

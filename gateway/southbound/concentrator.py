@@ -30,7 +30,6 @@ import logging
 import socket
 import time
 import uuid
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import AsyncIterator, Awaitable, Callable, Sequence
@@ -42,6 +41,7 @@ from gateway.core.readings import Reading
 from protocols.dlt645.client import Dlt645Link, LinkSettings
 from protocols.mqtt import concentrator as contract
 
+from .channel import Line, read_each
 from .dlt645 import Bus
 from .poller import DEFAULT_ITEMS
 from .relay import (RelayDriverError, RelayLinkDown, RelayNoAnswer, RelayRefused,
@@ -535,27 +535,6 @@ class _FrameTransport(asyncio.Transport):
 # --------------------------------------------------------------------------- JSON channel
 
 
-class _Path:
-    """One concentrator's bus: one exchange at a time; ``reserved()`` holds it across several (re-entrant for
-    the task that holds it)."""
-
-    def __init__(self) -> None:
-        self._lock = asyncio.Lock()
-        self._holder: asyncio.Task | None = None
-
-    @asynccontextmanager
-    async def reserved(self):
-        if self._holder is not None and self._holder is asyncio.current_task():
-            yield self
-            return
-        async with self._lock:
-            self._holder = asyncio.current_task()
-            try:
-                yield self
-            finally:
-                self._holder = None
-
-
 _JSON_ACTIONS = {(RelayAction.TRIP, ReconnectMode.DIRECT): "trip",
                  (RelayAction.TRIP, ReconnectMode.CLOSE_ALLOWED): "trip",
                  (RelayAction.CLOSE, ReconnectMode.DIRECT): "direct_close",
@@ -575,7 +554,7 @@ class JsonChannel:
         self.meters = list(meters)
         self.items = list(items)
         self.read_timeout_s, self.relay_timeout_s = read_timeout_s, relay_timeout_s
-        self.path = _Path()
+        self.path = Line()
         self.clock: Callable[[], datetime] = datetime.now
         self.cycles = 0
 
@@ -606,10 +585,7 @@ class JsonChannel:
         return Reading(meter, self.clock(), self.name, values, errors)
 
     async def cycle(self, sink) -> None:
-        for meter in self.meters:
-            result = sink(await self.read_meter(meter))
-            if asyncio.iscoroutine(result):
-                await result
+        await read_each(self.meters, self.read_meter, sink)
         self.cycles += 1
 
     async def close(self) -> None:

@@ -8,9 +8,8 @@ refusal with its Modbus name, a link that cannot be opened is "link down, nothin
 """
 from __future__ import annotations
 
-import asyncio
 import logging
-from contextlib import asynccontextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Callable, Sequence
@@ -23,6 +22,7 @@ from gateway.core.readings import Reading
 from protocols.modbus.profile import (ITEM_OF, STATE_POINTS, Profile, ProfileError, ReadBlock, ValueDecodeError,
                                       decode, read_plan, relay_write, to_items)
 
+from .channel import Line, read_each
 from .poller import MeterHealth
 from .relay import RelayDriverError, RelayLinkDown, RelayNoAnswer, RelayRefused
 
@@ -91,8 +91,7 @@ class ModbusChannel:
         self.zone = timezone(timedelta(hours=8))
         self._plans = {m.meter_id: read_plan(m.profile) for m in meters}
         self._relay_plans = {m.meter_id: read_plan(m.profile, STATE_POINTS) for m in meters}
-        self._lock = asyncio.Lock()
-        self._holder: asyncio.Task | None = None
+        self.line = Line()
 
     @classmethod
     def tcp(cls, host: str, port: int, meters: Sequence[ModbusMeter], *, name: str | None = None,
@@ -127,39 +126,22 @@ class ModbusChannel:
         return ModbusRelayDriver(self)
 
     async def cycle(self, sink: Callable[[Reading], None]) -> None:
-        for meter_id in self.meters:
-            result = sink(await self.read_meter(meter_id))
-            if asyncio.iscoroutine(result):
-                await result
+        await read_each(self.meters, self.read_meter, sink)
         self.cycles += 1
 
     async def close(self) -> None:
-        async with self._locked():
+        async with self.line.reserved():
             self.client.close()
 
     # -- the line ------------------------------------------------------------------------------------
 
-    @asynccontextmanager
-    async def reserved(self):
+    def reserved(self):
         """Hold the line for several exchanges and whatever happens between them."""
-        async with self._lock:
-            self._holder = asyncio.current_task()
-            try:
-                yield self
-            finally:
-                self._holder = None
-
-    @asynccontextmanager
-    async def _locked(self):
-        if self._holder is not None and self._holder is asyncio.current_task():
-            yield  # already held by this task (a command inside reserved())
-            return
-        async with self._lock:
-            yield
+        return self.line.reserved()
 
     async def _call(self, what: str, method: str, *args, writes: bool = False, **kw):
         """One exchange; pymodbus's outcomes mapped to ours."""
-        async with self._locked():
+        async with self.line.reserved():
             if not self.client.connected and not await self.client.connect():
                 raise ModbusLinkDown(f"{self.name}: cannot connect", written=False)
             try:
@@ -225,13 +207,9 @@ class ModbusChannel:
             errors.setdefault(ITEM_OF[point], why)  # the first reason an item is missing
         health = self.health[meter_id]
         now = self.clock()
-        if values:
-            health.consecutive_failures, health.last_ok = 0, now
-        else:
-            health.consecutive_failures += 1
-            health.last_error = next(iter(errors.values()), "")
-            if health.unreachable(self.unreachable_after):
-                log.warning("%s: meter %s unreachable: %s", self.name, meter_id, health.last_error)
+        health.record(bool(values), now, errors)
+        if not values and health.unreachable(self.unreachable_after):
+            log.warning("%s: meter %s unreachable: %s", self.name, meter_id, health.last_error)
         return Reading(meter_id, now, self.name, values, errors)
 
 
@@ -265,15 +243,9 @@ class ModbusRelayDriver:
             raise RelayRefused(f"meter {meter_id}: {exc}", ("no_remote_relay",)) from None
         what = f"device {meter.device_id}: {name} ({write.function} {write.address:#06x} {list(write.values)})"
         args = (write.values[0],) if write.function in ("write_register", "write_coil") else (list(write.values),)
-        try:
+        with _as_relay_errors():
             await self.channel._call(what, write.function, write.address, *args, writes=True,
                                      device_id=meter.device_id)
-        except ModbusNoAnswer as exc:
-            raise RelayNoAnswer(str(exc)) from None
-        except ModbusExceptionReply as exc:
-            raise RelayRefused(str(exc), (exc.error,)) from None
-        except ModbusLinkDown as exc:
-            raise RelayLinkDown(str(exc), exc.written) from None
 
     async def read(self, meter_id: str) -> RelayStatus:
         meter = self._meter(meter_id)
@@ -282,17 +254,24 @@ class ModbusRelayDriver:
                                    f"register: the relay cannot be read back")
         decoded = {}
         for block in self.channel._relay_plans[meter_id]:
-            try:
+            with _as_relay_errors():
                 raw = await self.channel.read_block(meter, block)
-            except ModbusNoAnswer as exc:
-                raise RelayNoAnswer(str(exc)) from None
-            except ModbusExceptionReply as exc:
-                raise RelayRefused(str(exc), (exc.error,)) from None
-            except ModbusLinkDown as exc:
-                raise RelayLinkDown(str(exc), exc.written) from None
             for p in block.points:
                 try:
                     decoded[p.name] = decode(p, block.slice(p, raw))
                 except ValueDecodeError as exc:
                     raise RelayDriverError(f"meter {meter_id}: unreadable relay state: {exc}") from None
         return RelayStatus(decoded["relay_state"], decoded.get("relay_command"), decoded.get("keep_power", False))
+
+
+@contextmanager
+def _as_relay_errors():
+    """The line's outcomes as the executor's: no answer (unknown), a refusal, a link down (sent or not)."""
+    try:
+        yield
+    except ModbusNoAnswer as exc:
+        raise RelayNoAnswer(str(exc)) from None
+    except ModbusExceptionReply as exc:
+        raise RelayRefused(str(exc), (exc.error,)) from None
+    except ModbusLinkDown as exc:
+        raise RelayLinkDown(str(exc), exc.written) from None

@@ -33,6 +33,14 @@ class MeterHealth:
     def unreachable(self, threshold: int) -> bool:
         return self.consecutive_failures >= threshold
 
+    def record(self, answered: bool, now: datetime, errors: dict[str, str]) -> None:
+        """One cycle's outcome: any value read counts as an answer; otherwise the first reason is kept."""
+        if answered:
+            self.consecutive_failures, self.last_ok = 0, now
+        else:
+            self.consecutive_failures += 1
+            self.last_error = next(iter(errors.values()), "")
+
 
 @dataclass
 class BusPoller:
@@ -70,13 +78,8 @@ class BusPoller:
                 break
             except (Dlt645Error, FormatError) as exc:
                 errors[name] = str(exc)
-        health = self.health[meter]
         now = self.clock()
-        if values:
-            health.consecutive_failures, health.last_ok = 0, now
-        else:
-            health.consecutive_failures += 1
-            health.last_error = next(iter(errors.values()), "")
+        self.health[meter].record(bool(values), now, errors)
         return Reading(meter, now, self.channel, values, errors)
 
     async def cycle(self, on_reading: Callable[[Reading], Awaitable[None] | None]) -> None:
