@@ -30,13 +30,15 @@ def tripped_meter(i: int) -> SimMeter:
 
 
 class LiveGateway:
-    """``accounts`` of which the first ``len(meters)`` own the simulated meters (one each)."""
+    """``accounts`` (a number of plain ones, or the accounts themselves) of which the first ``len(meters)`` own
+    the simulated meters (one each)."""
 
-    def __init__(self, store_url: str, broker, *, accounts: int = 1, meters: list[SimMeter] = (),
+    def __init__(self, store_url: str, broker, *, accounts: int | list[Account] = 1, meters: list[SimMeter] = (),
                  mqtt: BrokerConfig | None = None, poll_interval_s: float = 3600.0) -> None:
         self.store_url = store_url
         self.broker = broker
-        self.n_accounts = accounts
+        self.accounts = accounts if isinstance(accounts, list) else \
+            [Account(f"A{i}", tariff_id="flat") for i in range(accounts)]
         self.sims = list(meters)
         self.mqtt = mqtt or BrokerConfig(broker.host, broker.port, instance="gw-test")
         self.poll_interval_s = poll_interval_s
@@ -49,9 +51,9 @@ class LiveGateway:
                                 clock, poll_interval_s=self.poll_interval_s).open()
         cc = self.gw.control
         if not cc.engine.account_ids:
-            accounts = [Account(f"A{i}", tariff_id="flat") for i in range(self.n_accounts)]
-            meters = [Meter(m.address, f"A{i}", channel=link.name) for i, m in enumerate(self.sims)]
-            await self.gw.writer.call(cc.accounting.register, tariffs(), accounts, meters)
+            meters = [Meter(m.address, self.accounts[i].account_id, channel=link.name)
+                      for i, m in enumerate(self.sims)]
+            await self.gw.writer.call(cc.accounting.register, tariffs(), self.accounts, meters)
         self.bridge = BillingBridge(self.gw, self.mqtt)
         self.stop = asyncio.Event()
         await self.bridge.start()

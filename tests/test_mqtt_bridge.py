@@ -139,3 +139,29 @@ async def test_two_instances_share_the_inbound_load_and_still_apply_each_payment
     assert sum(fen for *_, fen in ledger) == n * 200
     assert a.bridge.stats.committed > n // 10 and b.bridge.stats.committed > n // 10  # both took a share
     assert a.bridge.stats.duplicates + b.bridge.stats.duplicates == n // 10
+
+
+async def test_flags_forecasts_and_tariffs_are_applied_and_receipts_or_updates_naming_nothing_are_dead_lettered(
+        broker, tmp_path):
+    from datetime import date
+
+    at = datetime(2026, 11, 25, 10, 0, tzinfo=timezone(timedelta(hours=8)))
+    async with LiveGateway(f"sqlite://{tmp_path / 'g.db'}", broker) as live:
+        with BillingSim(broker.host, broker.port) as billing:
+            billing.send(contract.AreaFlag("F1", "north", "extreme_weather", True, at, None, "dispatch", "blizzard"))
+            billing.send(contract.Forecast("FC1", "north", date(2026, 11, 26), -12.5, -3.0))
+            billing.send(contract.TariffChange("T1", "flat", [
+                contract.TariffVersion(datetime(1970, 1, 1, 8, tzinfo=at.tzinfo), "flat", price="0.5000"),
+                contract.TariffVersion(datetime(2027, 1, 1, tzinfo=at.tzinfo), "flat", price="0.5200")]))
+            billing.send(contract.NoticeReceipt("R1", "nosuchnotice/1", "delivered", at))
+            billing.send(contract.FieldUpdate("U1", "nosuchorder", "completed", at, "crew-1"))
+            await asyncio.to_thread(billing.wait_for, lambda b: len(b.of_kind("dead_letter")) == 2, 10,
+                                    "two dead letters")
+            reasons = sorted(e.data["reason"] for e in billing.of_kind("dead_letter"))
+        conditions = live.gw.control.controller.conditions
+        assert conditions.flags[("north", "extreme_weather")].active
+        assert conditions.forecasts[("north", "2026-11-26")].min_c == -12.5
+        assert [v.effective_from for v in live.gw.control.engine.tariffs["flat"].versions][-1] == \
+            int(datetime(2027, 1, 1, tzinfo=at.tzinfo).timestamp())
+        assert any("unknown notice request 'nosuchnotice/1'" in r for r in reasons), reasons
+        assert any("unknown or closed work order 'nosuchorder'" in r for r in reasons), reasons

@@ -349,18 +349,19 @@ class BillingBridge:
         raise ValueError(f"no handler for {type(m).__name__}")
 
     async def _commit(self, run: _Run, now: float) -> list[Event]:
+        """Commit one run; what the domain refused (with its reason) comes back as dead letters."""
         gw, items = self.gateway, [m.item for m in run.messages]
+        # by identity: one batch may hold two messages with the same id (a re-send and a conflict)
+        by_item = {id(m.item): m for m in run.messages}
+        refused: list[tuple[object, str]] = []
         if run.kind is Payment:
-            result = await gw.credits(items)
-            credits = result.credits
+            credits = (await gw.credits(items)).credits
             self.stats.duplicates += len(credits.duplicates)
-            # by identity: one batch may hold two messages with the same payment id (a re-send and a conflict)
-            by_item = {id(m.item): m for m in run.messages}
-            return [self._dead_letter(by_item[id(item)], reason, now) for item, reason in credits.conflicts]
-        if run.kind is NoticeReceiptIn:
-            await gw.receipts(items)
+            refused = credits.conflicts
+        elif run.kind is NoticeReceiptIn:
+            refused = (await gw.receipts(items)).rejected  # a receipt for no notice we sent, say
         elif run.kind is FieldUpdate:
-            await gw.field_updates(items)
+            refused = (await gw.field_updates(items)).rejected  # an unknown or closed order
         elif run.kind is AreaFlag:
             for flag in items:
                 await gw.area_flag(flag)
@@ -370,7 +371,7 @@ class BillingBridge:
         elif run.kind is _Tariffs:
             for change in items:
                 await gw.tariffs(change.tariffs)
-        return []
+        return [self._dead_letter(by_item[id(item)], reason, now) for item, reason in refused if id(item) in by_item]
 
     def _dead_letter(self, msg: _Inbound, reason: str, now: float) -> Event:
         log.warning("MQTT: dead letter from %s: %s", msg.topic, reason)
