@@ -165,3 +165,38 @@ async def test_flags_forecasts_and_tariffs_are_applied_and_receipts_or_updates_n
             int(datetime(2027, 1, 1, tzinfo=at.tzinfo).timestamp())
         assert any("unknown notice request 'nosuchnotice/1'" in r for r in reasons), reasons
         assert any("unknown or closed work order 'nosuchorder'" in r for r in reasons), reasons
+
+
+async def test_a_message_the_store_refuses_goes_to_the_dead_letters_alone_and_an_outage_is_waited_out(
+        broker, tmp_path, monkeypatch):
+    """Fault injection at the store: a payment that makes the commit fail for its own reasons is found among
+    its batch and dead-lettered alone (the others are applied); while the store is away (an
+    OperationalError) nothing is acknowledged or dead-lettered, and everything is applied once it is back."""
+    import sqlite3
+
+    async with LiveGateway(f"sqlite://{tmp_path / 'g.db'}", broker, accounts=2) as live:
+        real = live.gw.control.ingest_credits
+        outage = {"left": 0}
+
+        def faulty(items, now):
+            if outage["left"]:
+                outage["left"] -= 1
+                raise sqlite3.OperationalError("disk I/O error")
+            if any(p.payment_id == "POISON" for p in items):
+                raise RuntimeError("value out of range for the ledger")
+            return real(items, now)
+
+        monkeypatch.setattr(live.gw.control, "ingest_credits", faulty)
+        with BillingSim(broker.host, broker.port) as billing:
+            for pid in ("G1", "POISON", "G2"):
+                billing.publish(PAYMENTS, _payment(pid, account="A1"))
+            await asyncio.to_thread(billing.wait_for, lambda b: len(b.of_kind("payment_applied")) == 2
+                                    and b.of_kind("dead_letter"), 10, "two applied, one dead letter")
+            letter = billing.of_kind("dead_letter")[0].data
+            assert "POISON" in letter["payload"] and "RuntimeError: value out of range" in letter["reason"]
+            outage["left"] = 3
+            billing.publish(PAYMENTS, _payment("G3", account="A1"))
+            await asyncio.to_thread(billing.wait_for, lambda b: len(b.of_kind("payment_applied")) == 3, 20,
+                                    "applied after the outage")
+        assert sorted(pid for pid, *_ in await live.ledger()) == ["G1", "G2", "G3"]
+        assert live.bridge.stats.retries == 3 and live.bridge.stats.dead_letters == 1

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import sqlite3
 import ssl
 import threading
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
+import psycopg
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
@@ -286,27 +288,54 @@ class BillingBridge:
             batch = [await self._queue.get()]
             while len(batch) < self.config.batch_max and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
+            self.stats.received += len(batch)
             await self._handle_until_done(batch)
 
     async def _handle_until_done(self, batch: list[_Inbound]) -> None:
+        """Commit, then acknowledge. While the store is away, nothing is acknowledged and the batch is tried
+        again. Any other failure is one message's doing: each is then tried on its own, and one that still
+        fails goes to the dead letters with the error, so it cannot hold up the messages behind it."""
         delay = 0.5
         while True:
             try:
                 await self.handle(batch)
                 break
             except Exception as exc:
-                # not the messages' fault (they were checked): nothing is acknowledged, try again
-                self.stats.retries += 1
                 self.stats.last_error = f"{type(exc).__name__}: {exc}"
-                log.exception("MQTT: committing %d inbound messages failed; trying again in %.1fs", len(batch),
-                              delay)
+                if not _store_away(exc):
+                    if len(batch) > 1:
+                        log.warning("MQTT: a batch of %d failed (%s); committing its messages one by one",
+                                    len(batch), self.stats.last_error)
+                        for msg in batch:
+                            await self._handle_until_done([msg])
+                        return
+                    log.exception("MQTT: a message from %s cannot be applied; dead letter", batch[0].topic)
+                    await self._refuse(batch[0], f"could not be applied: {type(exc).__name__}: {exc}")
+                    break
+                self.stats.retries += 1
+                log.error("MQTT: the store is unavailable (%s); %d messages wait, unacknowledged, %.1fs",
+                          self.stats.last_error, len(batch), delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
         self._ack(batch)
 
+    async def _refuse(self, msg: _Inbound, reason: str) -> None:
+        letter = self._dead_letter(msg, reason, self.gateway.clock.now())
+        delay = 0.5
+        while True:
+            try:
+                await self.gateway.writer.call(self.gateway.control.add_events, [letter])
+                break
+            except Exception as exc:
+                if not _store_away(exc):
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+        self.stats.dead_letters += 1
+        self.wake()
+
     async def handle(self, batch: list[_Inbound]) -> None:
         """Decode, commit (runs of one kind together, in arrival order), dead-letter what was refused."""
-        self.stats.received += len(batch)
         now = self.gateway.clock.now()
         letters: list[Event] = []
         runs: list[_Run] = []
@@ -439,6 +468,12 @@ class BillingBridge:
             await self.gateway.writer.call(control.mark_published, acked, self.gateway.clock.now())
             self.stats.published += len(acked)
         return len(acked)
+
+
+def _store_away(exc: BaseException) -> bool:
+    """The store (not the message) failed: a lost connection, a locked or unwritable database. Both drivers
+    call that an OperationalError."""
+    return isinstance(exc, (OSError, TimeoutError, sqlite3.OperationalError, psycopg.OperationalError))
 
 
 class _Handoff:

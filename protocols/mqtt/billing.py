@@ -40,16 +40,17 @@ OUT = f"{ROOT}/out"
 DEAD_LETTER = f"{ROOT}/dead-letter"
 STATUS = f"{ROOT}/status"
 
-Id = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^\S+$",
-                         description="an identifier: 1 to 128 characters, no spaces")]
+Id = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[^\s\x00-\x1f\x7f]+$",
+                         description="an identifier: 1 to 128 characters, no spaces or control characters")]
 #: money as a decimal string in yuan, never a float: at most two decimals (fen)
 Yuan = Annotated[str, Meta(pattern=r"^[0-9]{1,10}(\.[0-9]{1,2})?$", examples=["50.00"],
                            description="yuan as a decimal string with at most two decimals")]
 Price = Annotated[str, Meta(pattern=r"^[0-9]{1,4}(\.[0-9]{1,5})?$", examples=["0.4883"],
                             description="yuan per kWh as a decimal string, at most five decimals")]
 Instant = Annotated[datetime, Meta(tz=True, description="RFC 3339 date-time with its offset")]
-Text = Annotated[str, Meta(max_length=500)]
-Name = Annotated[str, Meta(max_length=64)]
+#: free text: no control characters but tab and newlines (a NUL cannot be stored in PostgreSQL text)
+Text = Annotated[str, Meta(max_length=500, pattern=r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*$")]
+Name = Annotated[str, Meta(max_length=64, pattern=r"^[^\x00-\x1f\x7f]*$")]
 
 
 class _In(Struct, forbid_unknown_fields=True, frozen=True):
