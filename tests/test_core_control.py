@@ -205,6 +205,22 @@ def test_extreme_weather_in_the_area_blocks_trips_until_cleared():
     assert any(a.action == "area_flag_set" and a.reason == "blizzard" for a in sim.audit)
 
 
+def test_a_late_area_flag_older_than_the_one_in_force_is_refused_and_a_repeat_changes_nothing():
+    c = controller()
+    on = AreaFlag("north", "extreme_weather", True, MONDAY, None, "dispatcher", "blizzard")
+    off = AreaFlag("north", "extreme_weather", False, MONDAY + 3600, None, "dispatcher", "over")
+    c.set_area_flag(on, MONDAY)
+    c.set_area_flag(on, MONDAY + 10)  # re-delivered
+    c.set_area_flag(off, MONDAY + 3600)
+    c.set_area_flag(on, MONDAY + 3700)  # the first message again, late
+    fx = c.take_effects()
+    assert not c.conditions.flags[("north", "extreme_weather")].active
+    assert [a.action for a in fx.audit] == ["area_flag_set", "area_flag_cleared"]
+    assert [reason for item, reason in fx.rejected] == [
+        f"area flag north/extreme_weather since {MONDAY} is older than the one in force (since {MONDAY + 3600}): "
+        f"a late delivery"]
+
+
 def test_grace_period_by_customer_class():
     cfg = ControlConfig(trips=TripPolicy(grace_s={"residential": 3 * DAY}))
     c = controller(config=cfg)

@@ -559,6 +559,15 @@ class Controller:
         self._emit("relay_unwarranted_open", meter_id, now, account_id=acct.account_id, command_id=c.command_id)
 
     def set_area_flag(self, flag: AreaFlag, now: float) -> None:
+        """The latest word on an area flag wins: one older than the flag in force (a late or re-ordered
+        delivery) is refused, and the same one again changes nothing."""
+        current = self.conditions.flags.get((flag.area, flag.flag))
+        if current == flag:
+            return
+        if current is not None and flag.since < current.since:
+            self._fx.rejected.append((flag, f"area flag {flag.area}/{flag.flag} since {flag.since} is older than "
+                                            f"the one in force (since {current.since}): a late delivery"))
+            return
         self.conditions.flags[(flag.area, flag.flag)] = flag
         self._fx.flags.append(flag)
         self._audit(now, flag.actor or "upstream", "area_flag", "area_flag_set" if flag.active else "area_flag_cleared",

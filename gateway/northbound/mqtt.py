@@ -393,7 +393,7 @@ class BillingBridge:
             refused = (await gw.field_updates(items)).rejected  # an unknown or closed order
         elif run.kind is AreaFlag:
             for flag in items:
-                await gw.area_flag(flag)
+                refused += (await gw.area_flag(flag)).rejected  # older than the flag in force
         elif run.kind is Forecast:
             for fc in items:
                 await gw.forecast(fc)
