@@ -1,4 +1,11 @@
-"""The demo: simulated meter buses (one over TCP, one over a real pseudo-terminal) and the gateway polling them.
+"""The demo: the whole gateway on embedded defaults against simulated meters and a simulated billing system.
+
+Spawned here, in a temporary directory: a Mosquitto broker (Debian's ``mosquitto``), a SQLite store, and
+simulated meters on four kinds of channel: a DL/T 645 bus over TCP, a DL/T 645 bus on a real
+pseudo-terminal, Modbus TCP meters, and an MQTT concentrator forwarding DL/T 645 frames. Half the customers
+start cut off (relay open, balance zero); a billing simulator pays them one by one over MQTT, and the
+gateway closes each relay and verifies it by reading it back; the verified close comes back to billing as
+an event. One malformed payment shows the dead-letter topic. Ctrl-C stops it cleanly.
 
 This is the one place besides tests and benchmarks that imports ``simulators``.
 """
@@ -7,105 +14,173 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+import tempfile
 import time
-from datetime import datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
 from typing import TextIO
 
-from gateway.core.readings import Reading
-from gateway.southbound.poller import BusPoller
-from protocols.dlt645.client import Dlt645Client, Dlt645Link, LinkSettings
-from simulators.dlt645 import Faults, PtyBus, SimBus, make_meters, serve_tcp
+from gateway.app import Bus, Gateway
+from gateway.clock import SystemClock, local_naive
+from gateway.core.model import Account, Meter
+from gateway.core.tariff import tariffs_from_config
+from gateway.northbound.mqtt import BillingBridge, BrokerConfig
+from gateway.southbound.concentrator import ConcentratorHub, HubSettings
+from gateway.southbound.modbus import ModbusChannel, ModbusMeter
+from protocols.dlt645.client import Dlt645Link, LinkSettings
+from protocols.modbus import load_profile
+from protocols.mqtt import billing as contract
+from simulators.billing import BillingSim
+from simulators.broker import Broker
+from simulators.concentrator import SimConcentrator
+from simulators.dlt645 import Faults, PtyBus, SimBus, SimMeter, serve_tcp
+from simulators.modbus import ModbusSimMeter
+from simulators.modbus import serve_tcp as serve_modbus_tcp
+
+TARIFFS = {"flat": [{"effective_from": 0, "kind": "flat", "price": "0.5000"}]}
+LINE = LinkSettings(baud=9600, turnaround_s=0.2, margin_s=0.3, retries=1)
 
 
-def accelerated_clock(speed: float):
-    """Simulated wall clock running ``speed`` times faster than real time, so registers visibly move."""
-    start_wall, start_mono = datetime.now(), time.monotonic()
+class _Fleet:
+    """Every simulated meter, which channel it is on, and whether it starts cut off."""
 
-    def now() -> datetime:
-        return start_wall + timedelta(seconds=(time.monotonic() - start_mono) * speed)
+    def __init__(self) -> None:
+        self.meters: dict[str, SimMeter] = {}
+        self.channel_of: dict[str, str] = {}
 
-    return now
+    def add(self, meter: SimMeter, cut_off: bool) -> SimMeter:
+        meter.relay_open = meter.relay_command_open = cut_off
+        self.meters[meter.address] = meter
+        return meter
 
-
-def format_reading(r: Reading) -> str:
-    kind = r.channel.split(":", 1)[0]
-    if not r.values:
-        why = next(iter(r.errors.values()), "no data")
-        return f"{r.taken_at:%H:%M:%S} {kind:6} {r.meter}  UNREACHABLE  {why}"
-    v = r.values
-    energy = v.get("forward_active_energy_block") or {}
-    tariffs = "/".join(str(energy.get(f"forward_active_energy_{n}", "-"))
-                       for n in ("sharp", "peak", "flat", "valley"))
-    relay = (v.get("status_word_3") or {}).get("relay", "?")
-    line = (f"{r.taken_at:%H:%M:%S} {kind:6} {r.meter}  "
-            f"E={energy.get('forward_active_energy_total', '-'):>10} kWh (T1-T4 {tariffs})  "
-            f"U={v.get('voltage_a', '-')} V  purse={v.get('remaining_amount', '-')} yuan  relay={relay}")
-    if r.errors:
-        line += f"  [{len(r.errors)} item(s) failed: {', '.join(r.errors)}]"
-    return line
+    @property
+    def cut_off(self) -> list[str]:
+        return [a for a, m in self.meters.items() if m.relay_open]
 
 
-async def run_demo(tcp_meters: int = 8, pty_meters: int = 4, cycles: int | None = None, interval_s: float = 2.0,
-                   speed: float = 120.0, pty_baud: int = 9600, out: TextIO = sys.stdout) -> dict:
-    clock = accelerated_clock(speed)
-    tcp_fleet = make_meters(1, tcp_meters, seed=1)
-    pty_fleet = make_meters(1001, pty_meters, seed=2)
-    if tcp_meters >= 2:
-        # show what the gateway does with a bad line: one meter corrupts a third of its replies
-        tcp_fleet[-1].faults = Faults(corrupt_checksum=0.3)
-    tcp_bus = SimBus.of(tcp_fleet, clock=clock)
-    pty_bus = SimBus.of(pty_fleet, clock=clock, baud=pty_baud)
-    server = await serve_tcp(tcp_bus)
-    host, port = server.sockets[0].getsockname()[:2]
-    pty = PtyBus(pty_bus)
-    fast = LinkSettings(baud=9600, turnaround_s=0.2, retries=2)
-    links = [Dlt645Link.tcp(host, port, fast),
-             Dlt645Link.serial(pty.path, LinkSettings(baud=pty_baud, parity="N", turnaround_s=0.2, retries=2))]
-    pollers = [BusPoller(Dlt645Client(links[0]), [m.address for m in tcp_fleet], clock=clock),
-               BusPoller(Dlt645Client(links[1]), [m.address for m in pty_fleet], clock=clock)]
-    print(f"feikong demo: simulated DL/T 645 bus 1 on tcp://{host}:{port} ({tcp_meters} meters), "
-          f"bus 2 on pseudo-terminal {pty.path} ({pty_meters} meters, {pty_baud} baud emulated); "
-          f"simulated time runs {speed:g}x. Ctrl-C stops.", file=out, flush=True)
+async def run_demo(tcp_meters: int = 6, pty_meters: int = 4, modbus_meters: int = 4, concentrator_meters: int = 4,
+                   cycles: int | None = None, interval_s: float = 2.0, out: TextIO = sys.stdout) -> dict:
+    say = lambda text: print(text, file=out, flush=True)  # noqa: E731
+    clock = SystemClock()
+    local = local_naive(clock)
+    fleet = _Fleet()
+    n = 0
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    try:
-        loop.add_signal_handler(signal.SIGINT, stop.set)
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
-    except (NotImplementedError, RuntimeError):
-        pass
-    readings = 0
+    def meter(cls=SimMeter, **kw) -> SimMeter:
+        nonlocal n
+        n += 1
+        return fleet.add(cls(f"{n:012d}", power_kw=3.0, energy=[Decimal("1000.00")] * 5, **kw), cut_off=n % 2 == 0)
 
-    def on_reading(r: Reading) -> None:
-        nonlocal readings
-        readings += 1
-        print(format_reading(r), file=out, flush=True)
+    with tempfile.TemporaryDirectory(prefix="feikong-demo-") as tmp, Broker(Path(tmp) / "broker") as broker:
+        tcp = [meter() for _ in range(tcp_meters)]
+        if tcp_meters >= 3:
+            tcp[-1].faults = Faults(corrupt_checksum=0.3)  # a bad line: a third of its replies corrupted
+        pty = [meter() for _ in range(pty_meters)]
+        dds238 = load_profile("hiking_dds238_2_znsr")
+        modbus = [meter(ModbusSimMeter, device_id=i + 1, profile=dds238) for i in range(modbus_meters)]
+        behind = [meter() for _ in range(concentrator_meters)]
 
-    done = 0
-    try:
-        while not stop.is_set() and (cycles is None or done < cycles):
-            started = loop.time()
-            await asyncio.gather(*(p.cycle(on_reading) for p in pollers))
-            done += 1
-            unreachable = sum(h.unreachable(p.unreachable_after) for p in pollers for h in p.health.values())
-            noise = sum(link.stats.frames_rejected for link in links)
-            print(f"-- cycle {done}: {tcp_meters + pty_meters} meters in {loop.time() - started:.2f}s, "
-                  f"{unreachable} unreachable, {noise} corrupted frames rejected so far", file=out, flush=True)
-            if cycles is None or done < cycles:
-                try:
-                    await asyncio.wait_for(stop.wait(), interval_s)
-                except asyncio.TimeoutError:
-                    pass
-    finally:
-        for link in links:
-            await link.close()
-        pty.close()
-        server.close()
-        await server.wait_closed()
+        tcp_server = await serve_tcp(SimBus.of(tcp, clock=local))
+        pty_bus = PtyBus(SimBus.of(pty, clock=local))
+        for m in modbus:
+            m.clock = local
+        modbus_server = await serve_modbus_tcp(modbus)
+        concentrator = await SimConcentrator("c1", SimBus.of(behind, clock=local), broker.host, broker.port).start()
+        hub = await ConcentratorHub(HubSettings(broker.host, broker.port, client_id="feikong-demo-south")).start()
+
+        port = tcp_server.sockets[0].getsockname()[1]
+        channels = [Bus(Dlt645Link.tcp("127.0.0.1", port, LINK := LINE), [m.address for m in tcp]),
+                    Bus(Dlt645Link.serial(pty_bus.path, LinkSettings(parity="N", turnaround_s=0.2, margin_s=0.3,
+                                                                     retries=1)), [m.address for m in pty]),
+                    ModbusChannel.tcp("127.0.0.1", modbus_server.port,
+                                      [ModbusMeter(m.address, m.device_id, dds238) for m in modbus], timeout_s=0.5),
+                    hub.frame_channel("c1", [m.address for m in behind])]
+        del LINK
+        for channel, group in zip(channels, (tcp, pty, modbus, behind)):
+            for m in group:
+                fleet.channel_of[m.address] = channel.name
+
+        gw = await Gateway(f"sqlite://{tmp}/feikong.db", channels, clock=clock, poll_interval_s=interval_s).open()
+        accounts = [Account(f"A{i + 1:04d}", tariff_id="flat", area="demo") for i in range(len(fleet.meters))]
+        owner = {addr: a.account_id for addr, a in zip(fleet.meters, accounts)}
+        await gw.writer.call(gw.control.accounting.register, tariffs_from_config(TARIFFS), accounts,
+                             [Meter(addr, owner[addr], channel=fleet.channel_of[addr], max_kw=30)
+                              for addr in fleet.meters])
+        bridge = BillingBridge(gw, BrokerConfig(broker.host, broker.port, instance="demo"))
+        await bridge.start()
+        stop = asyncio.Event()
+        tasks = [asyncio.create_task(gw.run(stop)), asyncio.create_task(bridge.run(stop))]
+        await bridge.ready()
+        billing = await asyncio.to_thread(BillingSim(broker.host, broker.port, client_id="demo-billing").start)
+
+        say(f"feikong demo: {len(fleet.meters)} simulated meters on {len(channels)} channels:")
+        for channel, group in zip(channels, (tcp, pty, modbus, behind)):
+            say(f"  {channel.name}  ({len(group)} meters)")
+        say(f"broker mqtt://{broker.host}:{broker.port} (spawned; try: mosquitto_sub -p {broker.port} -t "
+            f"'feikong/v1/#' -v), store {tmp}/feikong.db")
+        say(f"{len(fleet.cut_off)} customers start cut off for arrears; billing pays them one by one. Ctrl-C stops.")
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, stop.set)
+            except (NotImplementedError, RuntimeError):
+                pass
+        for a in accounts:  # the others are in credit
+            if not fleet.meters[next(k for k, v in owner.items() if v == a.account_id)].relay_open:
+                billing.pay(a.account_id, "100.00", f"OPEN-{a.account_id}")
+        billing.publish(f"{contract.IN}/payments", b'{"payment_id": "BAD-1", "account": "A0001", "amount": 5.5}')
+
+        queue = list(fleet.cut_off)
+        paid_at: dict[str, float] = {}
+        reported: set[str] = set()
+        done, started = 0, time.monotonic()
         try:
-            loop.remove_signal_handler(signal.SIGINT)
-            loop.remove_signal_handler(signal.SIGTERM)
-        except (NotImplementedError, RuntimeError):
-            pass
-    print("feikong demo stopped.", file=out, flush=True)
-    return {"cycles": done, "readings": readings}
+            while not stop.is_set() and (cycles is None or done < cycles):
+                await _sleep_or_stop(stop, interval_s)
+                done += 1
+                if queue and gw.readings_seen >= len(fleet.meters):  # the gateway has seen the relays open
+                    addr = queue.pop(0)
+                    billing.pay(owner[addr], "50.00", f"DEMO-{addr}")
+                    paid_at[addr] = time.monotonic()
+                    say(f"  billing: {owner[addr]} pays 50.00 yuan (meter {addr})")
+                for ev in billing.of_kind("relay_confirmed"):
+                    if ev.id not in reported and ev.data["action"] == "close":
+                        reported.add(ev.id)
+                        took = time.monotonic() - paid_at.get(ev.subject, time.monotonic())
+                        say(f"  relay: meter {ev.subject} closed and verified by read-back, {took:.1f} s after "
+                            f"payment")
+                for ev in billing.of_kind("dead_letter"):
+                    if ev.id not in reported:
+                        reported.add(ev.id)
+                        say(f"  dead letter: {ev.data['reason']}")
+                s = bridge.stats
+                off = sum(m.relay_open for m in fleet.meters.values())
+                say(f"-- {time.monotonic() - started:5.1f}s: {gw.readings_seen} readings, {s.committed} messages in "
+                    f"({s.duplicates} duplicates, {s.dead_letters} dead letters), {s.published} events out, "
+                    f"{off} of {len(fleet.meters)} relays open")
+        finally:
+            stop.set()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.to_thread(billing.stop)
+            await gw.close()
+            await hub.close()
+            await concentrator.stop()
+            await modbus_server.close()
+            pty_bus.close()
+            tcp_server.close()
+            await tcp_server.wait_closed()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                try:
+                    loop.remove_signal_handler(sig)
+                except (NotImplementedError, RuntimeError):
+                    pass
+    say("feikong demo stopped.")
+    return {"cycles": done, "readings": gw.readings_seen, "closed": len(reported)}
+
+
+async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except asyncio.TimeoutError:
+        pass

@@ -45,10 +45,10 @@ async def test_over_tls_with_the_shipped_acl_billing_pays_but_cannot_command_rel
             heard = []
             spy.client.on_message = lambda c, u, m: heard.append(m.topic)
             spy.client.subscribe([("feikong/v1/concentrator/#", 1)])
+            assert await asyncio.to_thread(spy.subscribed.wait, 10)  # its SUBACK: from here it hears everything
             billing_login = dict(username="billing", password="bill-secret", tls_ca=str(b.tls.ca))
             with BillingSim(b.host, b.port, **billing_login) as billing, \
                     BillingSim(b.host, b.port, client_id="rogue", subscribe=False, **billing_login) as rogue:
-                await asyncio.sleep(0.3)  # the spy's subscription
                 # with billing's credentials: a relay command to a concentrator, and a forged relay event
                 rogue.publish("feikong/v1/concentrator/C1/down/cmd", b'{"op":"relay","action":"trip"}')
                 rogue.publish(contract.event_topic("relay_confirmed"), b'{"forged":true}')
@@ -131,3 +131,23 @@ async def test_mosquitto_pub_pays_and_mosquitto_sub_hears_the_verified_close(bro
         assert event["kind"] == "relay_confirmed" and event["subject"] == meter.address
         assert event["data"]["action"] == "close" and event["data"]["account_id"] == "A0"
         assert not meter.relay_open and await live.ledger() == [("CLI-1", "A0", 3000)]
+
+
+async def test_events_the_broker_refuses_stay_in_the_outbox_and_are_counted(tmp_path):
+    """An ACL that does not let the gateway write dead letters: the refused event is not marked published
+    (it goes again once the ACL is fixed), the refusal is counted, and the rest of the outbox flows."""
+    acl = ACL.read_text().replace("topic write feikong/v1/dead-letter\ntopic readwrite feikong/v1/status/#",
+                                  "topic readwrite feikong/v1/status/#")
+    assert acl != ACL.read_text()
+    with Broker(tmp_path / "b", users=USERS, acl=acl) as b:
+        secret = tmp_path / "pw"
+        secret.write_text("gw-secret")
+        mqtt = BrokerConfig(b.host, b.port, instance="gw-acl", username="gateway", password_file=str(secret))
+        async with LiveGateway(f"sqlite://{tmp_path / 'g.db'}", b, mqtt=mqtt) as live:
+            with BillingSim(b.host, b.port, username="billing", password="bill-secret") as billing:
+                billing.publish(f"{contract.IN}/payments", b"{not json")
+                billing.pay("A0", "5.00", "OK1")
+                await asyncio.to_thread(billing.wait_for, lambda s: s.of_kind("payment_applied"), 10, "applied")
+                await live.until(lambda: live.bridge.stats.publish_refused >= 1, 10, "the refusal counted")
+            pending = await live.call(live.gw.control.store.outbox, 0, 10, True)
+            assert [kind for _, _, kind, *_ in pending] == ["dead_letter"]

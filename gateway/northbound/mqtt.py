@@ -129,6 +129,7 @@ class BridgeStats:
     duplicates: int = 0
     dead_letters: int = 0
     published: int = 0
+    publish_refused: int = 0  # events the broker refused to take (they stay in the outbox)
     retries: int = 0  # batches tried again after a failure that was not the messages' fault
     connected: bool = False
     connects: int = 0
@@ -169,6 +170,7 @@ class BillingBridge:
         self._generation = 0
         self._refused = False  # the broker refused the last connection attempt (credentials, say)
         self._wake = asyncio.Event()
+        self._refusal_logged_at = float("-inf")
 
     # -- paho thread --------------------------------------------------------------------------------------
     def _on_connect(self, client, userdata, flags, reason, properties) -> None:
@@ -246,6 +248,9 @@ class BillingBridge:
         client.on_connect, client.on_disconnect = self._on_connect, self._on_disconnect
         client.on_message, client.on_publish = self._on_message, self._on_publish
         client.on_subscribe = self._on_subscribe
+        if cfg.shared_group:
+            log.warning("MQTT: sharing inbound messages in group %r; engines are not shared between instances "
+                        "yet (docs/mqtt.md, Several instances)", cfg.shared_group)
         client.connect_async(cfg.host, cfg.port, cfg.keepalive_s, clean_start=False,
                              properties=session_properties(cfg))
         client.loop_start()
@@ -448,22 +453,34 @@ class BillingBridge:
             return 0
         client = self._client
         waits = []
-        for seq, event_id, kind, subject, at, data in rows:
-            envelope = contract.Event(event_id, kind, subject, datetime.fromtimestamp(at, self.zone), seq,
-                                      self.config.instance, data)
-            info = client.publish(contract.event_topic(kind), contract.encode(envelope), qos=1)
-            if info.rc != paho.MQTT_ERR_SUCCESS and info.rc != paho.MQTT_ERR_NO_CONN:
-                raise RuntimeError(f"publish refused: {paho.error_string(info.rc)}")
-            fut = self._loop.create_future()
-            self._acks[info.mid] = fut
-            waits.append((seq, info.mid, fut))
-        done, _ = await asyncio.wait([f for _, _, f in waits], timeout=self.config.publish_ack_timeout_s)
-        acked = [seq for seq, _, fut in waits if fut in done and fut.result()]
-        for _, mid, fut in waits:
-            if not fut.done():  # the broker is away: these go again from the outbox
-                fut.cancel()
-                if self._acks.get(mid) is fut:
-                    del self._acks[mid]
+        try:
+            for seq, event_id, kind, subject, at, data in rows:
+                envelope = contract.Event(event_id, kind, subject, datetime.fromtimestamp(at, self.zone), seq,
+                                          self.config.instance, data)
+                topic = contract.event_topic(kind)
+                info = client.publish(topic, contract.encode(envelope), qos=1)
+                if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):  # NO_CONN: paho keeps it
+                    raise RuntimeError(f"publish refused: {paho.error_string(info.rc)}")
+                fut = self._loop.create_future()
+                self._acks[info.mid] = fut
+                waits.append((seq, event_id, topic, info.mid, fut))
+            done, _ = await asyncio.wait([w[-1] for w in waits], timeout=self.config.publish_ack_timeout_s)
+        finally:
+            for *_, mid, fut in waits:
+                if not fut.done():  # the broker is away: these go again from the outbox
+                    fut.cancel()
+                    if self._acks.get(mid) is fut:
+                        del self._acks[mid]
+        acked = [seq for seq, *_, fut in waits if fut in done and fut.result()]
+        refused = [(event_id, topic) for _, event_id, topic, _, fut in waits if fut in done and not fut.result()]
+        if refused:
+            # the broker will not take them (an ACL that does not let the gateway write there): they stay in
+            # the outbox and are tried again, and an operator has to hear of it
+            self.stats.publish_refused += len(refused)
+            if self._loop.time() - self._refusal_logged_at > 60:  # tried again every moment: say it once a minute
+                self._refusal_logged_at = self._loop.time()
+                log.error("MQTT: the broker refused %d events (first: %s to %s); they stay in the outbox",
+                          len(refused), *refused[0])
         if acked:
             await self.gateway.writer.call(control.mark_published, acked, self.gateway.clock.now())
             self.stats.published += len(acked)
