@@ -36,6 +36,7 @@ EXCEPTION_NAMES = {1: "illegal_function", 2: "illegal_data_address", 3: "illegal
 _ACKNOWLEDGE, _PATH_UNAVAILABLE, _TARGET_NO_RESPONSE = 5, 10, 11
 _READ = {"coil": "read_coils", "discrete": "read_discrete_inputs", "holding": "read_holding_registers",
          "input": "read_input_registers"}
+_FUNCTION = {"coil": 1, "discrete": 2, "holding": 3, "input": 4}
 
 
 class ModbusError(Exception):
@@ -168,10 +169,14 @@ class ModbusChannel:
         what = f"device {meter.device_id}: read {block.table} {block.start:#06x}+{block.count}"
         reply = await self._call(what, _READ[block.table], block.start, count=block.count,
                                  device_id=meter.device_id)
-        raw = reply.bits[: block.count] if block.bits else reply.registers
-        if len(raw) < block.count:
-            raise ModbusNoAnswer(f"{self.name}: {what}: short reply ({len(raw)} values)")
-        return list(raw)
+        # pymodbus does not match an RTU reply to its request: a late reply to an earlier read (the energy
+        # block, say) must not be taken for this one (a relay read-back). Bits come padded to whole bytes.
+        values = len(reply.bits) if block.bits else len(reply.registers)
+        fits = block.count <= values < block.count + 8 if block.bits else values == block.count
+        if reply.function_code != _FUNCTION[block.table] or reply.dev_id != meter.device_id or not fits:
+            raise ModbusNoAnswer(f"{self.name}: {what}: a reply that is not to this request (function "
+                                 f"{reply.function_code}, device {reply.dev_id}, {values} values): a late one?")
+        return list(reply.bits[: block.count] if block.bits else reply.registers)
 
     async def read_points(self, meter: ModbusMeter, plan: list[ReadBlock]) -> tuple[dict, dict[str, str]]:
         """Decoded points and, per point, why it could not be read. A meter that does not answer is not
