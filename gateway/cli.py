@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import json
 import re
 import sys
@@ -192,8 +193,8 @@ async def _sim(args) -> int:
 async def _demo(args) -> int:
     from gateway.demo import run_demo
 
-    await run_demo(tcp_meters=args.tcp_meters, pty_meters=args.pty_meters, cycles=args.cycles,
-                   interval_s=args.interval, speed=args.speed)
+    await run_demo(tcp_meters=args.tcp_meters, pty_meters=args.pty_meters, modbus_meters=args.modbus_meters,
+                   concentrator_meters=args.concentrator_meters, cycles=args.cycles, interval_s=args.interval)
     return EXIT_OK
 
 
@@ -218,12 +219,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version="feikong 0.1.0")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="simulated meter buses (TCP and pseudo-terminal) and the gateway reading them")
-    demo.add_argument("--tcp-meters", type=int, default=8)
-    demo.add_argument("--pty-meters", type=int, default=4)
-    demo.add_argument("--cycles", type=int, default=None, help="stop after N read cycles (default: run until Ctrl-C)")
-    demo.add_argument("--interval", type=float, default=2.0, help="seconds between read cycles")
-    demo.add_argument("--speed", type=float, default=120.0, help="simulated time runs this many times faster")
+    demo = sub.add_parser("demo", help="the gateway on embedded defaults (SQLite, a spawned Mosquitto) with simulated "
+                                       "meters and a simulated billing system paying cut-off customers")
+    demo.add_argument("--tcp-meters", type=int, default=6, help="DL/T 645 meters behind a TCP listener")
+    demo.add_argument("--pty-meters", type=int, default=4, help="DL/T 645 meters on a pseudo-terminal")
+    demo.add_argument("--modbus-meters", type=int, default=4, help="Modbus TCP meters (Hiking DDS238 profile)")
+    demo.add_argument("--concentrator-meters", type=int, default=4,
+                      help="DL/T 645 meters behind an MQTT concentrator (transparent mode)")
+    demo.add_argument("--cycles", type=int, default=None, help="stop after N summaries (default: run until Ctrl-C)")
+    demo.add_argument("--interval", type=float, default=2.0, help="seconds between summaries and between polls")
     demo.set_defaults(run=_demo)
 
     dlt = sub.add_parser("dlt645", help="DL/T 645 tools: decode captured hex, read a meter, control a relay")
@@ -270,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # warnings and errors on stderr, with the time and where they come from (stdout is the command's output)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         result = args.run(args)
         if asyncio.iscoroutine(result):

@@ -16,6 +16,7 @@ import signal
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
 from typing import TextIO
@@ -89,13 +90,12 @@ async def run_demo(tcp_meters: int = 6, pty_meters: int = 4, modbus_meters: int 
         hub = await ConcentratorHub(HubSettings(broker.host, broker.port, client_id="feikong-demo-south")).start()
 
         port = tcp_server.sockets[0].getsockname()[1]
-        channels = [Bus(Dlt645Link.tcp("127.0.0.1", port, LINK := LINE), [m.address for m in tcp]),
-                    Bus(Dlt645Link.serial(pty_bus.path, LinkSettings(parity="N", turnaround_s=0.2, margin_s=0.3,
-                                                                     retries=1)), [m.address for m in pty]),
+        channels = [Bus(Dlt645Link.tcp("127.0.0.1", port, LINE), [m.address for m in tcp]),
+                    # pseudo-terminals refuse even parity: 8N1 here (real lines: 8E1)
+                    Bus(Dlt645Link.serial(pty_bus.path, replace(LINE, parity="N")), [m.address for m in pty]),
                     ModbusChannel.tcp("127.0.0.1", modbus_server.port,
                                       [ModbusMeter(m.address, m.device_id, dds238) for m in modbus], timeout_s=0.5),
                     hub.frame_channel("c1", [m.address for m in behind])]
-        del LINK
         for channel, group in zip(channels, (tcp, pty, modbus, behind)):
             for m in group:
                 fleet.channel_of[m.address] = channel.name
@@ -147,9 +147,9 @@ async def run_demo(tcp_meters: int = 6, pty_meters: int = 4, modbus_meters: int 
                 for ev in billing.of_kind("relay_confirmed"):
                     if ev.id not in reported and ev.data["action"] == "close":
                         reported.add(ev.id)
-                        took = time.monotonic() - paid_at.get(ev.subject, time.monotonic())
-                        say(f"  relay: meter {ev.subject} closed and verified by read-back, {took:.1f} s after "
-                            f"payment")
+                        took = billing.arrived[ev.id] - paid_at.get(ev.subject, billing.arrived[ev.id])
+                        say(f"  relay: meter {ev.subject} ({fleet.channel_of[ev.subject]}) closed, verified by "
+                            f"read-back; billing heard it {took:.2f} s after paying")
                 for ev in billing.of_kind("dead_letter"):
                     if ev.id not in reported:
                         reported.add(ev.id)

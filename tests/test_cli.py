@@ -152,14 +152,20 @@ def test_sim_on_a_pty_prints_its_path():
         proc.wait(timeout=5)
 
 
-def test_demo_reads_meters_over_tcp_and_pty():
-    r = cli("demo", "--cycles", "2", "--tcp-meters", "3", "--pty-meters", "2", "--interval", "0.1")
+def test_demo_runs_the_gateway_and_every_cut_off_customer_who_pays_is_closed_on_every_kind_of_channel():
+    r = cli("demo", "--cycles", "14", "--interval", "0.5", "--tcp-meters", "2", "--pty-meters", "2",
+            "--modbus-meters", "2", "--concentrator-meters", "2")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert "pseudo-terminal /dev/pts/" in lines[0]
-    readings = [line for line in lines if " kWh " in line]
-    assert sum(" tcp " in line for line in readings) == 6
-    assert sum(" serial " in line for line in readings) == 4
+    assert lines[0] == "feikong demo: 8 simulated meters on 4 channels:"
+    kinds = ("tcp://", "serial:///dev/pts/", "modbus+tcp://", "mqtt://c1")
+    assert all(any(line.strip().startswith(k) for line in lines[1:5]) for k in kinds), lines[:5]
+    paid = [line for line in lines if "billing: " in line and " pays 50.00 yuan" in line]
+    closed = [line for line in lines if "closed, verified by read-back" in line]
+    assert len(paid) == 4 and len(closed) == 4, r.stdout
+    assert all(any(k in line for line in closed) for k in kinds)  # one cut-off customer on each channel
+    assert any("dead letter: invalid Payment: Expected `str`, got `float` - at `$.amount`" in line for line in lines)
+    assert "0 of 8 relays open" in [line for line in lines if line.startswith("--")][-1]
     assert lines[-1] == "feikong demo stopped."
 
 
