@@ -66,7 +66,7 @@ def publisher(host: str, port: int, n: int, mode: str, in_flight: int) -> None:
     acked = time.time()
     out = {"started": started, "acked": acked, "payload_bytes": len(bodies[0])}
     if mode == "payments":
-        sim.wait_for(lambda s: len(s.of_kind("payment_applied")) >= n, 300, "every payment_applied")
+        sim.wait_for(lambda s: s.count("payment_applied") >= n, 300, "every payment_applied")
         applied = sim.of_kind("payment_applied")
         arrivals = sorted(sim.arrived[e.id] for e in applied)
         out.update(events=len(applied), repeats=sum(sim.repeats.values()),

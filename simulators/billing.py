@@ -49,6 +49,7 @@ class BillingSim:
         self._early: set[int] = set()
         self.refused: list[tuple[int, str]] = []  # (mid, reason code) the broker refused (an ACL, say)
         self.events: dict[str, contract.Event] = {}  # id -> event, once each
+        self._by_kind: dict[str, list[contract.Event]] = {}  # kind -> events, once each, in arrival order
         self.repeats = Counter()  # event id -> extra deliveries
         self.arrived: dict[str, float] = {}  # id -> monotonic time of first delivery
         self.status: dict[str, contract.Status] = {}  # instance -> last status seen
@@ -116,6 +117,7 @@ class BillingSim:
                 self.repeats[ev.id] += 1
             else:
                 self.events[ev.id] = ev
+                self._by_kind.setdefault(ev.kind, []).append(ev)
                 self.arrived[ev.id] = time.monotonic()
             self._lock.notify_all()
 
@@ -155,4 +157,9 @@ class BillingSim:
 
     def of_kind(self, kind: str) -> list[contract.Event]:
         with self._lock:
-            return [e for e in self.events.values() if e.kind == kind]
+            return list(self._by_kind.get(kind, ()))
+
+    def count(self, kind: str) -> int:
+        """How many events of ``kind`` arrived (cheap enough for a wait_for predicate at thousands a second)."""
+        with self._lock:
+            return len(self._by_kind.get(kind, ()))

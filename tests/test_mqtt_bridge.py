@@ -63,8 +63,8 @@ async def test_bad_messages_go_to_the_dead_letter_topic_with_the_reason_and_the_
                 billing.publish(topic, payload)
             billing.publish(PAYMENTS, _payment("P1"))  # a plain re-delivery: acknowledged, not counted
             billing.publish(PAYMENTS, _payment("P8", account="A1"))  # and the consumer carries on
-            await asyncio.to_thread(billing.wait_for, lambda b: len(b.of_kind("payment_applied")) == 2
-                                    and len(b.of_kind("dead_letter")) == len(bad), 10, "dead letters")
+            await asyncio.to_thread(billing.wait_for, lambda b: b.count("payment_applied") == 2
+                                    and b.count("dead_letter") == len(bad), 10, "dead letters")
             letters = {(e.data["topic"], e.data["payload"]): e.data for e in billing.of_kind("dead_letter")}
         reasons = {name: letters[(topic, payload.decode("utf-8", "replace"))]["reason"]
                    for name, (topic, payload) in bad.items() if name != "not utf-8"}
@@ -100,7 +100,7 @@ async def test_a_broker_restart_in_a_burst_of_10000_payments_loses_none_and_appl
             await asyncio.to_thread(billing.wait_acked, 60)
             await live.until(lambda: live.bridge.stats.committed - live.bridge.stats.duplicates >= n, 60,
                              "every payment committed")
-            await asyncio.to_thread(billing.wait_for, lambda b: len(b.of_kind("payment_applied")) == n, 60,
+            await asyncio.to_thread(billing.wait_for, lambda b: b.count("payment_applied") == n, 60,
                                     "every payment_applied event")
         ledger = await live.ledger()
         assert len(ledger) == n and {pid: acc for pid, acc, _ in ledger} == sent
@@ -155,7 +155,7 @@ async def test_flags_forecasts_and_tariffs_are_applied_and_receipts_or_updates_n
                 contract.TariffVersion(datetime(2027, 1, 1, tzinfo=at.tzinfo), "flat", price="0.5200")]))
             billing.send(contract.NoticeReceipt("R1", "nosuchnotice/1", "delivered", at))
             billing.send(contract.FieldUpdate("U1", "nosuchorder", "completed", at, "crew-1"))
-            await asyncio.to_thread(billing.wait_for, lambda b: len(b.of_kind("dead_letter")) == 2, 10,
+            await asyncio.to_thread(billing.wait_for, lambda b: b.count("dead_letter") == 2, 10,
                                     "two dead letters")
             reasons = sorted(e.data["reason"] for e in billing.of_kind("dead_letter"))
         conditions = live.gw.control.controller.conditions
@@ -190,13 +190,13 @@ async def test_a_message_the_store_refuses_goes_to_the_dead_letters_alone_and_an
         with BillingSim(broker.host, broker.port) as billing:
             for pid in ("G1", "POISON", "G2"):
                 billing.publish(PAYMENTS, _payment(pid, account="A1"))
-            await asyncio.to_thread(billing.wait_for, lambda b: len(b.of_kind("payment_applied")) == 2
+            await asyncio.to_thread(billing.wait_for, lambda b: b.count("payment_applied") == 2
                                     and b.of_kind("dead_letter"), 10, "two applied, one dead letter")
             letter = billing.of_kind("dead_letter")[0].data
             assert "POISON" in letter["payload"] and "RuntimeError: value out of range" in letter["reason"]
             outage["left"] = 3
             billing.publish(PAYMENTS, _payment("G3", account="A1"))
-            await asyncio.to_thread(billing.wait_for, lambda b: len(b.of_kind("payment_applied")) == 3, 20,
+            await asyncio.to_thread(billing.wait_for, lambda b: b.count("payment_applied") == 3, 20,
                                     "applied after the outage")
         assert sorted(pid for pid, *_ in await live.ledger()) == ["G1", "G2", "G3"]
         assert live.bridge.stats.retries == 3 and live.bridge.stats.dead_letters == 1

@@ -47,7 +47,7 @@ async def test_killed_mid_burst_no_payment_is_lost_or_counted_twice(store_url, b
             deadline = asyncio.get_running_loop().time() + 60
             while count() < n and asyncio.get_running_loop().time() < deadline:
                 await asyncio.sleep(0.05)
-            await asyncio.to_thread(billing.wait_for, lambda b: len(b.of_kind("payment_applied")) == n, 60,
+            await asyncio.to_thread(billing.wait_for, lambda b: b.count("payment_applied") == n, 60,
                                     "every payment_applied event")
         rows = store._query("SELECT entry_id, amount_fen FROM ledger WHERE kind = 'payment'")
         assert sorted(pid for pid, _ in rows) == [f"K{i:05d}" for i in range(n)]
