@@ -13,7 +13,7 @@ Outbound from the outbox, in commit order: published at QoS 1, marked published 
 acknowledged, published again after an outage (consumers de-duplicate on the event id). The gateway's
 status is retained at ``feikong/v1/status/<instance>``, with a last will saying "offline".
 
-paho runs its network loop on its own thread; its callbacks only hand things to the event loop.
+paho runs on the event loop (``_OnLoop``): its callbacks run there too, between our own steps.
 """
 from __future__ import annotations
 
@@ -178,6 +178,7 @@ class BillingBridge:
         if reason.is_failure:
             self.stats.last_error = f"broker refused the connection: {reason}"
             log.error("MQTT: %s", self.stats.last_error)
+            self._net.lost()
             return
         with self._lock:
             self._generation += 1
@@ -187,7 +188,7 @@ class BillingBridge:
         self.stats.connects += 1
         log.info("MQTT: connected to %s:%s (session present: %s)", self.config.host, self.config.port,
                  flags.session_present)
-        self._loop.call_soon_threadsafe(self._set_connected, True)
+        self._set_connected(True)
 
     def _on_disconnect(self, client, userdata, flags, reason, properties) -> None:
         with self._lock:
@@ -195,7 +196,8 @@ class BillingBridge:
         if reason.is_failure and not self._refused:  # a refusal already said why; keep that
             self.stats.last_error = f"disconnected: {reason}"
             log.warning("MQTT: %s; reconnecting", self.stats.last_error)
-        self._loop.call_soon_threadsafe(self._set_connected, False)
+        self._set_connected(False)
+        self._net.lost()
 
     def _on_subscribe(self, client, userdata, mid, reasons, properties) -> None:
         refused = [str(r) for r in reasons if r.is_failure]
@@ -203,13 +205,15 @@ class BillingBridge:
             self.stats.last_error = f"broker refused the subscriptions: {', '.join(refused)}"
             log.error("MQTT: %s", self.stats.last_error)
             return
-        self._loop.call_soon_threadsafe(self._subscribed.set)
+        self._subscribed.set()
 
     def _on_message(self, client, userdata, msg) -> None:
-        self._inbound.put(_Inbound(self._generation, msg.mid, msg.qos, msg.topic, msg.payload))
+        self._queue.put_nowait(_Inbound(self._generation, msg.mid, msg.qos, msg.topic, msg.payload))
 
     def _on_publish(self, client, userdata, mid, reason, properties) -> None:
-        self._puback.put((mid, reason))
+        fut = self._acks.pop(mid, None)
+        if fut is not None and not fut.done():
+            fut.set_result(not reason.is_failure)
 
     # -- event loop -----------------------------------------------------------------------------------------
     def _set_connected(self, up: bool) -> None:
@@ -220,16 +224,6 @@ class BillingBridge:
             self._connected.clear()
             self._subscribed.clear()
 
-    def _received(self, items: list[_Inbound]) -> None:
-        for item in items:
-            self._queue.put_nowait(item)
-
-    def _published(self, acks: list) -> None:
-        for mid, reason in acks:
-            fut = self._acks.pop(mid, None)
-            if fut is not None and not fut.done():
-                fut.set_result(not reason.is_failure)
-
     def _status(self, state: str) -> bytes:
         return contract.encode(contract.Status(self.config.instance, state, datetime.now(self.zone), VERSION))
 
@@ -239,8 +233,6 @@ class BillingBridge:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._inbound = _Handoff(self._loop, self._received)
-        self._puback = _Handoff(self._loop, self._published)
         cfg = self.config
         client = make_client(cfg, cfg.client_id, manual_ack=True)
         client.will_set(contract.status_topic(cfg.instance), self._status("offline"), qos=1, retain=True)
@@ -253,8 +245,9 @@ class BillingBridge:
                         "yet (docs/mqtt.md, Several instances)", cfg.shared_group)
         client.connect_async(cfg.host, cfg.port, cfg.keepalive_s, clean_start=False,
                              properties=session_properties(cfg))
-        client.loop_start()
         self._client = client
+        self._net = _OnLoop(self._loop, client, cfg.reconnect_max_s)
+        self._net.start()
 
     async def ready(self, timeout: float = 10.0) -> None:
         """Until connected and subscribed (a first connection: nothing is queued for us before that)."""
@@ -283,9 +276,9 @@ class BillingBridge:
         if self.stats.connected:
             info = client.publish(contract.status_topic(self.config.instance), self._status("offline"), qos=1,
                                   retain=True)
-            await asyncio.to_thread(info.wait_for_publish, 2.0)
-        client.disconnect()
-        await asyncio.to_thread(client.loop_stop)
+            said = self._acks[info.mid] = self._loop.create_future()
+            await asyncio.wait([said], timeout=2.0)
+        await self._net.stop()
 
     # -- inbound ---------------------------------------------------------------------------------------------
     async def _consume(self) -> None:
@@ -493,28 +486,77 @@ def _store_away(exc: BaseException) -> bool:
     return isinstance(exc, (OSError, TimeoutError, sqlite3.OperationalError, psycopg.OperationalError))
 
 
-class _Handoff:
-    """Items from paho's thread to the event loop: one loop wakeup per burst, not one per message (at
-    thousands of messages a second, a wakeup each was a large share of the bridge's time)."""
+class _OnLoop:
+    """paho's network loop on the event loop, without a thread of its own: the socket is watched with
+    add_reader/add_writer, keepalive runs from a task, reconnects back off. With paho on its own thread,
+    the two threads' fight for the GIL cost a third of the bridge's throughput (docs/performance.md)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, consume) -> None:
-        self._loop, self._consume = loop, consume
-        self._items: list = []
-        self._scheduled = False
-        self._lock = threading.Lock()
+    def __init__(self, loop: asyncio.AbstractEventLoop, client: paho.Client, reconnect_max_s: float) -> None:
+        self.loop, self.client, self.reconnect_max_s = loop, client, reconnect_max_s
+        self._thread = threading.get_ident()
+        self._tasks: set[asyncio.Task] = set()
+        self._connecting: asyncio.Task | None = None
+        self._stopped = False
+        client.on_socket_open = lambda c, u, sock: self._soon(self._watch, sock)
+        client.on_socket_close = lambda c, u, sock: self._soon(self._unwatch, sock)
+        client.on_socket_register_write = lambda c, u, sock: self._soon(self.loop.add_writer, sock, c.loop_write)
+        client.on_socket_unregister_write = lambda c, u, sock: self._soon(self.loop.remove_writer, sock)
 
-    def put(self, item) -> None:
-        with self._lock:
-            self._items.append(item)
-            if self._scheduled:
+    def _soon(self, fn, *args) -> None:
+        # paho calls these from the thread that connects (a TCP and TLS handshake must not block the loop)
+        if threading.get_ident() == self._thread:
+            fn(*args)
+        else:
+            self.loop.call_soon_threadsafe(fn, *args)
+
+    def _watch(self, sock) -> None:
+        self.loop.add_reader(sock, self.client.loop_read)
+
+    def _unwatch(self, sock) -> None:
+        self.loop.remove_reader(sock)
+        self.loop.remove_writer(sock)
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = self.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def start(self) -> None:
+        self._spawn(self._keepalive())
+        self.lost()
+
+    def lost(self) -> None:
+        """The connection is gone, or never came: connect again, backing off, until stopped."""
+        if not self._stopped and (self._connecting is None or self._connecting.done()):
+            self._connecting = self._spawn(self._connect())
+
+    async def _connect(self) -> None:
+        delay = 0.5
+        while not self._stopped:
+            try:
+                await asyncio.to_thread(self.client.reconnect)
                 return
-            self._scheduled = True
-        self._loop.call_soon_threadsafe(self._flush)
+            except (OSError, ValueError) as exc:  # refused, unreachable, TLS failure
+                log.warning("MQTT: cannot connect (%s); again in %.1fs", exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.reconnect_max_s)
 
-    def _flush(self) -> None:
-        with self._lock:
-            items, self._items, self._scheduled = self._items, [], False
-        self._consume(items)
+    async def _keepalive(self) -> None:
+        while not self._stopped:
+            self.client.loop_misc()  # pings, and notices a broker that went silent
+            await asyncio.sleep(1.0)
+
+    async def stop(self) -> None:
+        self._stopped = True
+        self.client.disconnect()
+        self.client.loop_write()  # the DISCONNECT, now: the socket is about to go
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        sock = self.client.socket()
+        if sock is not None:
+            self._unwatch(sock)
 
 
 @dataclass(frozen=True)
