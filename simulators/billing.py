@@ -50,6 +50,9 @@ class BillingSim:
         self.refused: list[tuple[int, str]] = []  # (mid, reason code) the broker refused (an ACL, say)
         self.events: dict[str, contract.Event] = {}  # id -> event, once each
         self._by_kind: dict[str, list[contract.Event]] = {}  # kind -> events, once each, in arrival order
+        #: payment id -> its confirmation (from payments_applied events) and when it arrived (monotonic)
+        self.applied: dict[str, contract.PaymentAppliedRow] = {}
+        self.applied_at: dict[str, float] = {}
         self.repeats = Counter()  # event id -> extra deliveries
         self.arrived: dict[str, float] = {}  # id -> monotonic time of first delivery
         self.status: dict[str, contract.Status] = {}  # instance -> last status seen
@@ -119,6 +122,11 @@ class BillingSim:
                 self.events[ev.id] = ev
                 self._by_kind.setdefault(ev.kind, []).append(ev)
                 self.arrived[ev.id] = time.monotonic()
+                if ev.kind == "payments_applied":
+                    for row in msgspec.convert(ev.data, contract.PaymentsApplied).rows:
+                        if row.payment_id not in self.applied:
+                            self.applied[row.payment_id] = row
+                            self.applied_at[row.payment_id] = self.arrived[ev.id]
             self._lock.notify_all()
 
     # -- publishing -------------------------------------------------------------------------------------------

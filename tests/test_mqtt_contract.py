@@ -15,7 +15,7 @@ EXAMPLE = re.compile(r"topic: `([^`]+)`\n```json\n(.*?)\n```", re.S)
 SCHEMA_OF = {f"{contract.IN}/payments": "payment.json", f"{contract.IN}/notice-receipts": "notice-receipt.json",
              f"{contract.IN}/field-updates": "field-update.json", f"{contract.IN}/area-flags": "area-flag.json",
              f"{contract.IN}/forecasts": "forecast.json", f"{contract.IN}/tariffs": "tariff-change.json"}
-DATA_SCHEMA = {"payment_applied": contract.PaymentApplied, "relay_confirmed": contract.RelayCommand,
+DATA_SCHEMA = {"payments_applied": contract.PaymentsApplied, "relay_confirmed": contract.RelayCommand,
                "readings": contract.Readings, "balances": contract.Balances, "dead_letter": contract.DeadLetter}
 
 
@@ -38,7 +38,7 @@ def test_the_published_schema_files_are_generated_from_the_contract(name):
 def test_every_topic_has_an_example_in_the_docs():
     topics = {t for t, _ in examples()}
     assert set(contract.INBOUND) <= topics
-    assert {contract.DEAD_LETTER, contract.status_topic("gw1"), contract.event_topic("payment_applied"),
+    assert {contract.DEAD_LETTER, contract.status_topic("gw1"), contract.event_topic("payments_applied"),
             contract.event_topic("relay_confirmed"), contract.event_topic("readings"),
             contract.event_topic("balances")} <= topics
 

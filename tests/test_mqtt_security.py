@@ -147,7 +147,7 @@ async def test_events_the_broker_refuses_stay_in_the_outbox_and_are_counted(tmp_
             with BillingSim(b.host, b.port, username="billing", password="bill-secret") as billing:
                 billing.publish(f"{contract.IN}/payments", b"{not json")
                 billing.pay("A0", "5.00", "OK1")
-                await asyncio.to_thread(billing.wait_for, lambda s: s.of_kind("payment_applied"), 10, "applied")
+                await asyncio.to_thread(billing.wait_for, lambda s: s.applied, 10, "applied")
                 await live.until(lambda: live.bridge.stats.publish_refused >= 1, 10, "the refusal counted")
             pending = await live.call(live.gw.control.store.outbox, 0, 10, True)
             assert [kind for _, _, kind, *_ in pending] == ["dead_letter"]

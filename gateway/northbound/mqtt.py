@@ -45,6 +45,8 @@ from protocols.mqtt import billing as contract
 log = logging.getLogger(__name__)
 
 VERSION = "feikong/0.1"
+#: a failure that is not the store being away, this many times in a row: the message's own doing
+POISON_AFTER = 3
 
 
 @dataclass(frozen=True)
@@ -178,8 +180,7 @@ class BillingBridge:
         if reason.is_failure:
             self.stats.last_error = f"broker refused the connection: {reason}"
             log.error("MQTT: %s", self.stats.last_error)
-            self._net.lost()
-            return
+            return  # the broker closes the connection next: the disconnect reconnects
         with self._lock:
             self._generation += 1
         prefix = f"$share/{self.config.shared_group}/" if self.config.shared_group else ""
@@ -291,18 +292,22 @@ class BillingBridge:
 
     async def _handle_until_done(self, batch: list[_Inbound]) -> None:
         """Commit, then acknowledge. While the store is away, nothing is acknowledged and the batch is tried
-        again. Any other failure is one message's doing: each is then tried on its own, and one that still
-        fails goes to the dead letters with the error, so it cannot hold up the messages behind it."""
-        delay = 0.5
+        again until it is back. Any other failure is tried again a few times too (the shell has rebuilt
+        itself from the store: a clash with another writer passes); if it persists it is one message's doing,
+        so each message is then tried on its own, and one that still fails goes to the dead letters with the
+        error: it cannot hold up the messages behind it."""
+        delay, failures = 0.5, 0
         while True:
             try:
                 await self.handle(batch)
                 break
             except Exception as exc:
                 self.stats.last_error = f"{type(exc).__name__}: {exc}"
-                if not _store_away(exc):
+                away = _store_away(exc)
+                failures += not away
+                if failures >= POISON_AFTER:
                     if len(batch) > 1:
-                        log.warning("MQTT: a batch of %d failed (%s); committing its messages one by one",
+                        log.warning("MQTT: a batch of %d keeps failing (%s); committing its messages one by one",
                                     len(batch), self.stats.last_error)
                         for msg in batch:
                             await self._handle_until_done([msg])
@@ -311,10 +316,10 @@ class BillingBridge:
                     await self._refuse(batch[0], f"could not be applied: {type(exc).__name__}: {exc}")
                     break
                 self.stats.retries += 1
-                log.error("MQTT: the store is unavailable (%s); %d messages wait, unacknowledged, %.1fs",
-                          self.stats.last_error, len(batch), delay)
+                log.error("MQTT: committing %d messages failed (%s); they wait, unacknowledged, %.1fs",
+                          len(batch), self.stats.last_error, delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+                delay = min(delay * 2, 10.0) if away else 0.1
         self._ack(batch)
 
     async def _refuse(self, msg: _Inbound, reason: str) -> None:
@@ -497,10 +502,13 @@ class _OnLoop:
         self._tasks: set[asyncio.Task] = set()
         self._connecting: asyncio.Task | None = None
         self._stopped = False
-        client.on_socket_open = lambda c, u, sock: self._soon(self._watch, sock)
-        client.on_socket_close = lambda c, u, sock: self._soon(self._unwatch, sock)
-        client.on_socket_register_write = lambda c, u, sock: self._soon(self.loop.add_writer, sock, c.loop_write)
-        client.on_socket_unregister_write = lambda c, u, sock: self._soon(self.loop.remove_writer, sock)
+        # file descriptors are taken when paho calls, not later on the loop: by then the socket may be closed
+        # (fileno -1) and its number reused by the next connection's socket
+        client.on_socket_open = lambda c, u, sock: self._soon(self.loop.add_reader, sock.fileno(), c.loop_read)
+        client.on_socket_close = lambda c, u, sock: self._soon(self._unwatch, sock.fileno())
+        client.on_socket_register_write = lambda c, u, sock: self._soon(self.loop.add_writer, sock.fileno(),
+                                                                        c.loop_write)
+        client.on_socket_unregister_write = lambda c, u, sock: self._soon(self.loop.remove_writer, sock.fileno())
 
     def _soon(self, fn, *args) -> None:
         # paho calls these from the thread that connects (a TCP and TLS handshake must not block the loop)
@@ -509,12 +517,9 @@ class _OnLoop:
         else:
             self.loop.call_soon_threadsafe(fn, *args)
 
-    def _watch(self, sock) -> None:
-        self.loop.add_reader(sock, self.client.loop_read)
-
-    def _unwatch(self, sock) -> None:
-        self.loop.remove_reader(sock)
-        self.loop.remove_writer(sock)
+    def _unwatch(self, fd: int) -> None:
+        self.loop.remove_reader(fd)
+        self.loop.remove_writer(fd)
 
     def _spawn(self, coro) -> asyncio.Task:
         task = self.loop.create_task(coro)
@@ -527,13 +532,16 @@ class _OnLoop:
         self.lost()
 
     def lost(self) -> None:
-        """The connection is gone, or never came: connect again, backing off, until stopped."""
-        if not self._stopped and (self._connecting is None or self._connecting.done()):
+        """The connection is gone, or never came: connect again, backing off, until stopped. Only when no
+        socket is open: a second connection under our client id would take the session over from the first."""
+        if self._stopped or self.client.socket() is not None:
+            return
+        if self._connecting is None or self._connecting.done():
             self._connecting = self._spawn(self._connect())
 
     async def _connect(self) -> None:
         delay = 0.5
-        while not self._stopped:
+        while not self._stopped and self.client.socket() is None:
             try:
                 await asyncio.to_thread(self.client.reconnect)
                 return
@@ -555,8 +563,8 @@ class _OnLoop:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         sock = self.client.socket()
-        if sock is not None:
-            self._unwatch(sock)
+        if sock is not None and sock.fileno() >= 0:
+            self._unwatch(sock.fileno())
 
 
 @dataclass(frozen=True)

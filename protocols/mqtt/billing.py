@@ -174,11 +174,20 @@ class Event(Struct, frozen=True):
     data: dict[str, Any]
 
 
-class PaymentApplied(Struct, frozen=True):
+class PaymentAppliedRow(Struct, frozen=True, array_like=True):
+    """One payment committed, as an array: [payment_id, account, amount, balance] (yuan; the balance the
+    account had once the batch holding this payment was applied)."""
+
     payment_id: str
     account: str
     amount: str
-    balance: str  # yuan, after this payment
+    balance: str
+
+
+class PaymentsApplied(Struct, frozen=True):
+    """Payments committed together (``kind`` = ``payments_applied``): billing's confirmation of each."""
+
+    rows: list[PaymentAppliedRow]
 
 
 class RelayCommand(Struct, frozen=True, forbid_unknown_fields=True):
@@ -242,7 +251,7 @@ class Status(Struct, frozen=True):
 
 
 #: outbound event kind -> topic group (by prefix; the first match wins)
-_GROUPS = (("payment_", "payments"), ("readings", "readings"), ("balances", "balances"), ("notice_", "notices"),
+_GROUPS = (("payments_", "payments"), ("readings", "readings"), ("balances", "balances"), ("notice_", "notices"),
            ("disconnect_case_", "cases"), ("trip_", "cases"), ("account_manager_task", "cases"),
            ("relay_", "relay"), ("close_withheld", "relay"), ("field_order_", "orders"))
 
@@ -317,7 +326,7 @@ SCHEMAS: dict[str, Any] = {
     "forecast.json": Forecast,
     "tariff-change.json": TariffChange,
     "event.json": Event,
-    "event-data-payment-applied.json": PaymentApplied,
+    "event-data-payments-applied.json": PaymentsApplied,
     "event-data-relay.json": RelayCommand,
     "event-data-readings.json": Readings,
     "event-data-balances.json": Balances,
