@@ -151,3 +151,17 @@ async def test_events_the_broker_refuses_stay_in_the_outbox_and_are_counted(tmp_
                 await live.until(lambda: live.bridge.stats.publish_refused >= 1, 10, "the refusal counted")
             pending = await live.call(live.gw.control.store.outbox, 0, 10, True)
             assert [kind for _, _, kind, *_ in pending] == ["dead_letter"]
+
+
+async def test_a_burst_over_tls_larger_than_the_receive_maximum_is_all_applied(secure_broker, tmp_path):
+    """The bridge's read-ahead and acknowledgements over TLS: more payments than the broker may have in flight
+    to the gateway, so every one of them has to be acknowledged for the rest to come."""
+    b, n = secure_broker, 5000
+    async with LiveGateway(f"sqlite://{tmp_path / 'g.db'}", b, accounts=10,
+                           mqtt=gateway_config(b, tmp_path)) as live:
+        with BillingSim(b.host, b.port, username="billing", password="bill-secret", tls_ca=str(b.tls.ca),
+                        in_flight=200) as billing:
+            for i in range(n):
+                billing.pay(f"A{i % 10}", "1.00", f"T{i:05d}")
+            await asyncio.to_thread(billing.wait_for, lambda s: len(s.applied) == n, 60, "every payment confirmed")
+        assert len(await live.ledger()) == n

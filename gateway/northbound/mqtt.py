@@ -103,18 +103,49 @@ class BrokerConfig:
             raise ValueError(f"password_file {self.password_file}: cannot read: {exc.strerror}") from None
 
 
-def make_client(cfg: BrokerConfig, client_id: str, *, manual_ack: bool = False) -> paho.Client:
-    """A paho MQTT 5 client with the config's credentials and TLS (shared with the simulators and bench)."""
-    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5,
-                         manual_ack=manual_ack)
+def make_client(cfg: BrokerConfig) -> "_ReadAhead":
+    """The bridge's paho MQTT 5 client: acknowledgements by hand, the config's credentials and TLS."""
+    client = _ReadAhead(paho.CallbackAPIVersion.VERSION2, client_id=cfg.client_id, protocol=paho.MQTTv5,
+                        manual_ack=True)
     if cfg.username:
         client.username_pw_set(cfg.username, cfg.password())
     if cfg.tls_ca_file:
         client.tls_set(ca_certs=cfg.tls_ca_file, certfile=cfg.tls_cert_file or None,
                        keyfile=cfg.tls_key_file or None, cert_reqs=ssl.CERT_REQUIRED)
-    client.reconnect_delay_set(1, cfg.reconnect_max_s)
     client.max_queued_messages_set(0)
     return client
+
+
+class _ReadAhead(paho.Client):
+    """paho reads a packet in three or more recv() calls (its type, each length byte, its body): at
+    thousands of messages a second those system calls were the bridge's largest single cost. This reads
+    what the socket holds (64 KiB at most) at once and serves paho's small reads from it.
+
+    It overrides paho's private ``_sock_recv`` (paho-mqtt is pinned below 3), and only works with a reader
+    that drains :attr:`pending` before it waits on the socket again (``_OnLoop``): bytes held here are no
+    longer in the socket for a selector to see."""
+
+    _CHUNK = 65536
+
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self._ahead, self._at, self._ahead_sock = b"", 0, None
+
+    @property
+    def pending(self) -> bool:
+        return self._at < len(self._ahead)
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        if self._sock is not self._ahead_sock:  # a new connection: nothing read on the old one belongs to it
+            self._ahead, self._at, self._ahead_sock = b"", 0, self._sock
+        if self._at >= len(self._ahead):
+            data = super()._sock_recv(self._CHUNK)  # BlockingIOError when there is nothing; b"" when closed
+            if len(data) <= bufsize:
+                return data
+            self._ahead, self._at = data, 0
+        out = self._ahead[self._at:self._at + bufsize]
+        self._at += len(out)
+        return out
 
 
 def session_properties(cfg: BrokerConfig) -> Properties:
@@ -235,7 +266,7 @@ class BillingBridge:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         cfg = self.config
-        client = make_client(cfg, cfg.client_id, manual_ack=True)
+        client = make_client(cfg)
         client.will_set(contract.status_topic(cfg.instance), self._status("offline"), qos=1, retain=True)
         client.max_inflight_messages_set(cfg.publish_batch)
         client.on_connect, client.on_disconnect = self._on_connect, self._on_disconnect
@@ -496,7 +527,7 @@ class _OnLoop:
     add_reader/add_writer, keepalive runs from a task, reconnects back off. With paho on its own thread,
     the two threads' fight for the GIL cost a third of the bridge's throughput (docs/performance.md)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, client: paho.Client, reconnect_max_s: float) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, client: _ReadAhead, reconnect_max_s: float) -> None:
         self.loop, self.client, self.reconnect_max_s = loop, client, reconnect_max_s
         self._thread = threading.get_ident()
         self._tasks: set[asyncio.Task] = set()
@@ -504,7 +535,7 @@ class _OnLoop:
         self._stopped = False
         # file descriptors are taken when paho calls, not later on the loop: by then the socket may be closed
         # (fileno -1) and its number reused by the next connection's socket
-        client.on_socket_open = lambda c, u, sock: self._soon(self.loop.add_reader, sock.fileno(), c.loop_read)
+        client.on_socket_open = lambda c, u, sock: self._soon(self.loop.add_reader, sock.fileno(), self._readable)
         client.on_socket_close = lambda c, u, sock: self._soon(self._unwatch, sock.fileno())
         client.on_socket_register_write = lambda c, u, sock: self._soon(self.loop.add_writer, sock.fileno(),
                                                                         c.loop_write)
@@ -516,6 +547,18 @@ class _OnLoop:
             fn(*args)
         else:
             self.loop.call_soon_threadsafe(fn, *args)
+
+    def _readable(self) -> None:
+        self.client.loop_read()
+        while self._more():
+            self.client.loop_read()
+
+    def _more(self) -> bool:
+        """Bytes a selector cannot see: in the read-ahead, or decrypted and held by TLS."""
+        sock = self.client.socket()
+        if sock is None:
+            return False
+        return self.client.pending or (isinstance(sock, ssl.SSLSocket) and sock.pending() > 0)
 
     def _unwatch(self, fd: int) -> None:
         self.loop.remove_reader(fd)
