@@ -605,9 +605,15 @@ class _OnLoop:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        sock = self.client.socket()
-        if sock is not None and sock.fileno() >= 0:
-            self._unwatch(sock.fileno())
+        # paho closes its socket only when it reads the broker's goodbye, which no one waits for now: close
+        # it here, after unhooking our callbacks (else paho's finaliser calls them on a closed event loop)
+        client, sock = self.client, self.client.socket()
+        client.on_socket_open = client.on_socket_close = None
+        client.on_socket_register_write = client.on_socket_unregister_write = None
+        if sock is not None:
+            if sock.fileno() >= 0:
+                self._unwatch(sock.fileno())
+            sock.close()
 
 
 @dataclass(frozen=True)
