@@ -1,8 +1,9 @@
-"""Composition root: a running gateway from its parts (store, buses, policies) on a real clock.
+"""Composition root: a running gateway from its parts (store, channels, policies) on a real clock.
 
 One writer thread owns the store; on the event loop run a poll loop per channel (every meter, one exchange at
-a time; DL/T 645 buses, Modbus lines, MQTT concentrators alike), the command executor (closes first, paced by the buses) and a ticker (notice timeouts, gates,
-dispatch, escalation). A payment wakes the executor at once: its close does not wait for the next tick.
+a time; DL/T 645 buses, Modbus lines, MQTT concentrators alike), the command executor (closes first, paced by
+the channels) and a ticker (notice timeouts, gates, dispatch, escalation). A payment wakes the executor at
+once: its close does not wait for the next tick.
 """
 from __future__ import annotations
 

@@ -8,8 +8,8 @@ Contract (topics, payloads): :mod:`protocols.mqtt.concentrator`; operator's view
   replies, replies from before a restart) and what does not follow the contract (logged with the reason).
 * :meth:`ConcentratorHub.frame_channel` (transparent mode) is a DL/T 645 bus whose "wire" is MQTT: a
   :class:`Dlt645Link` with an opener whose transport publishes each request frame and feeds the
-  concentrator's replies back to the link. The DL/T 645 client, the poller and the relay driver work unchanged, with their timeouts,
-  reply matching and error semantics.
+  concentrator's replies back to the link. The DL/T 645 client, the poller and the relay driver work
+  unchanged, with their timeouts, reply matching and error semantics.
 * :class:`JsonChannel` (JSON mode) sends typed commands (read items, relay control) and takes typed answers;
   :class:`JsonRelayDriver` maps them to the executor's errors like the DL/T 645 driver does.
 
