@@ -542,7 +542,10 @@ class _OnLoop:
         client.on_socket_unregister_write = lambda c, u, sock: self._soon(self.loop.remove_writer, sock.fileno())
 
     def _soon(self, fn, *args) -> None:
-        # paho calls these from the thread that connects (a TCP and TLS handshake must not block the loop)
+        # paho calls these from the thread that connects (a TCP and TLS handshake must not block the loop),
+        # which may finish after we stopped: nothing to watch then
+        if self._stopped or self.loop.is_closed():
+            return
         if threading.get_ident() == self._thread:
             fn(*args)
         else:
@@ -586,12 +589,20 @@ class _OnLoop:
         delay = 0.5
         while not self._stopped and self.client.socket() is None:
             try:
-                await asyncio.to_thread(self.client.reconnect)
+                await asyncio.to_thread(self._attempt)
                 return
             except (OSError, ValueError) as exc:  # refused, unreachable, TLS failure
                 log.warning("MQTT: cannot connect (%s); again in %.1fs", exc, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.reconnect_max_s)
+
+    def _attempt(self) -> None:
+        """One connection attempt, in a worker thread."""
+        self.client.reconnect()
+        if self._stopped:  # stopped meanwhile: leave no connection behind under our client id
+            sock = self.client.socket()
+            if sock is not None:
+                sock.close()
 
     async def _keepalive(self) -> None:
         while not self._stopped:
