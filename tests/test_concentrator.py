@@ -288,7 +288,8 @@ async def test_a_request_out_when_the_concentrator_dies_is_an_unknown_outcome(br
         rig.sim.bus_timeout_s = 2.0  # the concentrator waits for the slow meter
         send = asyncio.create_task(rig.driver.send(slow.address, RelayAction.TRIP, ReconnectMode.DIRECT,
                                                    time.time() + 600))
-        await asyncio.sleep(0.3)
+        while rig.sim.stats.commands == 0:  # the concentrator has the command and waits on its slow meter
+            await asyncio.sleep(0.01)
         await rig.sim.kill()
         with pytest.raises(RelayLinkDown) as err:
             await send
