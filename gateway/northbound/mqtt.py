@@ -606,7 +606,8 @@ class _OnLoop:
 
     async def _keepalive(self) -> None:
         while not self._stopped:
-            self.client.loop_misc()  # pings, and notices a broker that went silent
+            if self._connecting is None or self._connecting.done():  # never beside a connect in its thread
+                self.client.loop_misc()  # pings, and notices a broker that went silent
             await asyncio.sleep(1.0)
 
     async def stop(self) -> None:
