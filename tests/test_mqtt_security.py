@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.northbound.mqtt import BillingBridge, BrokerConfig
+from gateway.northbound.mqtt import BillingBridge, BrokerConfig, _OnLoop
 from protocols.mqtt import billing as contract
 from simulators.billing import BillingSim
 
@@ -23,6 +23,14 @@ def secure_broker(tmp_path):
     tls = make_tls(tmp_path / "certs")
     with Broker(tmp_path / "secure", users=USERS, acl=ACL.read_text(), tls=tls) as b:
         yield b
+
+
+def _watched_by_a_bridge() -> bool:
+    """Is any descriptor still watched for a bridge? (A stale one makes a later socket with the same number
+    deaf: asyncio would only swap the handler of the old registration.)"""
+    selector = asyncio.get_running_loop()._selector
+    handles = [h for key in selector.get_map().values() for h in key.data if h is not None]
+    return any(isinstance(getattr(h._callback, "__self__", None), _OnLoop) for h in handles)
 
 
 def gateway_config(broker, tmp_path, password="gw-secret") -> BrokerConfig:
@@ -73,13 +81,16 @@ async def test_a_wrong_password_or_a_plain_connection_is_refused_and_said_so(sec
         await bridge.start()
         with pytest.raises(TimeoutError, match="Not authorized|Bad user name or password"):
             await bridge.ready(timeout=3)
+        assert bridge._net.attempts <= 6  # backing off (0, 0.5, 1, 2 s...), not hammering the broker
         await bridge.close()
+        assert not _watched_by_a_bridge()
         plain = BillingBridge(gw, BrokerConfig(secure_broker.host, secure_broker.port, instance="plain",
                                                username="gateway", password_file=str(tmp_path / "gateway.password")))
         await plain.start()
         with pytest.raises(TimeoutError):
             await plain.ready(timeout=2)
         await plain.close()
+        assert not _watched_by_a_bridge()
     finally:
         await gw.close()
 
@@ -165,3 +176,26 @@ async def test_a_burst_over_tls_larger_than_the_receive_maximum_is_all_applied(s
                 billing.pay(f"A{i % 10}", "1.00", f"T{i:05d}")
             await asyncio.to_thread(billing.wait_for, lambda s: len(s.applied) == n, 60, "every payment confirmed")
         assert len(await live.ledger()) == n
+
+
+async def test_a_bridge_that_stops_leaves_nothing_watched(broker, tmp_path):
+    async with LiveGateway(f"sqlite://{tmp_path / 'g.db'}", broker):
+        assert _watched_by_a_bridge()
+    assert not _watched_by_a_bridge()
+
+
+async def test_two_instances_with_one_name_back_off_instead_of_taking_the_session_from_each_other(
+        broker, tmp_path):
+    from gateway.app import Gateway
+
+    gws = [await Gateway(f"sqlite://{tmp_path / f'g{i}.db'}", []).open() for i in range(2)]
+    bridges = [BillingBridge(gw, BrokerConfig(broker.host, broker.port, instance="same")) for gw in gws]
+    try:
+        for b in bridges:
+            await b.start()
+        await asyncio.sleep(3)
+        assert sum(b._net.attempts for b in bridges) <= 14, [b._net.attempts for b in bridges]
+    finally:
+        for b, gw in zip(bridges, gws):
+            await b.close()
+            await gw.close()

@@ -23,6 +23,7 @@ import logging
 import sqlite3
 import ssl
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -47,6 +48,8 @@ log = logging.getLogger(__name__)
 VERSION = "feikong/0.1"
 #: a failure that is not the store being away, this many times in a row: the message's own doing
 POISON_AFTER = 3
+#: a broker session that lasted this long resets the reconnect back-off
+STABLE_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -205,13 +208,14 @@ class BillingBridge:
         self._wake = asyncio.Event()
         self._refusal_logged_at = float("-inf")
 
-    # -- paho thread --------------------------------------------------------------------------------------
+    # -- paho callbacks (on the event loop) -------------------------------------------------------------
     def _on_connect(self, client, userdata, flags, reason, properties) -> None:
         self._refused = reason.is_failure
         if reason.is_failure:
             self.stats.last_error = f"broker refused the connection: {reason}"
             log.error("MQTT: %s", self.stats.last_error)
             return  # the broker closes the connection next: the disconnect reconnects
+        self._net.connected()
         with self._lock:
             self._generation += 1
         prefix = f"$share/{self.config.shared_group}/" if self.config.shared_group else ""
@@ -319,7 +323,10 @@ class BillingBridge:
             while len(batch) < self.config.batch_max and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             self.stats.received += len(batch)
-            await self._handle_until_done(batch)
+            try:
+                await self._handle_until_done(batch)
+            except Exception:  # unacknowledged, so the broker delivers them again; this task must go on
+                log.exception("MQTT: %d inbound messages left unacknowledged", len(batch))
 
     async def _handle_until_done(self, batch: list[_Inbound]) -> None:
         """Commit, then acknowledge. While the store is away, nothing is acknowledged and the batch is tried
@@ -478,7 +485,7 @@ class BillingBridge:
         Returns how many were acknowledged."""
         control = self.gateway.control
         rows = await self.gateway.writer.call(control.store.outbox, 0, self.config.publish_batch, True)
-        if not rows:
+        if not rows or not self._connected.is_set():  # lost while we read: paho may be reconnecting in its thread
             return 0
         client = self._client
         waits = []
@@ -532,6 +539,10 @@ class _OnLoop:
         self._thread = threading.get_ident()
         self._tasks: set[asyncio.Task] = set()
         self._connecting: asyncio.Task | None = None
+        self._attempting: asyncio.Future | None = None
+        self._delay = 0.0
+        self._up_since: float | None = None
+        self.attempts = 0  # connection attempts, for an operator (and a test) to see the back-off
         self._stopped = False
         # file descriptors are taken when paho calls, not later on the loop: by then the socket may be closed
         # (fileno -1) and its number reused by the next connection's socket
@@ -582,27 +593,37 @@ class _OnLoop:
         socket is open: a second connection under our client id would take the session over from the first."""
         if self._stopped or self.client.socket() is not None:
             return
+        if self._up_since is not None and time.monotonic() - self._up_since >= STABLE_S:
+            self._delay = 0.0  # a connection that served a while: the next one at once
+        self._up_since = None
         if self._connecting is None or self._connecting.done():
             self._connecting = self._spawn(self._connect())
 
+    def connected(self) -> None:
+        """The broker accepted the session. Only one that then lasts (``STABLE_S``) resets the back-off: a
+        session taken over at once by another instance with our id must not ping-pong at full speed."""
+        self._up_since = time.monotonic()
+
     async def _connect(self) -> None:
-        delay = 0.5
+        # the back-off grows until a session is accepted, not merely a TCP connection: a refused CONNACK, a
+        # session taken over by another instance with our id, a broker's DISCONNECT must not loop at full speed
         while not self._stopped and self.client.socket() is None:
+            if self._delay:
+                await asyncio.sleep(self._delay)
+            self._delay = min(max(self._delay * 2, 0.5), self.reconnect_max_s)
+            self.attempts += 1
+            self._attempting = self.loop.run_in_executor(None, self._attempt)
             try:
-                await asyncio.to_thread(self._attempt)
+                await asyncio.shield(self._attempting)  # a stop waits for it rather than leaving it behind
                 return
             except (OSError, ValueError) as exc:  # refused, unreachable, TLS failure
-                log.warning("MQTT: cannot connect (%s); again in %.1fs", exc, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, self.reconnect_max_s)
+                log.warning("MQTT: cannot connect (%s); again in %.1fs", exc, self._delay)
+            except Exception:  # never end this task: nothing else would connect again
+                log.exception("MQTT: connecting failed; again in %.1fs", self._delay)
 
     def _attempt(self) -> None:
         """One connection attempt, in a worker thread."""
         self.client.reconnect()
-        if self._stopped:  # stopped meanwhile: leave no connection behind under our client id
-            sock = self.client.socket()
-            if sock is not None:
-                sock.close()
 
     async def _keepalive(self) -> None:
         while not self._stopped:
@@ -612,20 +633,25 @@ class _OnLoop:
 
     async def stop(self) -> None:
         self._stopped = True
-        self.client.disconnect()
-        self.client.loop_write()  # the DISCONNECT, now: the socket is about to go
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        # paho closes its socket only when it reads the broker's goodbye, which no one waits for now: close
-        # it here, after unhooking our callbacks (else paho's finaliser calls them on a closed event loop)
+        if self._attempting is not None and not self._attempting.done():
+            await asyncio.wait([self._attempting], timeout=15)  # its socket is ours to close, cleanly
         client, sock = self.client, self.client.socket()
+        fd = sock.fileno() if sock is not None else -1
+        # a clean goodbye: the broker drops the will ("offline" is said below, by the bridge, or not at all)
+        client.disconnect()
+        client.loop_write()
+        # paho closes its socket only when it reads the broker's answer, which no one waits for now: unhook our
+        # callbacks (else paho's finaliser calls them on a closed event loop), unwatch the descriptor (else a
+        # later socket with the same number is never read) and close the socket here
         client.on_socket_open = client.on_socket_close = None
         client.on_socket_register_write = client.on_socket_unregister_write = None
-        if sock is not None:
-            if sock.fileno() >= 0:
-                self._unwatch(sock.fileno())
-            sock.close()
+        if fd >= 0:
+            self._unwatch(fd)
+        if client.socket() is not None:
+            client.socket().close()
 
 
 @dataclass(frozen=True)
