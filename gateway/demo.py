@@ -126,9 +126,9 @@ async def run_demo(tcp_meters: int = 6, pty_meters: int = 4, modbus_meters: int 
                 loop.add_signal_handler(sig, stop.set)
             except (NotImplementedError, RuntimeError):
                 pass
-        for a in accounts:  # the others are in credit
-            if not fleet.meters[next(k for k, v in owner.items() if v == a.account_id)].relay_open:
-                billing.pay(a.account_id, "100.00", f"OPEN-{a.account_id}")
+        for addr, account_id in owner.items():  # the others are in credit
+            if not fleet.meters[addr].relay_open:
+                billing.pay(account_id, "100.00", f"OPEN-{account_id}")
         billing.publish(f"{contract.IN}/payments", b'{"payment_id": "BAD-1", "account": "A0001", "amount": 5.5}')
 
         queue = list(fleet.cut_off)

@@ -1,15 +1,23 @@
 """Builders for the relay-control tests: a small utility, its controller, and the upstream systems' replies."""
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
-from gateway.core.commands import ReconnectMode, RelayAction, RelayStatus, StepKind
+from gateway.core.commands import CommandPolicy, ReconnectMode, RelayAction, RelayStatus, StepKind
 from gateway.core.control import ControlConfig, Controller, NoticeReceiptIn, Permit, SendResult
 from gateway.core.engine import Decision, DecisionKind, Engine
 from gateway.core.model import Account, CustomerClass, Meter
 from gateway.core.notices import ReceiptOutcome
+from protocols.dlt645.client import LinkSettings
 
 from .core_fixtures import POLICY, tariffs
 
 CST = timezone(timedelta(hours=8))
+
+#: a gateway on a real clock that verifies relays within a second (executor and MQTT tests), and its line
+_P, _QUICK_VERIFY = CommandPolicy(), dict(settle_s=1.0, verify_first_s=0.2, verify_every_s=0.2)
+QUICK = ControlConfig(commands=CommandPolicy(close=replace(_P.close, **_QUICK_VERIFY),
+                                             trip=replace(_P.trip, **_QUICK_VERIFY)))
+LIVE_LINK = LinkSettings(baud=9600, turnaround_s=0.2, margin_s=0.1, retries=0)
 
 
 def at(y, mo, d, h=0, mi=0) -> int:

@@ -3,25 +3,18 @@ simulator, all through a real Mosquitto broker (the ``broker`` fixture)."""
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
 from decimal import Decimal
 
 from gateway.app import Bus, Gateway
 from gateway.clock import SystemClock, local_naive
-from gateway.core.commands import CommandPolicy
-from gateway.core.control import ControlConfig
 from gateway.core.model import Account, Meter
 from gateway.northbound.mqtt import BillingBridge, BrokerConfig
-from protocols.dlt645.client import Dlt645Link, LinkSettings
+from protocols.dlt645.client import Dlt645Link
 from simulators.dlt645 import SimBus, SimMeter, serve_tcp
 
+from .control_fixtures import LIVE_LINK, QUICK
 from .core_fixtures import POLICY, tariffs
 
-FAST = LinkSettings(baud=9600, turnaround_s=0.2, margin_s=0.1, retries=0)
-_P = CommandPolicy()
-_QUICK_VERIFY = dict(settle_s=1.0, verify_first_s=0.2, verify_every_s=0.2)
-QUICK = ControlConfig(commands=CommandPolicy(close=replace(_P.close, **_QUICK_VERIFY),
-                                             trip=replace(_P.trip, **_QUICK_VERIFY)))
 
 
 def tripped_meter(i: int) -> SimMeter:
@@ -46,7 +39,7 @@ class LiveGateway:
     async def __aenter__(self) -> "LiveGateway":
         clock = SystemClock()
         self.server = await serve_tcp(SimBus.of(self.sims, clock=local_naive(clock), turnaround_s=0.0))
-        link = Dlt645Link.tcp("127.0.0.1", self.server.sockets[0].getsockname()[1], FAST)
+        link = Dlt645Link.tcp("127.0.0.1", self.server.sockets[0].getsockname()[1], LIVE_LINK)
         self.gw = await Gateway(self.store_url, [Bus(link, [m.address for m in self.sims])], QUICK, POLICY,
                                 clock, poll_interval_s=self.poll_interval_s).open()
         cc = self.gw.control

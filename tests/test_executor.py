@@ -4,27 +4,21 @@ import asyncio
 
 from gateway.app import Bus, Gateway
 from gateway.clock import SystemClock, local_naive
-from dataclasses import replace
 
-from gateway.core.commands import CommandPolicy, CommandState, RelayAction
-from gateway.core.control import ControlConfig
+from gateway.core.commands import CommandState, RelayAction
 from gateway.core.model import Account, Meter
-from protocols.dlt645.client import Dlt645BadReply, Dlt645Link, LinkSettings
+from protocols.dlt645.client import Dlt645BadReply, Dlt645Link
 from simulators.dlt645 import SimBus, SimMeter, serve_tcp
 from simulators.dlt645.meter import Faults
 
+from .control_fixtures import LIVE_LINK, QUICK
 from .core_fixtures import POLICY, tariffs
 
-FAST = LinkSettings(baud=9600, turnaround_s=0.2, margin_s=0.1, retries=0)
-_P = CommandPolicy()
-_QUICK_VERIFY = dict(settle_s=1.0, verify_first_s=0.2, verify_every_s=0.2)
-QUICK = ControlConfig(commands=CommandPolicy(close=replace(_P.close, **_QUICK_VERIFY),
-                                             trip=replace(_P.trip, **_QUICK_VERIFY)))
 
 
 async def gateway(tmp_path, meter: SimMeter):
     server = await serve_tcp(SimBus.of([meter], clock=local_naive(SystemClock()), turnaround_s=0.0))
-    link = Dlt645Link.tcp("127.0.0.1", server.sockets[0].getsockname()[1], FAST)
+    link = Dlt645Link.tcp("127.0.0.1", server.sockets[0].getsockname()[1], LIVE_LINK)
     gw = await Gateway(f"sqlite://{tmp_path / 'g.db'}", [Bus(link, [meter.address])], QUICK, POLICY).open()
     await gw.writer.call(gw.control.accounting.register, tariffs(), [Account("A1", tariff_id="flat")],
                          [Meter(meter.address, "A1", channel=link.name)])

@@ -166,7 +166,7 @@ class BridgeStats:
     dead_letters: int = 0
     published: int = 0
     publish_refused: int = 0  # events the broker refused to take (they stay in the outbox)
-    retries: int = 0  # batches tried again after a failure that was not the messages' fault
+    retries: int = 0  # batches tried again (the store away, or a failure not yet known to be a message's)
     connected: bool = False
     connects: int = 0
     last_error: str = ""
@@ -202,8 +202,7 @@ class BillingBridge:
         self._connected = asyncio.Event()
         self._subscribed = asyncio.Event()
         self._acks: dict[int, asyncio.Future] = {}
-        self._lock = threading.Lock()  # the connection generation vs acknowledgements
-        self._generation = 0
+        self._generation = 0  # which connection: bumped on every connect and disconnect
         self._refused = False  # the broker refused the last connection attempt (credentials, say)
         self._wake = asyncio.Event()
         self._refusal_logged_at = float("-inf")
@@ -216,8 +215,7 @@ class BillingBridge:
             log.error("MQTT: %s", self.stats.last_error)
             return  # the broker closes the connection next: the disconnect reconnects
         self._net.connected()
-        with self._lock:
-            self._generation += 1
+        self._generation += 1
         prefix = f"$share/{self.config.shared_group}/" if self.config.shared_group else ""
         client.subscribe([(prefix + topic, SubscribeOptions(qos=1)) for topic in contract.INBOUND])
         client.publish(contract.status_topic(self.config.instance), self._status("online"), qos=1, retain=True)
@@ -227,8 +225,7 @@ class BillingBridge:
         self._set_connected(True)
 
     def _on_disconnect(self, client, userdata, flags, reason, properties) -> None:
-        with self._lock:
-            self._generation += 1
+        self._generation += 1
         if reason.is_failure and not self._refused:  # a refusal already said why; keep that
             self.stats.last_error = f"disconnected: {reason}"
             log.warning("MQTT: %s; reconnecting", self.stats.last_error)
@@ -456,12 +453,12 @@ class BillingBridge:
         client = self._client
         if client is None:
             return
-        with self._lock:
-            for msg in batch:
-                # a message from an earlier connection is re-delivered by the broker (and is then a duplicate);
-                # its old packet id may already name another message on this connection: never ack it
-                if msg.qos > 0 and msg.generation == self._generation:
-                    client.ack(msg.mid, msg.qos)
+        for msg in batch:
+            # a message from an earlier connection is re-delivered by the broker (and is then a duplicate); its
+            # old packet id may already name another message on this connection: never ack it. (paho's callbacks
+            # run on this loop too, so the generation cannot change under this loop.)
+            if msg.qos > 0 and msg.generation == self._generation:
+                client.ack(msg.mid, msg.qos)
 
     # -- outbound ---------------------------------------------------------------------------------------------
     async def _publish_loop(self, stop: asyncio.Event) -> None:
