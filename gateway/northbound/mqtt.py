@@ -6,14 +6,15 @@ acknowledged to the broker only after what it carries is committed (a payment wi
 a crash at any point loses nothing; a re-delivered payment is a duplicate by its id and is not counted
 again. Messages are taken in batches (one transaction per batch: group commit). A message that cannot be
 used goes to the dead-letter topic, through the outbox, with the reason and the original payload; it never
-stops the consumer. A failure that is not the message's fault (the store is down) acknowledges nothing and
-tries the batch again.
+stops the consumer. While the store is away nothing is acknowledged and the batch waits; a failure that
+persists otherwise is traced to its message, which alone goes to the dead letters (``_handle_until_done``).
 
 Outbound from the outbox, in commit order: published at QoS 1, marked published when the broker has
 acknowledged, published again after an outage (consumers de-duplicate on the event id). The gateway's
 status is retained at ``feikong/v1/status/<instance>``, with a last will saying "offline".
 
-paho runs on the event loop (``_OnLoop``): its callbacks run there too, between our own steps.
+paho runs on the event loop (``_OnLoop``), with a read-ahead under it (``_ReadAhead``): its callbacks run
+there too, between our own steps; only a connection attempt goes to a worker thread.
 """
 from __future__ import annotations
 
