@@ -24,6 +24,7 @@ out carries a unique ``id`` for consumers to de-duplicate on (QoS 1 may deliver 
 from __future__ import annotations
 
 import base64
+import inspect
 import json
 import sys
 from datetime import date, datetime
@@ -343,7 +344,18 @@ def schema(kind: Any) -> dict:
 
 
 def schema_text(kind: Any) -> str:
-    return json.dumps(schema(kind), indent=2, sort_keys=True) + "\n"
+    return json.dumps(_clean_descriptions(schema(kind)), indent=2, sort_keys=True) + "\n"
+
+
+def _clean_descriptions(node: Any) -> Any:
+    """Docstrings as ``inspect.cleandoc`` gives them, whichever msgspec made the schema (0.23 began dedenting
+    descriptions itself; older releases kept the indentation)."""
+    if isinstance(node, dict):
+        return {k: inspect.cleandoc(v) if k == "description" and isinstance(v, str) else _clean_descriptions(v)
+                for k, v in node.items()}
+    if isinstance(node, list):
+        return [_clean_descriptions(v) for v in node]
+    return node
 
 
 def write_schemas(directory: Path = SCHEMA_DIR) -> list[Path]:
