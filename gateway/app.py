@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from typing import Callable
 
 from gateway.clock import Clock, SystemClock, local_naive
 from gateway.core.control import ControlConfig, NoticeReceiptIn
@@ -43,6 +45,9 @@ class Gateway:
         self.control: CostControl | None = None
         self.executor: CommandExecutor | None = None
         self.readings_seen = 0
+        #: called on the event loop with (channel, reading, seconds) as each meter's reading arrives in a poll
+        #: cycle; ``seconds`` is the time the channel took for it (its exchanges, one meter after another)
+        self.read_listeners: list[Callable[[Channel, Reading, float], None]] = []
 
     async def open(self) -> "Gateway":
         self.control = await self.writer.call(CostControl, open_store(self.store_url), self.config, self.policy,
@@ -92,12 +97,30 @@ class Gateway:
     async def poll_once(self, channel: Channel) -> None:
         """One read cycle of a channel, committed as one batch (with the relay positions it saw)."""
         readings: list[Reading] = []
-        await channel.cycle(readings.append)
+        await channel.cycle(self._timed_sink(channel, readings) if self.read_listeners else readings.append)
         batch, relays = to_batch(readings, self.control.engine, self.config.calendar.utc_offset_s)
         result = await self.writer.call(self.control.ingest_readings, batch, self.clock.now(), relays)
         self.readings_seen += len(readings)
         if result.decisions:
             self.executor.wake()
+
+    def _timed_sink(self, channel: Channel, readings: list[Reading]):
+        """A cycle reads its meters one after another: the time since the last reading (or the cycle's start)
+        is this meter's."""
+        last = time.perf_counter()
+
+        def sink(reading: Reading) -> None:
+            nonlocal last
+            now = time.perf_counter()
+            readings.append(reading)
+            for listener in self.read_listeners:
+                try:
+                    listener(channel, reading, now - last)
+                except Exception:
+                    log.exception("a read listener failed")
+            last = time.perf_counter()
+
+        return sink
 
     # -- loops --------------------------------------------------------------------------------------------
     async def _poll(self, channel: Channel, stop: asyncio.Event) -> None:

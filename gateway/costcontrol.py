@@ -12,8 +12,11 @@ One writer drives this (a dedicated thread in the service: :class:`gateway.write
 from __future__ import annotations
 
 import logging
+import time
 import uuid
+from dataclasses import dataclass
 from datetime import datetime
+from typing import Callable
 
 import numpy as np
 
@@ -45,12 +48,28 @@ log = logging.getLogger(__name__)
 ROWS_PER_EVENT = 1000
 
 
+@dataclass(frozen=True)
+class Committed:
+    """What one committed transaction changed, for observers (metrics): never seen for a rolled-back one."""
+
+    input: str  # readings, credits, tariffs, tick, receipts, field_updates, area_flag, forecast, manual,
+    #             authorize, send_result, read_result
+    effects: Effects  # what the controller changed (entities, events, audit records), as committed
+    result: IngestResult | None  # the engine's side, for the engine's inputs
+    size: int  # inputs in the transaction (readings in the batch, payments and adjustments, receipts...)
+    seconds: float  # the transaction's time, from its start to its commit
+    now: float
+
+
 class CostControl:
     def __init__(self, store: Store, config: ControlConfig | None = None, policy: ThresholdPolicy | None = None,
                  now: float | None = None, new_id=None) -> None:
         self.store = store
         self.config = config or ControlConfig()
         self._new_id = new_id
+        #: called on the writer thread after every commit with what it committed (keep them quick; one that
+        #: raises is logged and does not disturb the others or the caller)
+        self.listeners: list[Callable[[Committed], None]] = []
         self.accounting = Accounting(store, policy)
         self.controller = self._load_controller(now)
         self._stale = False  # a failed transaction whose rebuild failed too: rebuild before any more work
@@ -95,23 +114,40 @@ class CostControl:
         self.store.write_effects(fx, now)
         return fx
 
-    def _with_engine(self, call, now: float, *args) -> IngestResult:
+    def _committed(self, what: str, fx: Effects, result: IngestResult | None, size: int, started: float,
+                   now: float) -> None:
+        if not self.listeners:
+            return
+        done = Committed(what, fx, result, size, time.perf_counter() - started, now)
+        for listener in self.listeners:
+            try:
+                listener(done)
+            except Exception:
+                log.exception("a commit listener failed")
+
+    def _with_engine(self, what: str, size: int, call, now: float, *args) -> IngestResult:
         """An accounting input; the decisions it causes go to the controller in the same transaction."""
+        started = time.perf_counter()
+        flushed: list[Effects] = []
+
         def then(outcome, result: IngestResult) -> None:
             paid_at: dict[str, float] = {}
             for item in (result.credits.new if result.credits else ()):
                 at = item.paid_at if isinstance(item, Payment) else item.at
                 paid_at[item.account_id] = max(paid_at.get(item.account_id, 0), min(at, now))
             self.controller.on_decisions(outcome.decisions, now, paid_at)
-            self._flush(now)
+            flushed.append(self._flush(now))
             self.store.add_events(self._report(outcome, result, now))
 
         self._fresh(now)
         try:
-            return call(*args, then=then)
+            result = call(*args, then=then)
         except BaseException:
             self._rebuild_after_failure(now)
             raise
+        if flushed:  # an input that ran no transaction (no recalibration due) committed nothing
+            self._committed(what, flushed[0], result, size, started, now)
+        return result
 
     def _report(self, outcome, result: IngestResult, now: float) -> list[Event]:
         """Events for upstream, committed with the input, in chunks of rows (one message per payment was half
@@ -142,17 +178,20 @@ class CostControl:
     def _event_id(self) -> str:
         return self._new_id() if self._new_id else uuid.uuid4().hex
 
-    def _control(self, work, now: float) -> Effects:
+    def _control(self, what: str, size: int, work, now: float) -> Effects:
         """A controller input in one transaction; on failure both halves are rebuilt from the store."""
+        started = time.perf_counter()
         self._fresh(now)
         try:
             with self.store.transaction():
                 work()
-                return self._flush(now)
+                fx = self._flush(now)
         except BaseException:
             log.exception("control transaction failed; rebuilding from the store")
             self._rebuild_after_failure(now)
             raise
+        self._committed(what, fx, None, size, started, now)
+        return fx
 
     # -- inputs -----------------------------------------------------------------------------------------
     def ingest_readings(self, batch: ReadingBatch, now: float,
@@ -165,15 +204,15 @@ class CostControl:
                 then(outcome, result)
             return self.accounting.ingest_readings(batch, int(now), both)
 
-        return self._with_engine(call, now)
+        return self._with_engine("readings", len(batch), call, now)
 
     def ingest_credits(self, items: list[Payment | Adjustment], now: float) -> IngestResult:
         """Payments and adjustments: committed once, and any close they cause committed with them."""
-        return self._with_engine(self.accounting.ingest_credits, now, items, int(now))
+        return self._with_engine("credits", len(items), self.accounting.ingest_credits, now, items, int(now))
 
     def change_tariffs(self, tariffs: dict, now: float) -> IngestResult:
         """New tariff versions: stored, levels recalibrated, every account re-evaluated (decisions handled)."""
-        return self._with_engine(self.accounting.change_tariffs, now, tariffs, int(now))
+        return self._with_engine("tariffs", len(tariffs), self.accounting.change_tariffs, now, tariffs, int(now))
 
     def add_events(self, events: list[Event]) -> None:
         """Events from the edges (dead letters), committed on their own; an id already there is kept."""
@@ -185,22 +224,23 @@ class CostControl:
             self.store.mark_published(seqs, at)
 
     def ingest_receipts(self, receipts: list[NoticeReceiptIn], now: float) -> Effects:
-        return self._control(lambda: self.controller.on_receipts(receipts, now), now)
+        return self._control("receipts", len(receipts), lambda: self.controller.on_receipts(receipts, now), now)
 
     def ingest_field_updates(self, updates: list[FieldUpdate], now: float) -> Effects:
         fresh = [u for u in updates if not self.store.field_update_seen(u.update_id)]
-        return self._control(lambda: self.controller.on_field_updates(fresh, now), now)
+        return self._control("field_updates", len(updates), lambda: self.controller.on_field_updates(fresh, now),
+                             now)
 
     def set_area_flag(self, flag: AreaFlag, now: float) -> Effects:
-        return self._control(lambda: self.controller.set_area_flag(flag, now), now)
+        return self._control("area_flag", 1, lambda: self.controller.set_area_flag(flag, now), now)
 
     def set_forecast(self, forecast: Forecast, now: float) -> Effects:
-        return self._control(lambda: self.controller.set_forecast(forecast, now), now)
+        return self._control("forecast", 1, lambda: self.controller.set_forecast(forecast, now), now)
 
     def tick(self, now: float) -> Effects:
         """Time passing: recalibration when due (its decisions handled with it), then notices, gates, dispatch."""
-        self._with_engine(self.accounting.tick, now, int(now))
-        return self._control(lambda: self.controller.tick(now), now)
+        self._with_engine("tick", 0, self.accounting.tick, now, int(now))
+        return self._control("tick", 0, lambda: self.controller.tick(now), now)
 
     def manual(self, meter_id: str, action: RelayAction, operator: str, role: str, reason: str, key: str,
                now: float, mode: ReconnectMode | None = None):
@@ -216,7 +256,7 @@ class CostControl:
             except AuthorityError as exc:  # the refusal is audited: commit that, then raise
                 outcome.append(exc)
 
-        self._control(work, now)
+        self._control("manual", 1, work, now)
         if isinstance(outcome[0], AuthorityError):
             raise outcome[0]
         return outcome[0]
@@ -244,16 +284,16 @@ class CostControl:
                     c.account_id, self.store.account_credits_fen(self.engine.account_no[c.account_id]))
             result.append(self.controller.authorize(command_id, now, balance, trip))
 
-        self._control(work, now)
+        self._control("authorize", 1, work, now)
         return result[0]
 
     def send_result(self, command_id: str, now: float, result: SendResult, detail: str = "",
                     errors: tuple[str, ...] = (), status: RelayStatus | None = None) -> Effects:
-        return self._control(lambda: self.controller.on_send_result(command_id, now, result, detail, errors, status),
-                             now)
+        return self._control("send_result", 1, lambda: self.controller.on_send_result(command_id, now, result, detail,
+                                                                                     errors, status), now)
 
     def read_result(self, step: Step, now: float, status: RelayStatus | None, why: str = "") -> Effects:
-        return self._control(lambda: self.controller.on_read_result(step, now, status, why), now)
+        return self._control("read_result", 1, lambda: self.controller.on_read_result(step, now, status, why), now)
 
     # -- queries --------------------------------------------------------------------------------------------
     def why(self, meter_id: str) -> RelayExplanation:

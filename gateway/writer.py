@@ -17,5 +17,9 @@ class Writer:
     async def call(self, fn, *args, **kwargs):
         return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
 
+    def pending(self) -> int:
+        """Calls waiting for the writer thread (the one it is running not counted)."""
+        return self._pool._work_queue.qsize()
+
     def close(self) -> None:
         self._pool.shutdown(wait=True)

@@ -7,6 +7,7 @@ from decimal import Decimal
 
 from gateway.app import Bus, Gateway
 from gateway.clock import SystemClock, local_naive
+from gateway.core.control import ControlConfig
 from gateway.core.model import Account, Meter
 from gateway.northbound.mqtt import BillingBridge, BrokerConfig
 from protocols.dlt645.client import Dlt645Link
@@ -27,7 +28,9 @@ class LiveGateway:
     the simulated meters (one each)."""
 
     def __init__(self, store_url: str, broker, *, accounts: int | list[Account] = 1, meters: list[SimMeter] = (),
-                 mqtt: BrokerConfig | None = None, poll_interval_s: float = 3600.0) -> None:
+                 mqtt: BrokerConfig | None = None, poll_interval_s: float = 3600.0, config: ControlConfig = QUICK,
+                 metrics=None) -> None:
+        """``metrics``: a :class:`gateway.ops.metrics.GatewayMetrics` to attach (before the first poll) and run."""
         self.store_url = store_url
         self.broker = broker
         self.accounts = accounts if isinstance(accounts, list) else \
@@ -35,12 +38,14 @@ class LiveGateway:
         self.sims = list(meters)
         self.mqtt = mqtt or BrokerConfig(broker.host, broker.port, instance="gw-test")
         self.poll_interval_s = poll_interval_s
+        self.config = config
+        self.metrics = metrics
 
     async def __aenter__(self) -> "LiveGateway":
         clock = SystemClock()
         self.server = await serve_tcp(SimBus.of(self.sims, clock=local_naive(clock), turnaround_s=0.0))
         link = Dlt645Link.tcp("127.0.0.1", self.server.sockets[0].getsockname()[1], LIVE_LINK)
-        self.gw = await Gateway(self.store_url, [Bus(link, [m.address for m in self.sims])], QUICK, POLICY,
+        self.gw = await Gateway(self.store_url, [Bus(link, [m.address for m in self.sims])], self.config, POLICY,
                                 clock, poll_interval_s=self.poll_interval_s).open()
         cc = self.gw.control
         if not cc.engine.account_ids:
@@ -51,12 +56,17 @@ class LiveGateway:
         self.stop = asyncio.Event()
         await self.bridge.start()
         self.tasks = [asyncio.create_task(self.gw.run(self.stop)), asyncio.create_task(self.bridge.run(self.stop))]
+        if self.metrics is not None:
+            self.metrics.attach(self.gw, self.bridge)
+            self.tasks.append(asyncio.create_task(self.metrics.run(self.stop)))
         await self.bridge.ready()
         return self
 
     async def __aexit__(self, *exc) -> None:
         self.stop.set()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.metrics is not None:
+            self.metrics.close()
         await self.gw.close()
         self.server.close()
         await self.server.wait_closed()

@@ -1012,8 +1012,9 @@ class Controller:
     def _notice_step(self, n: Notice, step, now: float) -> None:
         for r in step.requests:
             self._emit("notice_request", n.account_id, now, **_request_payload(r))
-        for kind, detail in step.transitions:
-            self._emit(kind, n.account_id, now, notice_id=n.notice_id, purpose=n.purpose.value, detail=detail)
+        for kind, detail, fields in step.transitions:
+            self._emit(kind, n.account_id, now, notice_id=n.notice_id, purpose=n.purpose.value, detail=detail,
+                       **fields)
 
     def _notice_changed(self, n: Notice, now: float) -> None:
         self._touch(n)

@@ -153,10 +153,11 @@ class Notice:
 @dataclass
 class NoticeStep:
     """What one call changed: requests to publish, and the other transitions (escalated, delivered,
-    exhausted) as (event kind, detail) for the event log."""
+    exhausted) as (event kind, detail, fields) for the event log; ``fields`` names the channel and the
+    receipt outcome where a channel's attempt ended (metrics count them)."""
 
     requests: list[NoticeRequest] = field(default_factory=list)
-    transitions: list[tuple[str, str]] = field(default_factory=list)  # (event kind, detail)
+    transitions: list[tuple[str, str, dict]] = field(default_factory=list)  # (event kind, detail, fields)
 
 
 class Notifier:
@@ -175,7 +176,8 @@ class Notifier:
                 a = n.attempts[-1]
                 a.outcome, a.outcome_at = ReceiptOutcome.TIMEOUT, now
                 step.transitions.append(("notice_escalated", f"no receipt on {a.channel} within "
-                                                             f"{self.policy.channels[a.channel].timeout_s}s"))
+                                                             f"{self.policy.channels[a.channel].timeout_s}s",
+                                         _ended(a)))
                 n.next_channel += 1
                 n.state, n.due_at = NoticeState.WAITING, now
                 continue
@@ -184,14 +186,15 @@ class Notifier:
             if n.next_channel >= len(n.channels):
                 n.state, n.due_at = NoticeState.EXHAUSTED, None
                 n.closed_reason = "no channel confirmed delivery" if n.attempts else "the account has no channel"
-                step.transitions.append(("notice_exhausted", n.closed_reason))
+                step.transitions.append(("notice_exhausted", n.closed_reason, {}))
                 break
             channel = n.channels[n.next_channel]
             address = postal_address if channel == "paper" else str(contacts.get(channel) or "")
             if not address.strip():
                 n.attempts.append(Attempt(f"{n.notice_id}/{len(n.attempts) + 1}", channel, "", now, now,
                                           ReceiptOutcome.SKIPPED, now, f"no {channel} address on the account"))
-                step.transitions.append(("notice_escalated", f"no {channel} address on the account"))
+                step.transitions.append(("notice_escalated", f"no {channel} address on the account",
+                                         _ended(n.attempts[-1])))
                 n.next_channel += 1
                 continue
             when = self.calendar.next_within(self._hours[channel], now, 2)  # hours are never empty: found
@@ -233,7 +236,7 @@ class Notifier:
             n.updated_at = now
             return step
         why = f"{a.channel}: {outcome.value}" + (f" ({detail})" if detail else "")
-        step.transitions.append(("notice_escalated", why))
+        step.transitions.append(("notice_escalated", why, _ended(a)))
         if n.state == NoticeState.REQUESTED and n.attempts[-1] is a:
             n.next_channel += 1
             n.state, n.due_at = NoticeState.WAITING, now
@@ -249,7 +252,8 @@ class Notifier:
             n.delivered_at, n.delivered_channel = at, a.channel
         if n.state.active:
             n.state, n.due_at = NoticeState.DELIVERED, None
-        step.transitions.append(("notice_delivered", f"{a.channel} at {at}"))
+        step.transitions.append(("notice_delivered", f"{a.channel} at {at}",
+                                 {"channel": a.channel, "outcome": ReceiptOutcome.DELIVERED.value}))
 
     @staticmethod
     def cancel(n: Notice, now: int, reason: str) -> bool:
@@ -257,6 +261,10 @@ class Notifier:
             return False
         n.state, n.due_at, n.closed_reason, n.updated_at = NoticeState.CANCELLED, None, reason, now
         return True
+
+
+def _ended(a: Attempt) -> dict:
+    return {"channel": a.channel, "outcome": a.outcome.value}
 
 
 def split_request_id(request_id: str) -> str:

@@ -261,6 +261,11 @@ class BillingBridge:
     def _status(self, state: str) -> bytes:
         return contract.encode(contract.Status(self.config.instance, state, datetime.now(self.zone), VERSION))
 
+    @property
+    def backlog(self) -> int:
+        """Inbound messages received and waiting for the consumer's next batch."""
+        return self._queue.qsize()
+
     def wake(self) -> None:
         """New events are committed: publish now rather than at the next look."""
         self._wake.set()

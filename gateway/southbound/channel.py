@@ -16,6 +16,10 @@ from gateway.core.readings import Reading
 
 from .relay import RelayDriver
 
+#: the kinds of channel: DL/T 645 over TCP (a transparent serial server), a serial line, or a concentrator that
+#: forwards frames over MQTT; Modbus TCP and RTU; a concentrator in JSON mode
+KINDS = ("dlt645_tcp", "dlt645_serial", "dlt645_concentrator", "modbus_tcp", "modbus_rtu", "concentrator_json")
+
 #: a channel's clock: the utility's local time without a zone (what meters keep)
 LocalClock = Callable[[], datetime]
 
@@ -23,6 +27,8 @@ LocalClock = Callable[[], datetime]
 class Channel(Protocol):
     #: the bus name meters are configured with (``Meter.channel``): commands for them go to this driver
     name: str
+    #: what kind of path this is, one of :data:`KINDS` (metrics are labelled with it)
+    kind: str
     meters: Sequence[str]
 
     def bind(self, clock: LocalClock, utc_offset_s: int) -> RelayDriver:

@@ -551,6 +551,7 @@ class JsonChannel:
             raise ValueError(f"JSON mode cannot read {unknown}; it reads {list(contract.ITEMS)}")
         self.hub, self.cid = hub, cid
         self.name = channel_name(cid)
+        self.kind = "concentrator_json"
         self.meters = list(meters)
         self.items = list(items)
         self.read_timeout_s, self.relay_timeout_s = read_timeout_s, relay_timeout_s

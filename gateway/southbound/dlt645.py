@@ -13,6 +13,9 @@ from .poller import DEFAULT_ITEMS, BusPoller
 from .relay import Dlt645RelayDriver
 
 
+_KINDS = {"tcp": "dlt645_tcp", "serial": "dlt645_serial", "mqtt": "dlt645_concentrator"}
+
+
 @dataclass
 class Bus:
     link: Dlt645Link
@@ -27,6 +30,13 @@ class Bus:
     @property
     def name(self) -> str:
         return self.link.name
+
+    @property
+    def kind(self) -> str:
+        """From the link's name, which its constructor sets: ``tcp://``, ``serial://``, or ``mqtt://`` (a
+        concentrator's bus behind MQTT)."""
+        scheme = self.link.name.partition("://")[0]
+        return _KINDS.get(scheme, "dlt645_tcp")
 
     def bind(self, clock, utc_offset_s: int) -> Dlt645RelayDriver:
         self.poller = BusPoller(self.client, self.meters, items=self.items, clock=clock)

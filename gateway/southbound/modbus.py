@@ -79,9 +79,11 @@ def _check_meters(name: str, meters: Sequence[ModbusMeter]) -> None:
 class ModbusChannel:
     """One Modbus path (a TCP endpoint, or an RTU line) and the meters on it: a :class:`Channel`."""
 
-    def __init__(self, name: str, client, meters: Sequence[ModbusMeter], unreachable_after: int = 3) -> None:
+    def __init__(self, name: str, client, meters: Sequence[ModbusMeter], unreachable_after: int = 3,
+                 kind: str = "modbus_tcp") -> None:
         _check_meters(name, meters)
         self.name = name
+        self.kind = kind  # modbus_tcp or modbus_rtu (the constructors say which)
         self.client = client
         self.by_id = {m.meter_id: m for m in meters}
         self.meters = [m.meter_id for m in meters]
@@ -117,7 +119,7 @@ class ModbusChannel:
         _check_meters(name, meters)
         client = AsyncModbusSerialClient(device, baudrate=baudrate, parity=parity, stopbits=stopbits,
                                          bytesize=bytesize, timeout=timeout_s, retries=0, reconnect_delay=0)
-        return cls(name, client, meters, **kw)
+        return cls(name, client, meters, kind="modbus_rtu", **kw)
 
     # -- Channel -------------------------------------------------------------------------------------
 

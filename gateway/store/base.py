@@ -608,6 +608,10 @@ class Store(ABC):
             f"SELECT seq, event_id, kind, subject, at, payload FROM outbox WHERE seq > ?{cond} ORDER BY seq LIMIT ?",
             (after_seq, limit))]
 
+    def outbox_pending(self) -> int:
+        """Events not yet published (the index on published_at makes this a range count)."""
+        return self._query("SELECT COUNT(*) FROM outbox WHERE published_at IS NULL")[0][0]
+
     def mark_published(self, seqs: list[int], at: float) -> None:
         self._executemany("UPDATE outbox SET published_at = ? WHERE seq = ?", [(at, s) for s in seqs])
 
