@@ -123,7 +123,7 @@ def floor(broker: Broker, n: int, in_flight: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ the gateway
-async def gateway_run(broker: Broker, n: int, in_flight: int, store_dir: Path) -> dict:
+async def gateway_run(broker: Broker, n: int, in_flight: int, store_dir: Path, metrics: bool = False) -> dict:
     tariffs = tariffs_from_config(json.loads((ROOT / "config" / "tariffs.example.json").read_text()))
     gw = await Gateway(f"sqlite://{store_dir / 'bench.db'}", []).open()
     await gw.writer.call(gw.control.accounting.register, tariffs,
@@ -134,6 +134,16 @@ async def gateway_run(broker: Broker, n: int, in_flight: int, store_dir: Path) -
     await bridge.start()
     stop = asyncio.Event()
     tasks = [asyncio.create_task(gw.run(stop)), asyncio.create_task(bridge.run(stop))]
+    scraper = None
+    if metrics:  # the gateway's metrics attached, sampled every second and scraped every second meanwhile
+        from gateway.ops.metrics import GatewayMetrics
+
+        m = GatewayMetrics(sample_s=1.0)
+        m.attach(gw, bridge)
+        port = m.serve()
+        tasks.append(asyncio.create_task(m.run(stop)))
+        scraper = threading.Thread(target=_scrape_every_second, args=(port, stop), daemon=True)
+        scraper.start()
     await bridge.ready()
     while await gw.writer.call(gw.control.store.outbox, 0, 1, True):  # those events out before the run
         await asyncio.sleep(0.05)
@@ -147,6 +157,9 @@ async def gateway_run(broker: Broker, n: int, in_flight: int, store_dir: Path) -
     stats = bridge.stats
     stop.set()
     await asyncio.gather(*tasks, return_exceptions=True)
+    if metrics:
+        scraper.join(5)
+        m.close()
     rows = await gw.writer.call(gw.control.store._query,
                                 "SELECT entry_id, amount_fen FROM ledger WHERE entry_id LIKE 'BENCH%'")
     await gw.close()
@@ -162,6 +175,14 @@ async def gateway_run(broker: Broker, n: int, in_flight: int, store_dir: Path) -
             "payload_bytes": res["payload_bytes"]}
 
 
+def _scrape_every_second(port: int, stop: asyncio.Event) -> None:
+    import urllib.request
+
+    while not stop.is_set():
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+        time.sleep(1.0)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="2,000 messages instead of 20,000")
@@ -170,6 +191,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=None, help="rounds, each floor then gateway (default 3; "
                                                                  "--quick: 1); figures are the medians")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--metrics", action="store_true", help="attach the gateway's Prometheus metrics (sampled and "
+                                                           "scraped every second) to measure what they cost")
     ap.add_argument("--publisher", choices=("floor", "payments"), help=argparse.SUPPRESS)
     ap.add_argument("--host", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -185,7 +208,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             with Broker(Path(tmp) / "broker") as broker:
                 floor_res = floor(broker, n, args.in_flight)
-                ours = asyncio.run(gateway_run(broker, n, args.in_flight, Path(tmp)))
+                ours = asyncio.run(gateway_run(broker, n, args.in_flight, Path(tmp), args.metrics))
         runs.append({"payments_per_s": round(ours["payments_per_s"]), "events_per_s": round(ours["events_per_s"] or 0),
                      "paho_floor_per_s": round(floor_res["per_s"]),
                      "payments_over_floor": round(ours["payments_per_s"] / floor_res["per_s"], 3),
@@ -198,7 +221,7 @@ def main() -> None:
                "payments_over_floor": median("payments_over_floor"),
                "payments_over_floor_range": [min(r["payments_over_floor"] for r in runs),
                                              max(r["payments_over_floor"] for r in runs)],
-               "store": "sqlite (synchronous=FULL)", "runs": runs}
+               "store": "sqlite (synchronous=FULL)", "metrics": args.metrics, "runs": runs}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": machine_info(None, broker="mosquitto (spawned, persistence on)"),
                                "results": results}, indent=2) + "\n")

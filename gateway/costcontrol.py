@@ -53,7 +53,7 @@ class Committed:
     """What one committed transaction changed, for observers (metrics): never seen for a rolled-back one."""
 
     input: str  # readings, credits, tariffs, tick, receipts, field_updates, area_flag, forecast, manual,
-    #             authorize, send_result, read_result
+    #             authorize, send_result, read_result ("engine" or "control" for an input that names none)
     effects: Effects  # what the controller changed (entities, events, audit records), as committed
     result: IngestResult | None  # the engine's side, for the engine's inputs
     size: int  # inputs in the transaction (readings in the batch, payments and adjustments, receipts...)
@@ -125,7 +125,7 @@ class CostControl:
             except Exception:
                 log.exception("a commit listener failed")
 
-    def _with_engine(self, what: str, size: int, call, now: float, *args) -> IngestResult:
+    def _with_engine(self, call, now: float, *args, what: str = "engine", size: int = 0) -> IngestResult:
         """An accounting input; the decisions it causes go to the controller in the same transaction."""
         started = time.perf_counter()
         flushed: list[Effects] = []
@@ -178,7 +178,7 @@ class CostControl:
     def _event_id(self) -> str:
         return self._new_id() if self._new_id else uuid.uuid4().hex
 
-    def _control(self, what: str, size: int, work, now: float) -> Effects:
+    def _control(self, work, now: float, what: str = "control", size: int = 1) -> Effects:
         """A controller input in one transaction; on failure both halves are rebuilt from the store."""
         started = time.perf_counter()
         self._fresh(now)
@@ -204,15 +204,16 @@ class CostControl:
                 then(outcome, result)
             return self.accounting.ingest_readings(batch, int(now), both)
 
-        return self._with_engine("readings", len(batch), call, now)
+        return self._with_engine(call, now, what="readings", size=len(batch))
 
     def ingest_credits(self, items: list[Payment | Adjustment], now: float) -> IngestResult:
         """Payments and adjustments: committed once, and any close they cause committed with them."""
-        return self._with_engine("credits", len(items), self.accounting.ingest_credits, now, items, int(now))
+        return self._with_engine(self.accounting.ingest_credits, now, items, int(now), what="credits", size=len(items))
 
     def change_tariffs(self, tariffs: dict, now: float) -> IngestResult:
         """New tariff versions: stored, levels recalibrated, every account re-evaluated (decisions handled)."""
-        return self._with_engine("tariffs", len(tariffs), self.accounting.change_tariffs, now, tariffs, int(now))
+        return self._with_engine(self.accounting.change_tariffs, now, tariffs, int(now), what="tariffs",
+                                 size=len(tariffs))
 
     def add_events(self, events: list[Event]) -> None:
         """Events from the edges (dead letters), committed on their own; an id already there is kept."""
@@ -224,23 +225,23 @@ class CostControl:
             self.store.mark_published(seqs, at)
 
     def ingest_receipts(self, receipts: list[NoticeReceiptIn], now: float) -> Effects:
-        return self._control("receipts", len(receipts), lambda: self.controller.on_receipts(receipts, now), now)
+        return self._control(lambda: self.controller.on_receipts(receipts, now), now, "receipts", len(receipts))
 
     def ingest_field_updates(self, updates: list[FieldUpdate], now: float) -> Effects:
         fresh = [u for u in updates if not self.store.field_update_seen(u.update_id)]
-        return self._control("field_updates", len(updates), lambda: self.controller.on_field_updates(fresh, now),
-                             now)
+        return self._control(lambda: self.controller.on_field_updates(fresh, now), now, "field_updates",
+                             len(updates))
 
     def set_area_flag(self, flag: AreaFlag, now: float) -> Effects:
-        return self._control("area_flag", 1, lambda: self.controller.set_area_flag(flag, now), now)
+        return self._control(lambda: self.controller.set_area_flag(flag, now), now, "area_flag")
 
     def set_forecast(self, forecast: Forecast, now: float) -> Effects:
-        return self._control("forecast", 1, lambda: self.controller.set_forecast(forecast, now), now)
+        return self._control(lambda: self.controller.set_forecast(forecast, now), now, "forecast")
 
     def tick(self, now: float) -> Effects:
         """Time passing: recalibration when due (its decisions handled with it), then notices, gates, dispatch."""
-        self._with_engine("tick", 0, self.accounting.tick, now, int(now))
-        return self._control("tick", 0, lambda: self.controller.tick(now), now)
+        self._with_engine(self.accounting.tick, now, int(now), what="tick")
+        return self._control(lambda: self.controller.tick(now), now, "tick", 0)
 
     def manual(self, meter_id: str, action: RelayAction, operator: str, role: str, reason: str, key: str,
                now: float, mode: ReconnectMode | None = None):
@@ -256,7 +257,7 @@ class CostControl:
             except AuthorityError as exc:  # the refusal is audited: commit that, then raise
                 outcome.append(exc)
 
-        self._control("manual", 1, work, now)
+        self._control(work, now, "manual")
         if isinstance(outcome[0], AuthorityError):
             raise outcome[0]
         return outcome[0]
@@ -284,16 +285,16 @@ class CostControl:
                     c.account_id, self.store.account_credits_fen(self.engine.account_no[c.account_id]))
             result.append(self.controller.authorize(command_id, now, balance, trip))
 
-        self._control("authorize", 1, work, now)
+        self._control(work, now, "authorize")
         return result[0]
 
     def send_result(self, command_id: str, now: float, result: SendResult, detail: str = "",
                     errors: tuple[str, ...] = (), status: RelayStatus | None = None) -> Effects:
-        return self._control("send_result", 1, lambda: self.controller.on_send_result(command_id, now, result, detail,
-                                                                                     errors, status), now)
+        return self._control(lambda: self.controller.on_send_result(command_id, now, result, detail, errors, status),
+                             now, "send_result")
 
     def read_result(self, step: Step, now: float, status: RelayStatus | None, why: str = "") -> Effects:
-        return self._control("read_result", 1, lambda: self.controller.on_read_result(step, now, status, why), now)
+        return self._control(lambda: self.controller.on_read_result(step, now, status, why), now, "read_result")
 
     # -- queries --------------------------------------------------------------------------------------------
     def why(self, meter_id: str) -> RelayExplanation:
