@@ -1,12 +1,32 @@
-"""Configuration files: TOML read from disk, checked into the policies (``gateway.core.config``)."""
+"""Configuration files: TOML read from disk, checked into the policies (``gateway.core.config``), and the
+whole service's config (``load_service_config``): store, policies, broker, API and metrics ports, channels
+of every kind, the fleet file and the tariffs. Every wrong value is a :class:`ConfigError` naming the file
+and the key (``channels[2].parity``) or the fleet file's line and column, with the allowed values; a whole
+service config reports every error at once (:class:`ConfigErrors`)."""
 from __future__ import annotations
 
+import dataclasses
+import functools
+import json
+import re
 import tomllib
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
-from gateway.core.config import ConfigError, build
+from gateway.core.config import ConfigError, build, build_all
 from gateway.core.control import ControlConfig
+from gateway.core.model import Account, Meter
+from gateway.core.thresholds import ThresholdPolicy
 from gateway.northbound.mqtt import BrokerConfig
+
+
+class ConfigErrors(ConfigError):
+    """Several errors found at once; ``errors`` lists each one (file, key or line:column, what is allowed)."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = list(errors)
 
 
 def _read(path: Path) -> dict:
@@ -41,4 +61,466 @@ def load_broker_config(path: str | Path) -> BrokerConfig:
     return _build(BrokerConfig, data["mqtt"], path, "mqtt")
 
 
-__all__ = ["ConfigError", "load_broker_config", "load_control_config"]
+# --------------------------------------------------------------------------- the service's tables
+
+
+def _port(name: str, port: int) -> None:
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{name} {port} is not a TCP port; allowed: 1..65535 (0: any free port)")
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    """``[store]``: ``sqlite://PATH`` (embedded; a relative path is the config file's directory) or
+    ``postgresql://USER@HOST/DB``."""
+
+    url: str = "sqlite://feikong.db"
+
+    def __post_init__(self) -> None:
+        if not self.url.startswith(("sqlite://", "postgresql://", "postgres://")) or self.url == "sqlite://":
+            raise ValueError(f"url {self.url!r}: allowed: sqlite://PATH, postgresql://USER@HOST/DB")
+
+
+@dataclass(frozen=True)
+class ControlSettings:
+    """``[control]``: the policies file (config/control.example.toml); "" = the built-in defaults."""
+
+    file: str = ""
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    """``[http]``: the operator API's listener and its tokens file."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    tokens_file: str = ""
+
+    def __post_init__(self) -> None:
+        _port("port", self.port)
+        if not self.host:
+            raise ValueError("host must not be empty (0.0.0.0: every interface)")
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    """``[metrics]``: the Prometheus scrape endpoint's listener."""
+
+    host: str = "127.0.0.1"
+    port: int = 9108
+
+    def __post_init__(self) -> None:
+        _port("port", self.port)
+        if not self.host:
+            raise ValueError("host must not be empty (0.0.0.0: every interface)")
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """``[gateway]``: how often every meter is read, how often timers (notices, gates, dispatch) run."""
+
+    poll_interval_s: float = 900.0
+    tick_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("poll_interval_s", "tick_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class FleetSettings:
+    """``[fleet]``: the accounts and meters (CSV, see docs/deployment.md) and the tariffs (JSON, as
+    config/tariffs.example.json)."""
+
+    file: str = ""
+    tariffs: str = ""
+
+
+# --------------------------------------------------------------------------- channels
+
+Parity = Literal["E", "N", "O"]
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/+@-]*$")
+
+
+def _check_channel(c) -> None:
+    if not _NAME.match(c.name):
+        raise ValueError(f"name {c.name!r}: letters, digits and _ . : / + @ - (not starting with a symbol)")
+    if hasattr(c, "port"):
+        _port("port", c.port)
+    for name in ("timeout_s", "margin_s", "read_timeout_s", "relay_timeout_s"):
+        if getattr(c, name, 1) <= 0:
+            raise ValueError(f"{name} must be positive, got {getattr(c, name)}")
+    if getattr(c, "retries", 0) < 0:
+        raise ValueError(f"retries must be 0 or more, got {c.retries}")
+    if getattr(c, "baud", 1) <= 0:
+        raise ValueError(f"baud must be positive, got {c.baud}")
+
+
+@dataclass(frozen=True)
+class Dlt645TcpChannel:
+    """DL/T 645 through a TCP transparent serial server (or a DTU): the server's RS-485 line behind it."""
+
+    name: str
+    host: str
+    port: int
+    kind: Literal["dlt645_tcp"] = "dlt645_tcp"
+    #: the line behind the server (its rate sets the wire time in the timeouts)
+    baud: int = 2400
+    #: how long a meter may take to answer (the standard: up to 500 ms), and slack for the network
+    timeout_s: float = 0.5
+    margin_s: float = 0.3
+    retries: int = 2
+    edition: Literal[2007, 1997] = 2007
+    preamble: bool = True
+    #: a file holding the meters' relay password (6 hex digits); "" = 000000
+    password_file: str = ""
+    operator: str = "00000000"
+
+    def __post_init__(self) -> None:
+        _check_channel(self)
+
+
+@dataclass(frozen=True)
+class Dlt645SerialChannel:
+    """DL/T 645 on an RS-485 line (a serial device: /dev/ttyUSB0, /dev/ttyS1)."""
+
+    name: str
+    device: str
+    kind: Literal["dlt645_serial"] = "dlt645_serial"
+    baud: int = 2400
+    #: real DL/T 645 lines run 8E1; Linux pseudo-terminals refuse E (use N there)
+    parity: Parity = "E"
+    bytesize: Literal[7, 8] = 8
+    stopbits: Literal[1, 2] = 1
+    timeout_s: float = 0.5
+    margin_s: float = 0.2
+    retries: int = 2
+    edition: Literal[2007, 1997] = 2007
+    preamble: bool = True
+    password_file: str = ""
+    operator: str = "00000000"
+
+    def __post_init__(self) -> None:
+        _check_channel(self)
+
+
+@dataclass(frozen=True)
+class ModbusTcpChannel:
+    """Modbus TCP meters at one endpoint (each meter's device id in the fleet file)."""
+
+    name: str
+    host: str
+    port: int = 502
+    kind: Literal["modbus_tcp"] = "modbus_tcp"
+    #: a shipped register map (protocols/modbus/profiles/NAME.toml) or the path of a profile file
+    profile: str = "hiking_dds238_2_znsr"
+    timeout_s: float = 1.0
+    unreachable_after: int = 3
+
+    def __post_init__(self) -> None:
+        _check_channel(self)
+
+
+@dataclass(frozen=True)
+class ModbusRtuChannel:
+    """Modbus RTU meters on an RS-485 line."""
+
+    name: str
+    device: str
+    kind: Literal["modbus_rtu"] = "modbus_rtu"
+    profile: str = "hiking_dds238_2_znsr"
+    baud: int = 9600
+    parity: Parity = "N"
+    bytesize: Literal[7, 8] = 8
+    stopbits: Literal[1, 2] = 1
+    timeout_s: float = 1.0
+    unreachable_after: int = 3
+
+    def __post_init__(self) -> None:
+        _check_channel(self)
+
+
+@dataclass(frozen=True)
+class ConcentratorChannel:
+    """An MQTT concentrator or 4G DTU (docs/concentrators.md), reached through the ``[mqtt]`` broker:
+    ``frame`` mode forwards DL/T 645 frames, ``json`` mode takes typed commands."""
+
+    name: str
+    id: str
+    kind: Literal["concentrator"] = "concentrator"
+    mode: Literal["frame", "json"] = "frame"
+    #: frame mode: the concentrator's RS-485 line and the network margin (two broker hops and a 4G link)
+    baud: int = 2400
+    timeout_s: float = 0.5
+    margin_s: float = 2.0
+    retries: int = 1
+    #: json mode: how long a read or a relay command may take end to end
+    read_timeout_s: float = 10.0
+    relay_timeout_s: float = 10.0
+    password_file: str = ""
+    operator: str = "00000000"
+
+    def __post_init__(self) -> None:
+        _check_channel(self)
+        from protocols.mqtt import concentrator as contract
+
+        try:
+            contract.topic(self.id, contract.STATUS)
+        except ValueError as exc:
+            raise ValueError(f"id: {exc}") from None
+
+
+ChannelConfig = Dlt645TcpChannel | Dlt645SerialChannel | ModbusTcpChannel | ModbusRtuChannel | ConcentratorChannel
+CHANNEL_KINDS = {c.__dataclass_fields__["kind"].default: c for c in
+                 (Dlt645TcpChannel, Dlt645SerialChannel, ModbusTcpChannel, ModbusRtuChannel, ConcentratorChannel)}
+#: the channel kinds whose meters speak DL/T 645 (their meter ids are DL/T 645 addresses)
+DLT645_KINDS = {"dlt645_tcp", "dlt645_serial", "concentrator"}
+
+
+def channel_protocol(channel: ChannelConfig) -> str:
+    if channel.kind.startswith("modbus"):
+        return "modbus"
+    if channel.kind == "concentrator" and channel.mode == "json":
+        return "mqtt-json"
+    return "dlt645"
+
+
+# --------------------------------------------------------------------------- the whole service
+
+
+#: the tables of a gateway config file
+TABLES = ("store", "control", "mqtt", "http", "metrics", "gateway", "thresholds", "fleet", "channels")
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """A whole gateway from one file. The tables are the file's, with relative paths resolved against the
+    file's directory; ``policies``, ``tariffs``, ``accounts`` and ``meters`` are what the files it names
+    hold."""
+
+    store: StoreSettings = StoreSettings()
+    control: ControlSettings = ControlSettings()
+    mqtt: BrokerConfig = BrokerConfig()
+    http: HttpSettings = HttpSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    gateway: GatewaySettings = GatewaySettings()
+    thresholds: ThresholdPolicy = ThresholdPolicy()
+    fleet: FleetSettings = FleetSettings()
+    channels: tuple[ChannelConfig, ...] = ()
+    policies: ControlConfig = field(default_factory=ControlConfig)
+    tariffs: dict = field(default_factory=dict)  # as config/tariffs.example.json (tariff id -> versions)
+    accounts: tuple[Account, ...] = ()
+    meters: tuple[Meter, ...] = ()
+    #: the Modbus meters' device ids on their lines (meter id -> unit id), from the fleet file
+    devices: dict = field(default_factory=dict)
+    #: the meter passwords read from the channels' password files (channel name -> password); never logged
+    passwords: dict = field(default_factory=dict, repr=False, compare=False)
+    path: Path | None = field(default=None, compare=False)
+
+    def channel(self, name: str) -> ChannelConfig:
+        return next(c for c in self.channels if c.name == name)
+
+    def meters_on(self, name: str) -> list[Meter]:
+        return self._by_channel.get(name, [])
+
+    @functools.cached_property
+    def _by_channel(self) -> dict[str, list[Meter]]:
+        out: dict[str, list[Meter]] = {}
+        for m in self.meters:
+            out.setdefault(m.channel, []).append(m)
+        return out
+
+
+def load_service_config(path: str | Path) -> ServiceConfig:
+    """The whole service from a gateway config file and the files it names; every error at once
+    (:class:`ConfigErrors`)."""
+    config, errors = check_service_config(path)
+    if errors:
+        raise ConfigErrors(errors)
+    return config
+
+
+def check_service_config(path: str | Path) -> tuple[ServiceConfig | None, list[str]]:
+    """The config and every error found (each a line naming the file, the key or line:column, and what is
+    allowed); the config is ``None`` when there is any error."""
+    from gateway.fleet import read_fleet
+
+    path = Path(path)
+    try:
+        data = _read(path)
+    except ConfigError as exc:
+        return None, [str(exc)]
+    base = path.resolve().parent
+    errors: list[ConfigError] = []
+    for key in sorted(set(data) - set(TABLES)):
+        errors.append(ConfigError(f"{key}: unknown table; allowed: {', '.join(TABLES)}"))
+    tables = {}
+    for key, cls in (("store", StoreSettings), ("control", ControlSettings), ("mqtt", BrokerConfig),
+                     ("http", HttpSettings), ("metrics", MetricsSettings), ("gateway", GatewaySettings),
+                     ("thresholds", ThresholdPolicy), ("fleet", FleetSettings)):
+        if key in data:
+            tables[key] = build_all(cls, data[key], key, errors)
+        else:
+            tables[key] = cls()
+    channels = _channels(data.get("channels", []), errors)
+    problems = [f"{path}: {e}" for e in errors]
+
+    def resolved(value: str) -> Path:
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else base / p
+
+    def existing(key: str, value: str) -> str:
+        """A file setting resolved against the config's directory; an error when it names no file."""
+        if not value:
+            return value
+        p = resolved(value)
+        if not p.is_file():
+            problems.append(f"{path}: {key}: {p}: no such file")
+        return str(p)
+
+    store, mqtt, http = tables["store"], tables["mqtt"], tables["http"]
+    if store is not None and store.url.startswith("sqlite://"):
+        tables["store"] = StoreSettings("sqlite://" + str(resolved(store.url.removeprefix("sqlite://"))))
+    if mqtt is not None:
+        tables["mqtt"] = dataclasses.replace(mqtt, **{k: existing(f"mqtt.{k}", getattr(mqtt, k)) for k in
+                                                      ("password_file", "tls_ca_file", "tls_cert_file",
+                                                       "tls_key_file")})
+        if mqtt.tls_ca_file and any(c.kind == "concentrator" for c in channels if c is not None):
+            problems.append(f"{path}: mqtt.tls_ca_file: concentrators are reached through the [mqtt] broker "
+                            f"without TLS (not supported yet); allowed with concentrator channels: \"\"")
+    if http is not None:
+        tables["http"] = dataclasses.replace(http, tokens_file=existing("http.tokens_file", http.tokens_file))
+
+    passwords = {}
+    for i, c in enumerate(channels):
+        if c is None:
+            continue
+        if getattr(c, "password_file", ""):
+            p = existing(f"channels[{i}].password_file", c.password_file)
+            channels[i] = c = dataclasses.replace(c, password_file=p)
+            try:
+                secret = Path(p).read_text(encoding="utf-8").strip()
+            except OSError:
+                continue  # reported above
+            if not re.fullmatch(r"[0-9A-Fa-f]{6}", secret):
+                problems.append(f"{path}: channels[{i}].password_file: the password must be 6 hex digits "
+                                f"(P0..P2 as printed)")  # the file's content is never shown
+            passwords[c.name] = secret
+    seen: dict[str, int] = {}
+    for i, c in enumerate(channels):
+        if c is None:
+            continue
+        if c.name in seen:
+            problems.append(f"{path}: channels[{i}].name: {c.name!r} is also channels[{seen[c.name]}]'s; "
+                            f"channel names must be unique")
+        seen.setdefault(c.name, i)
+        if c.kind.startswith("modbus"):
+            from protocols.modbus import load_profile
+            from protocols.modbus.profile import shipped
+
+            profile = c.profile if not c.profile.endswith(".toml") else str(resolved(c.profile))
+            try:
+                load_profile(profile)
+            except Exception as exc:  # ProfileError, or a file that cannot be read
+                known = "" if "shipped" in str(exc) else f"; shipped: {', '.join(sorted(shipped()))}"
+                problems.append(f"{path}: channels[{i}].profile: {exc}{known}")
+            channels[i] = dataclasses.replace(c, profile=profile)
+
+    policies = ControlConfig()
+    control = tables["control"]
+    if control is not None and control.file:
+        file = existing("control.file", control.file)
+        tables["control"] = ControlSettings(file)
+        if Path(file).is_file():
+            try:
+                policies = load_control_config(file)
+            except ConfigError as exc:
+                problems.append(str(exc))
+
+    tariffs: dict = {}
+    fleet = tables["fleet"]
+    accounts, meters, devices = (), (), {}
+    if fleet is not None:
+        tariff_file = existing("fleet.tariffs", fleet.tariffs)
+        fleet_file = existing("fleet.file", fleet.file)
+        tables["fleet"] = FleetSettings(fleet_file, tariff_file)
+        if tariff_file and Path(tariff_file).is_file():
+            tariffs = _tariffs(Path(tariff_file), problems)
+        if fleet_file and Path(fleet_file).is_file():
+            named: dict = {}  # name -> channel (None: one with errors, reported above; its rows are not checked)
+            raw = data.get("channels", []) if isinstance(data.get("channels", []), list) else []
+            for item, c in zip(raw, channels):
+                name = c.name if c is not None else (item.get("name") if isinstance(item, dict) else None)
+                if isinstance(name, str):
+                    named.setdefault(name, c)
+            accounts, meters, devices = read_fleet(Path(fleet_file), named, set(tariffs),
+                                                   set(policies.notices.channels), problems)
+    if any(t is None for t in tables.values()) or any(c is None for c in channels) or problems:
+        return None, problems
+    return ServiceConfig(**tables, channels=tuple(channels), policies=policies, tariffs=tariffs,
+                         accounts=tuple(accounts), meters=tuple(meters), devices=devices, passwords=passwords, path=path), []
+
+
+def _channels(items, errors: list) -> list:
+    """``[[channels]]``: each table built by its ``kind``; ``None`` in place of one with errors."""
+    if not isinstance(items, list):
+        errors.append(ConfigError(f"channels: expected [[channels]] tables, got {items!r}"))
+        return []
+    out = []
+    for i, item in enumerate(items):
+        where = f"channels[{i}]"
+        kind = item.get("kind") if isinstance(item, dict) else None
+        if kind not in CHANNEL_KINDS:
+            shown = "missing" if kind is None else repr(kind)
+            errors.append(ConfigError(f"{where}.kind: {shown}; allowed: {', '.join(CHANNEL_KINDS)}"))
+            out.append(None)
+            continue
+        cls = CHANNEL_KINDS[kind]
+        required = [f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        missing = [name for name in required if name not in item]
+        for name in missing:
+            errors.append(ConfigError(f"{where}.{name}: required for kind {kind!r}"))
+        if missing:
+            # the rest is still checked, each setting on its own
+            build_all(cls, {k: v for k, v in item.items() if k not in required}, where, errors,
+                      base=_placeholder(cls))
+            out.append(None)
+            continue
+        out.append(build_all(cls, item, where, errors))
+    return out
+
+
+def _placeholder(cls):
+    """An instance with stand-ins for the required settings, to check the others against."""
+    stand_in = {"name": "x", "host": "x", "port": 1, "device": "x", "id": "x"}
+    return cls(**{f.name: stand_in[f.name] for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING})
+
+
+def _tariffs(path: Path, problems: list[str]) -> dict:
+    from gateway.core.tariff import Tariff
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        problems.append(f"{path}: not valid JSON: {exc}")
+        return {}
+    if not isinstance(data, dict):
+        problems.append(f"{path}: expected an object of tariff id -> versions")
+        return {}
+    good = {}
+    for tid, versions in data.items():
+        if tid.startswith("_"):
+            continue
+        try:
+            Tariff.from_config(tid, versions)
+        except Exception as exc:  # TariffError, MoneyError, a wrong shape
+            problems.append(f"{path}: {tid}: {exc}")
+            continue
+        good[tid] = versions
+    return good
+
+
+__all__ = ["ConfigError", "ConfigErrors", "ServiceConfig", "check_service_config", "load_broker_config",
+           "load_control_config", "load_service_config"]
