@@ -70,6 +70,8 @@ class Service:
         self.bridge: BillingBridge | None = None
         self.hub: ConcentratorHub | None = None
         self.first_cycle = asyncio.Event()  # every configured meter has been read once
+        #: after a stop, how long a read cycle or a relay exchange in progress may take to finish
+        self.stop_grace_s = 5.0
         self._started: list[OpsComponent] = []
 
     # -- life ---------------------------------------------------------------------------------------------
@@ -137,15 +139,28 @@ class Service:
                 stop.set()
                 raise
 
-        tasks = [asyncio.create_task(guarded(gw.run(stop))), asyncio.create_task(guarded(self.bridge.run(stop))),
+        gateway = asyncio.create_task(guarded(gw.run(stop)))
+        tasks = [gateway, asyncio.create_task(guarded(self.bridge.run(stop))),
                  asyncio.create_task(self._report_broker(stop))]
+        stopped = asyncio.create_task(stop.wait())
         try:
-            await asyncio.gather(*tasks)
+            await asyncio.wait([stopped, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            stop.set()
+            # a read cycle in progress finishes within the grace period, or is cancelled: its readings are
+            # read again (a relay command in flight is verified by read-back before anything is sent again)
+            done, _ = await asyncio.wait([gateway], timeout=self.stop_grace_s)
+            if not done:
+                log.info("read cycles still running %.0f s after the stop: cancelled", self.stop_grace_s)
+                gateway.cancel()
         finally:
             stop.set()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            stopped.cancel()
+            results = await asyncio.gather(*tasks, stopped, return_exceptions=True)
             if counted in gw.reading_hooks:
                 gw.reading_hooks.remove(counted)
+        failures = [r for r in results if isinstance(r, Exception)]
+        if failures:
+            raise failures[0]
 
     async def close(self) -> None:
         """Ops components stopped (last started first), bridge, channels, store and hub closed."""
@@ -241,4 +256,4 @@ def describe_channel(c: ChannelConfig) -> str:
         return f"{c.host}:{c.port}"
     if hasattr(c, "device"):
         return c.device
-    return f"concentrator {c.id} ({c.mode} mode)"
+    return f"{c.id} ({c.mode} mode)"
