@@ -140,11 +140,12 @@ class Service:
                 raise
 
         gateway = asyncio.create_task(guarded(gw.run(stop)))
-        tasks = [gateway, asyncio.create_task(guarded(self.bridge.run(stop))),
-                 asyncio.create_task(self._report_broker(stop))]
+        bridge = asyncio.create_task(guarded(self.bridge.run(stop)))
+        report = asyncio.create_task(self._report_broker(stop))
+        tasks = [gateway, bridge, report]
         stopped = asyncio.create_task(stop.wait())
         try:
-            await asyncio.wait([stopped, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([stopped, gateway, bridge], return_when=asyncio.FIRST_COMPLETED)
             stop.set()
             # a read cycle in progress finishes within the grace period, or is cancelled: its readings are
             # read again (a relay command in flight is verified by read-back before anything is sent again)
@@ -155,6 +156,7 @@ class Service:
         finally:
             stop.set()
             stopped.cancel()
+            report.cancel()
             results = await asyncio.gather(*tasks, stopped, return_exceptions=True)
             if counted in gw.reading_hooks:
                 gw.reading_hooks.remove(counted)
