@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -368,7 +369,7 @@ def check_service_config(path: str | Path) -> tuple[ServiceConfig | None, list[s
 
     def resolved(value: str) -> Path:
         p = Path(value).expanduser()
-        return p if p.is_absolute() else base / p
+        return p if p.is_absolute() else Path(os.path.normpath(base / p))
 
     def existing(key: str, value: str) -> str:
         """A file setting resolved against the config's directory; an error when it names no file."""
