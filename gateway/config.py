@@ -408,14 +408,20 @@ def check_service_config(path: str | Path) -> tuple[ServiceConfig | None, list[s
                 problems.append(f"{path}: channels[{i}].password_file: the password must be 6 hex digits "
                                 f"(P0..P2 as printed)")  # the file's content is never shown
             passwords[c.name] = secret
+    # names as written (a channel with errors still has one: the fleet's rows name it)
+    raw = data.get("channels", []) if isinstance(data.get("channels", []), list) else []
+    names = [item.get("name") if isinstance(item, dict) and isinstance(item.get("name"), str) else None
+             for item in raw]
     seen: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if name in seen:
+            problems.append(f"{path}: channels[{i}].name: {name!r} is also channels[{seen[name]}]'s; "
+                            f"channel names must be unique")
+        if name is not None:
+            seen.setdefault(name, i)
     for i, c in enumerate(channels):
         if c is None:
             continue
-        if c.name in seen:
-            problems.append(f"{path}: channels[{i}].name: {c.name!r} is also channels[{seen[c.name]}]'s; "
-                            f"channel names must be unique")
-        seen.setdefault(c.name, i)
         if c.kind.startswith("modbus"):
             from protocols.modbus import load_profile
             from protocols.modbus.profile import shipped
@@ -450,10 +456,8 @@ def check_service_config(path: str | Path) -> tuple[ServiceConfig | None, list[s
             tariffs = _tariffs(Path(tariff_file), problems)
         if fleet_file and Path(fleet_file).is_file():
             named: dict = {}  # name -> channel (None: one with errors, reported above; its rows are not checked)
-            raw = data.get("channels", []) if isinstance(data.get("channels", []), list) else []
-            for item, c in zip(raw, channels):
-                name = c.name if c is not None else (item.get("name") if isinstance(item, dict) else None)
-                if isinstance(name, str):
+            for name, c in zip(names, channels):
+                if name is not None:
                     named.setdefault(name, c)
             accounts, meters, devices = read_fleet(Path(fleet_file), named, set(tariffs),
                                                    set(policies.notices.channels), problems)

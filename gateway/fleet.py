@@ -92,7 +92,7 @@ def read_fleet(path: Path, channels: dict, tariffs: set[str], notice_channels: s
             meter = _meter(cells, fail, channels, index)
             if meter is not None and meter.meter_id in meter_line:
                 fail("meter_id", f"{meter.meter_id} is on line {meter_line[meter.meter_id]} already")
-            elif meter is not None and account is not None:
+            elif meter is not None:
                 device = cells.get("device_id", "")
                 if device:
                     key = (meter.channel, int(device))
@@ -101,8 +101,8 @@ def read_fleet(path: Path, channels: dict, tariffs: set[str], notice_channels: s
                         fail("device_id", f"{device} is meter {other}'s on {meter.channel} (line {other_line}); "
                                           f"device ids are unique on a line")
                     devices.setdefault(key, (meter.meter_id, line))
-                if not row_problems:
-                    meter_line[meter.meter_id] = line
+                meter_line[meter.meter_id] = line  # a duplicate is found even if this row has other errors
+                if not row_problems and account is not None:
                     meters.append(meter)
             problems.extend(row_problems)
     return [a for a, _, _ in accounts.values()], meters, {m: d for (_, d), (m, _) in devices.items()}
