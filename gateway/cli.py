@@ -209,7 +209,8 @@ def _sim_dlt645_meters(args):
 
     addresses = _sim_addresses(args)
     meters = make_meters(addresses[0], len(addresses),
-                         faults=Faults.uniform(args.fault_rate) if args.fault_rate else None, seed=args.seed)
+                         faults=Faults.uniform(args.fault_rate) if args.fault_rate else None,
+                         seed=args.seed)
     _cut_off(args, meters)
     return meters
 
@@ -547,6 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="frame: DL/T 645 frames forwarded (transparent); json: typed commands")
     meters_options(sc)
     sc.add_argument("--line-baud", type=int, default=None, help="emulate this line rate on its bus")
+    sc.add_argument("--fault-rate", type=float, default=0.0, help="share of requests that meet a fault (0..1)")
     sc.add_argument("--connect-timeout", type=float, default=30.0, help="seconds to wait for the broker")
     sc.set_defaults(run=_sim_concentrator)
 
