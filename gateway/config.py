@@ -158,19 +158,16 @@ def _check_channel(c) -> None:
         raise ValueError(f"baud must be positive, got {c.baud}")
 
 
-@dataclass(frozen=True)
-class Dlt645TcpChannel:
-    """DL/T 645 through a TCP transparent serial server (or a DTU): the server's RS-485 line behind it."""
+@dataclass(frozen=True, kw_only=True)
+class _Dlt645Line:
+    """What every DL/T 645 channel has: the line's rate, the timeouts, the edition, the meters' credentials."""
 
     name: str
-    host: str
-    port: int
-    kind: Literal["dlt645_tcp"] = "dlt645_tcp"
-    #: the line behind the server (its rate sets the wire time in the timeouts)
+    #: the RS-485 line (behind a TCP server: its rate sets the wire time in the timeouts)
     baud: int = 2400
-    #: how long a meter may take to answer (the standard: up to 500 ms), and slack for the network
+    #: how long a meter may take to answer (the standard: up to 500 ms), and slack for the host
     timeout_s: float = 0.5
-    margin_s: float = 0.3
+    margin_s: float = 0.2
     retries: int = 2
     edition: Literal[2007, 1997] = 2007
     preamble: bool = True
@@ -182,28 +179,26 @@ class Dlt645TcpChannel:
         _check_channel(self)
 
 
-@dataclass(frozen=True)
-class Dlt645SerialChannel:
+@dataclass(frozen=True, kw_only=True)
+class Dlt645TcpChannel(_Dlt645Line):
+    """DL/T 645 through a TCP transparent serial server (or a DTU): the server's RS-485 line behind it."""
+
+    host: str
+    port: int
+    kind: Literal["dlt645_tcp"] = "dlt645_tcp"
+    margin_s: float = 0.3  # the network too
+
+
+@dataclass(frozen=True, kw_only=True)
+class Dlt645SerialChannel(_Dlt645Line):
     """DL/T 645 on an RS-485 line (a serial device: /dev/ttyUSB0, /dev/ttyS1)."""
 
-    name: str
     device: str
     kind: Literal["dlt645_serial"] = "dlt645_serial"
-    baud: int = 2400
     #: real DL/T 645 lines run 8E1; Linux pseudo-terminals refuse E (use N there)
     parity: Parity = "E"
     bytesize: Literal[7, 8] = 8
     stopbits: Literal[1, 2] = 1
-    timeout_s: float = 0.5
-    margin_s: float = 0.2
-    retries: int = 2
-    edition: Literal[2007, 1997] = 2007
-    preamble: bool = True
-    password_file: str = ""
-    operator: str = "00000000"
-
-    def __post_init__(self) -> None:
-        _check_channel(self)
 
 
 @dataclass(frozen=True)
