@@ -177,6 +177,15 @@ class _Dlt645Line:
 
     def __post_init__(self) -> None:
         _check_channel(self)
+        from gateway.southbound.poller import DEFAULT_ITEMS
+        from protocols.dlt645 import di
+        from protocols.dlt645.codes import Edition
+
+        missing = [name for name in DEFAULT_ITEMS if di.by_name(name, Edition(self.edition)) is None]
+        if missing:
+            raise ValueError(f"edition {self.edition}: the gateway reads {', '.join(DEFAULT_ITEMS)} from every meter "
+                             f"and DL/T 645-{self.edition} has no {', '.join(missing)} (the relay's read-back); "
+                             f"allowed: 2007")
 
 
 @dataclass(frozen=True, kw_only=True)

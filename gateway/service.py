@@ -104,6 +104,9 @@ class Service:
                 await op.start(self)
                 self._started.append(op)
                 log.info("started %s", op.name)
+            if not self.ops:
+                log.info("no ops components: [http] %s:%d and [metrics] %s:%d are not served", cfg.http.host,
+                         cfg.http.port, cfg.metrics.host, cfg.metrics.port)
         except BaseException:
             await self.close()
             raise

@@ -170,6 +170,24 @@ def test_config_check_passes_the_examples_with_a_summary(path, capsys):
         assert c.name in out
 
 
+def test_an_edition_the_poller_cannot_read_is_refused_with_the_reason(tmp_path):
+    path = tmp_path / "gw.toml"
+    path.write_text('[[channels]]\nkind = "dlt645_tcp"\nname = "old"\nhost = "h"\nport = 1\nedition = 1997\n')
+    config, errors = check_service_config(path)
+    assert errors == [f"{path}: channels[0]: edition 1997: the gateway reads forward_active_energy_block, voltage_a, "
+                      f"remaining_amount, status_word_3 from every meter and DL/T 645-1997 has no remaining_amount, "
+                      f"status_word_3 (the relay's read-back); allowed: 2007"]
+
+
+def test_feikong_run_refuses_a_wrong_config_before_starting_anything(tmp_path, capsys):
+    path = tmp_path / "gw.toml"
+    path.write_text('[store]\nurl = "sqlite://state.db"\n[gateway]\ntick_s = 0\n')
+    assert main(["run", "--config", str(path)]) == 1
+    assert capsys.readouterr().out.splitlines() == [f"error: {path}: gateway: tick_s must be positive, got 0.0",
+                                                    "1 error"]
+    assert not (tmp_path / "state.db").exists()
+
+
 def test_a_missing_or_broken_file(tmp_path):
     with pytest.raises(ConfigErrors, match="cannot read"):
         load_service_config(tmp_path / "nope.toml")
