@@ -389,15 +389,24 @@ async def _run_service(args) -> int:
     stop = asyncio.Event()
     waiter = asyncio.create_task(_until_signalled())
     waiter.add_done_callback(lambda _: stop.set())
+    log = logging.getLogger("gateway.service")
     try:
-        await service.start()
-        logging.getLogger("gateway.service").info("running; SIGINT or SIGTERM stops it cleanly")
-        await service.run(stop)
+        try:
+            await service.start()
+        except Exception as exc:  # the store or a channel that cannot be opened: one line, exit 2
+            log.error("cannot start: %s", exc)
+            return EXIT_FAILED
+        log.info("running; SIGINT or SIGTERM stops it cleanly")
+        try:
+            await service.run(stop)
+        except Exception:
+            log.exception("a part of the gateway failed; stopping")
+            return EXIT_FAILED
     finally:
         waiter.cancel()
         bars.bars.stop()
         await service.close()
-        logging.getLogger("gateway.service").info("stopped")
+        log.info("stopped")
     return EXIT_OK
 
 

@@ -323,9 +323,6 @@ class ServiceConfig:
     passwords: dict = field(default_factory=dict, repr=False, compare=False)
     path: Path | None = field(default=None, compare=False)
 
-    def channel(self, name: str) -> ChannelConfig:
-        return next(c for c in self.channels if c.name == name)
-
     def meters_on(self, name: str) -> list[Meter]:
         return self._by_channel.get(name, [])
 
@@ -349,126 +346,153 @@ def load_service_config(path: str | Path) -> ServiceConfig:
 def check_service_config(path: str | Path) -> tuple[ServiceConfig | None, list[str]]:
     """The config and every error found (each a line naming the file, the key or line:column, and what is
     allowed); the config is ``None`` when there is any error."""
-    from gateway.fleet import read_fleet
-
     path = Path(path)
     try:
         data = _read(path)
     except ConfigError as exc:
         return None, [str(exc)]
-    base = path.resolve().parent
+    check = _Check(path)
     errors: list[ConfigError] = []
     for key in sorted(set(data) - set(TABLES)):
         errors.append(ConfigError(f"{key}: unknown table; allowed: {', '.join(TABLES)}"))
-    tables = {}
-    for key, cls in (("store", StoreSettings), ("control", ControlSettings), ("mqtt", BrokerConfig),
-                     ("http", HttpSettings), ("metrics", MetricsSettings), ("gateway", GatewaySettings),
-                     ("thresholds", ThresholdPolicy), ("fleet", FleetSettings)):
-        if key in data:
-            tables[key] = build_all(cls, data[key], key, errors)
-        else:
-            tables[key] = cls()
-    channels = _channels(data.get("channels", []), errors)
-    problems = [f"{path}: {e}" for e in errors]
+    tables = {key: build_all(cls, data[key], key, errors) if key in data else cls() for key, cls in
+              (("store", StoreSettings), ("control", ControlSettings), ("mqtt", BrokerConfig),
+               ("http", HttpSettings), ("metrics", MetricsSettings), ("gateway", GatewaySettings),
+               ("thresholds", ThresholdPolicy), ("fleet", FleetSettings))}
+    raw = data.get("channels", [])
+    channels = _channels(raw, errors)
+    check.problems += [f"{path}: {e}" for e in errors]
+    tables.update(check.files(tables, channels))
+    passwords = check.channels(raw if isinstance(raw, list) else [], channels)
+    policies = check.policies(tables["control"])
+    tariffs, accounts, meters, devices = check.fleet(tables["fleet"], raw if isinstance(raw, list) else [],
+                                                     channels, policies)
+    if any(t is None for t in tables.values()) or any(c is None for c in channels) or check.problems:
+        return None, check.problems
+    return ServiceConfig(**tables, channels=tuple(channels), policies=policies, tariffs=tariffs,
+                         accounts=tuple(accounts), meters=tuple(meters), devices=devices, passwords=passwords,
+                         path=path), []
 
-    def resolved(value: str) -> Path:
+
+class _Check:
+    """The checks that look beyond one table: files named, channels against each other, the policies file,
+    the fleet and tariffs. Errors go to ``problems``, each naming the file and the key or line."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.base = path.resolve().parent
+        self.problems: list[str] = []
+
+    def error(self, key: str, message: str) -> None:
+        self.problems.append(f"{self.path}: {key}: {message}")
+
+    def resolved(self, value: str) -> Path:
         p = Path(value).expanduser()
-        return p if p.is_absolute() else Path(os.path.normpath(base / p))
+        return p if p.is_absolute() else Path(os.path.normpath(self.base / p))
 
-    def existing(key: str, value: str) -> str:
+    def existing(self, key: str, value: str) -> str:
         """A file setting resolved against the config's directory; an error when it names no file."""
         if not value:
             return value
-        p = resolved(value)
+        p = self.resolved(value)
         if not p.is_file():
-            problems.append(f"{path}: {key}: {p}: no such file")
+            self.error(key, f"{p}: no such file")
         return str(p)
 
-    store, mqtt, http = tables["store"], tables["mqtt"], tables["http"]
-    if store is not None and store.url.startswith("sqlite://"):
-        tables["store"] = StoreSettings("sqlite://" + str(resolved(store.url.removeprefix("sqlite://"))))
-    if mqtt is not None:
-        tables["mqtt"] = dataclasses.replace(mqtt, **{k: existing(f"mqtt.{k}", getattr(mqtt, k)) for k in
-                                                      ("password_file", "tls_ca_file", "tls_cert_file",
-                                                       "tls_key_file")})
-        if mqtt.tls_ca_file and any(c.kind == "concentrator" for c in channels if c is not None):
-            problems.append(f"{path}: mqtt.tls_ca_file: concentrators are reached through the [mqtt] broker "
-                            f"without TLS (not supported yet); allowed with concentrator channels: \"\"")
-    if http is not None:
-        tables["http"] = dataclasses.replace(http, tokens_file=existing("http.tokens_file", http.tokens_file))
+    def files(self, tables: dict, channels: list) -> dict:
+        """The tables whose paths are resolved (and checked)."""
+        out = {}
+        store, mqtt, http = tables["store"], tables["mqtt"], tables["http"]
+        if store is not None and store.url.startswith("sqlite://"):
+            out["store"] = StoreSettings("sqlite://" + str(self.resolved(store.url.removeprefix("sqlite://"))))
+        if mqtt is not None:
+            out["mqtt"] = dataclasses.replace(mqtt, **{k: self.existing(f"mqtt.{k}", getattr(mqtt, k)) for k in
+                                                       ("password_file", "tls_ca_file", "tls_cert_file",
+                                                        "tls_key_file")})
+            if mqtt.tls_ca_file and any(c.kind == "concentrator" for c in channels if c is not None):
+                self.error("mqtt.tls_ca_file", "concentrators are reached through the [mqtt] broker without TLS "
+                                               "(not supported yet); allowed with concentrator channels: \"\"")
+        if http is not None:
+            out["http"] = dataclasses.replace(http, tokens_file=self.existing("http.tokens_file", http.tokens_file))
+        if tables["control"] is not None:
+            out["control"] = ControlSettings(self.existing("control.file", tables["control"].file))
+        fleet = tables["fleet"]
+        if fleet is not None:
+            out["fleet"] = FleetSettings(self.existing("fleet.file", fleet.file),
+                                         self.existing("fleet.tariffs", fleet.tariffs))
+        return out
 
-    passwords = {}
-    for i, c in enumerate(channels):
-        if c is None:
-            continue
-        if getattr(c, "password_file", ""):
-            p = existing(f"channels[{i}].password_file", c.password_file)
-            channels[i] = c = dataclasses.replace(c, password_file=p)
-            try:
-                secret = Path(p).read_text(encoding="utf-8").strip()
-            except OSError:
-                continue  # reported above
-            if not re.fullmatch(r"[0-9A-Fa-f]{6}", secret):
-                problems.append(f"{path}: channels[{i}].password_file: the password must be 6 hex digits "
-                                f"(P0..P2 as printed)")  # the file's content is never shown
-            passwords[c.name] = secret
-    # names as written (a channel with errors still has one: the fleet's rows name it)
-    raw = data.get("channels", []) if isinstance(data.get("channels", []), list) else []
-    names = [item.get("name") if isinstance(item, dict) and isinstance(item.get("name"), str) else None
-             for item in raw]
-    seen: dict[str, int] = {}
-    for i, name in enumerate(names):
-        if name in seen:
-            problems.append(f"{path}: channels[{i}].name: {name!r} is also channels[{seen[name]}]'s; "
-                            f"channel names must be unique")
-        if name is not None:
-            seen.setdefault(name, i)
-    for i, c in enumerate(channels):
-        if c is None:
-            continue
-        if c.kind.startswith("modbus"):
-            from protocols.modbus import load_profile
-            from protocols.modbus.profile import shipped
+    def channels(self, raw: list, channels: list) -> dict[str, str]:
+        """Names unique (as written: a channel with errors still has one), password files read (channel name
+        -> password), Modbus profiles loaded; ``channels`` updated with resolved paths."""
+        seen: dict[str, int] = {}
+        for i, name in enumerate(_names(raw)):
+            if name in seen:
+                self.error(f"channels[{i}].name", f"{name!r} is also channels[{seen[name]}]'s; channel names "
+                                                  f"must be unique")
+            if name is not None:
+                seen.setdefault(name, i)
+        passwords = {}
+        for i, c in enumerate(channels):
+            if c is not None and getattr(c, "password_file", ""):
+                key = f"channels[{i}].password_file"
+                channels[i] = c = dataclasses.replace(c, password_file=self.existing(key, c.password_file))
+                try:
+                    secret = Path(c.password_file).read_text(encoding="utf-8").strip()
+                except OSError:
+                    continue  # reported above
+                if not re.fullmatch(r"[0-9A-Fa-f]{6}", secret):  # the file's content is never shown
+                    self.error(key, "the password must be 6 hex digits (P0..P2 as printed)")
+                passwords[c.name] = secret
+            if c is not None and c.kind.startswith("modbus"):
+                from protocols.modbus import load_profile
+                from protocols.modbus.profile import shipped
 
-            profile = c.profile if not c.profile.endswith(".toml") else str(resolved(c.profile))
-            try:
-                load_profile(profile)
-            except Exception as exc:  # ProfileError, or a file that cannot be read
-                known = "" if "shipped" in str(exc) else f"; shipped: {', '.join(sorted(shipped()))}"
-                problems.append(f"{path}: channels[{i}].profile: {exc}{known}")
-            channels[i] = dataclasses.replace(c, profile=profile)
+                profile = str(self.resolved(c.profile)) if c.profile.endswith(".toml") else c.profile
+                try:
+                    load_profile(profile)
+                except Exception as exc:  # ProfileError, or a file that cannot be read
+                    known = "" if "shipped" in str(exc) else f"; shipped: {', '.join(sorted(shipped()))}"
+                    self.error(f"channels[{i}].profile", f"{exc}{known}")
+                channels[i] = dataclasses.replace(c, profile=profile)
+        return passwords
 
-    policies = ControlConfig()
-    control = tables["control"]
-    if control is not None and control.file:
-        file = existing("control.file", control.file)
-        tables["control"] = ControlSettings(file)
-        if Path(file).is_file():
-            try:
-                policies = load_control_config(file)
-            except ConfigError as exc:
-                problems.append(str(exc))
+    def policies(self, control: ControlSettings | None) -> ControlConfig:
+        """The policies file's, every error in it reported (the built-in defaults when none is named)."""
+        if control is None or not control.file or not Path(control.file).is_file():
+            return ControlConfig()
+        file = control.file
+        try:
+            found: list[ConfigError] = []
+            policies = build_all(ControlConfig, _read(Path(file)), "", found)
+            self.problems += [f"{file}: {e}" for e in found]
+            return policies or ControlConfig()
+        except ConfigError as exc:  # not readable, not TOML
+            self.problems.append(str(exc))
+            return ControlConfig()
 
-    tariffs: dict = {}
-    fleet = tables["fleet"]
-    accounts, meters, devices = (), (), {}
-    if fleet is not None:
-        tariff_file = existing("fleet.tariffs", fleet.tariffs)
-        fleet_file = existing("fleet.file", fleet.file)
-        tables["fleet"] = FleetSettings(fleet_file, tariff_file)
-        if tariff_file and Path(tariff_file).is_file():
-            tariffs = _tariffs(Path(tariff_file), problems)
-        if fleet_file and Path(fleet_file).is_file():
-            named: dict = {}  # name -> channel (None: one with errors, reported above; its rows are not checked)
-            for name, c in zip(names, channels):
-                if name is not None:
-                    named.setdefault(name, c)
-            accounts, meters, devices = read_fleet(Path(fleet_file), named, set(tariffs),
-                                                   set(policies.notices.channels), problems)
-    if any(t is None for t in tables.values()) or any(c is None for c in channels) or problems:
-        return None, problems
-    return ServiceConfig(**tables, channels=tuple(channels), policies=policies, tariffs=tariffs,
-                         accounts=tuple(accounts), meters=tuple(meters), devices=devices, passwords=passwords, path=path), []
+    def fleet(self, fleet: FleetSettings | None, raw: list, channels: list, policies: ControlConfig):
+        """(tariffs, accounts, meters, Modbus device ids) from the fleet and tariffs files."""
+        from gateway.fleet import read_fleet
+
+        if fleet is None:
+            return {}, (), (), {}
+        tariffs = _tariffs(Path(fleet.tariffs), self.problems) if fleet.tariffs and Path(fleet.tariffs).is_file() \
+            else {}
+        if not fleet.file or not Path(fleet.file).is_file():
+            return tariffs, (), (), {}
+        fleet_file = fleet.file
+        named: dict = {}  # name -> channel (None: one with errors, reported above; its rows are not checked)
+        for name, c in zip(_names(raw), channels):
+            if name is not None:
+                named.setdefault(name, c)
+        return (tariffs, *read_fleet(Path(fleet_file), named, set(tariffs), set(policies.notices.channels),
+                                     self.problems))
+
+
+def _names(raw: list) -> list[str | None]:
+    return [item.get("name") if isinstance(item, dict) and isinstance(item.get("name"), str) else None
+            for item in raw]
 
 
 def _channels(items, errors: list) -> list:

@@ -285,3 +285,25 @@ def test_a_large_fleet_is_read_whole(tmp_path):
     config = load_service_config(tmp_path / "gw.toml")
     assert len(config.meters) == 20_000 and config.meters[-1].meter_id == "000000020000"
     assert len(config.meters_on("tcp-1")) == 20_000
+
+
+def test_every_error_of_the_control_policies_it_names(tmp_path):
+    (tmp_path / "control.toml").write_text('[trips]\nnotice_lead_s = "a day"\ndaily_cap_per_area = 2.5\n'
+                                           '[trips.window]\nforbid_fridays = "yes"\n[calendar]\ncountry = "XX"\n')
+    (tmp_path / "gw.toml").write_text('[control]\nfile = "control.toml"\n')
+    config, errors = check_service_config(tmp_path / "gw.toml")
+    control = tmp_path / "control.toml"
+    assert [e.split(": ", 2)[1] for e in errors] == ["trips.notice_lead_s", "trips.daily_cap_per_area",
+                                                     "trips.window.forbid_fridays", "calendar"]
+    assert all(e.startswith(f"{control}: ") for e in errors)
+
+
+def test_feikong_run_that_cannot_open_its_store_says_so_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "gw.toml").write_text('[store]\nurl = "postgresql://nobody@127.0.0.1:1/none"\n')
+    r = subprocess.run([sys.executable, "-m", "gateway.cli", "run", "--config", str(tmp_path / "gw.toml")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert "cannot start:" in r.stderr and "Traceback" not in r.stderr and "stopped" in r.stderr

@@ -89,24 +89,22 @@ def _shown(v) -> str:
     return f"{v!r} ({type(v).__name__})"
 
 
-def _value(hint, v, path: str, base=None, duration: bool | None = None, errors: list | None = None):
+def _value(hint, v, path: str, base=None, duration: bool | None = None, *, errors: list):
     """``v`` as ``hint``; ``base`` is what it replaces (merged into, for tables); durations are allowed for
-    settings named ``*_s`` and the items of their lists and tables. With ``errors``, a nested table's errors
-    are all appended there (and the setting is left out)."""
+    settings named ``*_s`` and the items of their lists and tables. A nested table's errors are all appended
+    to ``errors`` (and :class:`_Invalid` leaves the setting out)."""
     if duration is None:
         duration = path.rsplit(".", 1)[-1].endswith("_s")
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in typing.get_args(hint) if a is not type(None)]
-        return _value(inner[0], v, path, base, duration, errors)
+        return _value(inner[0], v, path, base, duration, errors=errors)
     if origin is typing.Literal:
         allowed = typing.get_args(hint)
         if v not in allowed or type(v) is bool:
             raise ConfigError(f"{path}: {_shown(v)} is not allowed; allowed: {', '.join(map(str, allowed))}")
         return v
     if dataclasses.is_dataclass(hint):
-        if errors is None:
-            return build(hint, v, path, base)
         before = len(errors)
         result = build_all(hint, v, path, errors, base)
         if len(errors) > before:
@@ -116,14 +114,14 @@ def _value(hint, v, path: str, base=None, duration: bool | None = None, errors: 
         if not isinstance(v, (list, tuple)):
             raise ConfigError(f"{path}: expected a list, got {_shown(v)}")
         item = typing.get_args(hint)[0]
-        return tuple(_value(item, x, f"{path}[{i}]", None, duration, errors) for i, x in enumerate(v))
+        return tuple(_value(item, x, f"{path}[{i}]", None, duration, errors=errors) for i, x in enumerate(v))
     if origin is dict:
         if not isinstance(v, Mapping):
             raise ConfigError(f"{path}: expected a table, got {_shown(v)}")
         _, val_t = typing.get_args(hint)
         merged = dict(base or {})
         for k, x in v.items():
-            merged[str(k)] = _value(val_t, x, f"{path}.{k}", merged.get(str(k)), duration, errors)
+            merged[str(k)] = _value(val_t, x, f"{path}.{k}", merged.get(str(k)), duration, errors=errors)
         return merged
     if hint is bool:
         if not isinstance(v, bool):
