@@ -117,14 +117,15 @@ class Service:
         them stops the others (and is raised)."""
         gw = self.gateway
         total = sum(len(c.meters) for c in gw.channels)
-        seen = 0
+        seen: set[str] = set()  # meters read at least once (a quick channel may go round twice meanwhile)
         started = time.monotonic()
 
-        def counted(_reading) -> None:
-            nonlocal seen
-            seen += 1
-            self.progress("first read cycle", seen, total)
-            if seen >= total:
+        def counted(reading) -> None:
+            if reading.meter in seen:
+                return
+            seen.add(reading.meter)
+            self.progress("first read cycle", len(seen), total)
+            if len(seen) >= total:
                 gw.reading_hooks.remove(counted)
                 self.first_cycle.set()
                 log.info("first read cycle: %d meters in %.1f s", total, time.monotonic() - started)

@@ -97,3 +97,57 @@ def test_store_passwords_are_masked_for_logs():
     assert safe_url("postgresql://feikong:s3cret@db:5432/feikong") == "postgresql://feikong:***@db:5432/feikong"
     assert safe_url("postgresql://feikong@db/feikong") == "postgresql://feikong@db/feikong"
     assert safe_url("sqlite:///var/lib/feikong/feikong.db") == "sqlite:///var/lib/feikong/feikong.db"
+
+
+async def test_the_first_read_cycle_counts_each_meter_once_across_channels(tmp_path, broker):
+    """A quick channel going round twice does not finish the first cycle of a slow one."""
+    from decimal import Decimal
+
+    from simulators.dlt645 import SimBus, SimMeter, serve_tcp
+
+    quick = await serve_tcp(SimBus.of([SimMeter("000000000001", energy=[Decimal("1.00")] * 5)], turnaround_s=0.0))
+    slow_meters = [SimMeter(f"{i:012d}", energy=[Decimal("1.00")] * 5) for i in (2, 3, 4)]
+    slow = await serve_tcp(SimBus.of(slow_meters, turnaround_s=0.25))
+    (tmp_path / "fleet.csv").write_text("account_id,tariff,meter_id,channel\nA1,flat,1,quick\n"
+                                        "A2,flat,2,slow\nA3,flat,3,slow\nA4,flat,4,slow\n")
+    path = tmp_path / "gw.toml"
+    path.write_text(f"""
+[store]
+url = "sqlite://db.sqlite"
+[gateway]
+poll_interval_s = 0.05
+[fleet]
+file = "fleet.csv"
+tariffs = "{ROOT / 'config' / 'tariffs.example.json'}"
+[mqtt]
+host = "{broker.host}"
+port = {broker.port}
+[[channels]]
+kind = "dlt645_tcp"
+name = "quick"
+host = "127.0.0.1"
+port = {quick.sockets[0].getsockname()[1]}
+timeout_s = 0.2
+[[channels]]
+kind = "dlt645_tcp"
+name = "slow"
+host = "127.0.0.1"
+port = {slow.sockets[0].getsockname()[1]}
+timeout_s = 0.5
+""")
+    progress: list = []
+    service = await Service(load_service_config(path),
+                            progress=lambda *p: progress.append(p) if p[0] == "first read cycle" else None).start()
+    stop = asyncio.Event()
+    run = asyncio.create_task(service.run(stop))
+    try:
+        await asyncio.wait_for(service.first_cycle.wait(), 30)
+        assert progress == [("first read cycle", n, 4) for n in range(5)]
+        assert all(m.requests for m in slow_meters)  # every slow meter was read before the cycle counted done
+    finally:
+        stop.set()
+        await asyncio.wait_for(run, 20)
+        await service.close()
+        for server in (quick, slow):
+            server.close()
+            await server.wait_closed()
