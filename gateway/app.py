@@ -46,8 +46,9 @@ class Gateway:
         self.executor: CommandExecutor | None = None
         self.readings_seen = 0
         #: called on the event loop with (channel, reading, seconds) as each meter's reading arrives in a poll
-        #: cycle; ``seconds`` is the time the channel took for it (its exchanges, one meter after another)
-        self.read_listeners: list[Callable[[Channel, Reading, float], None]] = []
+        #: cycle, before it is committed (metrics, progress bars); ``seconds`` is the time the channel took for
+        #: it (its exchanges: a cycle reads one meter after another)
+        self.reading_hooks: list[Callable[[Channel, Reading, float], None]] = []
 
     async def open(self) -> "Gateway":
         self.control = await self.writer.call(CostControl, open_store(self.store_url), self.config, self.policy,
@@ -97,7 +98,7 @@ class Gateway:
     async def poll_once(self, channel: Channel) -> None:
         """One read cycle of a channel, committed as one batch (with the relay positions it saw)."""
         readings: list[Reading] = []
-        await channel.cycle(self._timed_sink(channel, readings) if self.read_listeners else readings.append)
+        await channel.cycle(self._timed_sink(channel, readings) if self.reading_hooks else readings.append)
         batch, relays = to_batch(readings, self.control.engine, self.config.calendar.utc_offset_s)
         result = await self.writer.call(self.control.ingest_readings, batch, self.clock.now(), relays)
         self.readings_seen += len(readings)
@@ -113,11 +114,11 @@ class Gateway:
             nonlocal last
             now = time.perf_counter()
             readings.append(reading)
-            for listener in self.read_listeners:
+            for hook in list(self.reading_hooks):  # a hook may remove itself
                 try:
-                    listener(channel, reading, now - last)
+                    hook(channel, reading, now - last)
                 except Exception:
-                    log.exception("a read listener failed")
+                    log.exception("a reading hook failed")
             last = time.perf_counter()
 
         return sink

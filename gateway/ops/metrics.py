@@ -7,7 +7,7 @@ Where each figure comes from:
   and their receipts, engine batches, payments. Counted from the events the controller committed (one event per
   transition: ``relay_confirmed``, ``trip_deferred`` once per gate met...), so a rolled-back transaction counts
   nothing and a re-delivered input that changed nothing counts nothing.
-* **Reads** (``Gateway.read_listeners``, on the event loop): every meter read of a poll cycle, its outcome
+* **Reads** (``Gateway.reading_hooks``, on the event loop): every meter read of a poll cycle, its outcome
   and its time, per channel kind. A read is I/O: it counts when it happened, whatever becomes of its batch.
 * **A sampler** (:meth:`GatewayMetrics.run`, every ``sample_s``): state that belongs to the writer thread
   (open relays, field orders, pending reconnects and their deadlines, due executor steps, the outbox) is read
@@ -192,7 +192,7 @@ class GatewayMetrics:
         for channel in gateway.config.notices.channels:
             self._notice_children(channel)
         gateway.control.listeners.append(self._on_commit)
-        gateway.read_listeners.append(self._on_read)
+        gateway.reading_hooks.append(self._on_read)
 
     def serve(self, host: str = "127.0.0.1", port: int = 0) -> int:
         """prometheus-client's own HTTP server on a thread of its own; returns the port it bound."""
@@ -204,7 +204,7 @@ class GatewayMetrics:
     def close(self) -> None:
         if self.gateway is not None:
             for listeners, fn in ((self.gateway.control.listeners, self._on_commit),
-                                  (self.gateway.read_listeners, self._on_read)):
+                                  (self.gateway.reading_hooks, self._on_read)):
                 if fn in listeners:
                     listeners.remove(fn)
         if self._server is not None:
@@ -453,3 +453,29 @@ def _bridge(s):
             ("feikong_mqtt_publish_refused", s.publish_refused, "Outbox events the broker refused"),
             ("feikong_mqtt_batch_retries", s.retries, "Inbound batches tried again")):
         yield CounterMetricFamily(name, doc, value=value)
+
+
+class MetricsEndpoint:
+    """The metrics as an ops component of :class:`gateway.service.Service` (its ``[metrics]`` host and port):
+    attached to the service's gateway, bridge and hub, served, sampled until stopped."""
+
+    name = "metrics"
+
+    def __init__(self, metrics: GatewayMetrics | None = None) -> None:
+        self.metrics = metrics or GatewayMetrics()
+        self.port: int | None = None
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    async def start(self, service) -> None:
+        m = self.metrics
+        m.attach(service.gateway, service.bridge, service.hub)
+        self.port = m.serve(service.config.metrics.host, service.config.metrics.port)
+        self._task = asyncio.create_task(m.run(self._stop), name="metrics-sampler")
+        log.info("metrics: http://%s:%d/metrics", service.config.metrics.host, self.port)
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+        self.metrics.close()

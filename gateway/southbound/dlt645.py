@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from protocols.dlt645.client import Dlt645Client, Dlt645Link
+from protocols.dlt645.codes import Edition
 
 from .poller import DEFAULT_ITEMS, BusPoller
 from .relay import Dlt645RelayDriver
@@ -21,11 +22,15 @@ class Bus:
     link: Dlt645Link
     meters: list[str]
     items: Sequence[str] = DEFAULT_ITEMS
+    edition: Edition = Edition.DLT645_2007
+    #: the meters' relay-control password (6 hex digits) and the operator code they record
+    password: str = field(default="000000", repr=False)  # a secret: never in a repr or a log
+    operator: str = "00000000"
     client: Dlt645Client = field(init=False)
     poller: BusPoller | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
-        self.client = Dlt645Client(self.link)
+        self.client = Dlt645Client(self.link, self.edition, password=self.password, operator=self.operator)
 
     @property
     def name(self) -> str:
@@ -33,10 +38,8 @@ class Bus:
 
     @property
     def kind(self) -> str:
-        """From the link's name, which its constructor sets: ``tcp://``, ``serial://``, or ``mqtt://`` (a
-        concentrator's bus behind MQTT)."""
-        scheme = self.link.name.partition("://")[0]
-        return _KINDS.get(scheme, "dlt645_tcp")
+        """From the link's transport: a TCP serial server, a serial line, or a concentrator behind MQTT."""
+        return _KINDS[self.link.transport]
 
     def bind(self, clock, utc_offset_s: int) -> Dlt645RelayDriver:
         self.poller = BusPoller(self.client, self.meters, items=self.items, clock=clock)

@@ -116,10 +116,13 @@ Opener = Callable[[Callable[[], asyncio.Protocol]], Any]
 class Dlt645Link:
     """One bus (serial line or TCP socket to a transparent serial server); one exchange at a time."""
 
-    def __init__(self, opener: Opener, settings: LinkSettings, name: str) -> None:
+    def __init__(self, opener: Opener, settings: LinkSettings, name: str, transport: str = "tcp") -> None:
+        """``transport``: what the opener reaches the bus through: ``tcp`` (a transparent serial server),
+        ``serial`` (a line), ``mqtt`` (a concentrator forwarding frames); metrics are labelled with it."""
         self._opener = opener
         self.settings = settings
         self.name = name
+        self.transport = transport
         self.deframer = Deframer()
         self.stats = LinkStats()
         self._lock = asyncio.Lock()
@@ -129,14 +132,15 @@ class Dlt645Link:
         self._match: Callable[[Frame], bool] | None = None
 
     @classmethod
-    def tcp(cls, host: str, port: int, settings: LinkSettings | None = None) -> "Dlt645Link":
+    def tcp(cls, host: str, port: int, settings: LinkSettings | None = None, name: str | None = None) -> "Dlt645Link":
+        """``name``: the bus name meters are configured with (default ``tcp://HOST:PORT``)."""
         async def opener(factory):
             return await asyncio.get_running_loop().create_connection(factory, host, port)
 
-        return cls(opener, settings or LinkSettings(), f"tcp://{host}:{port}")
+        return cls(opener, settings or LinkSettings(), name or f"tcp://{host}:{port}")
 
     @classmethod
-    def serial(cls, device: str, settings: LinkSettings | None = None) -> "Dlt645Link":
+    def serial(cls, device: str, settings: LinkSettings | None = None, name: str | None = None) -> "Dlt645Link":
         settings = settings or LinkSettings()
 
         async def opener(factory):
@@ -146,7 +150,7 @@ class Dlt645Link:
                 asyncio.get_running_loop(), factory, device, baudrate=settings.baud,
                 parity=settings.parity.upper(), bytesize=settings.bytesize, stopbits=settings.stopbits)
 
-        return cls(opener, settings, f"serial://{device}")
+        return cls(opener, settings, name or f"serial://{device}", "serial")
 
     @property
     def is_open(self) -> bool:
