@@ -49,10 +49,10 @@ async def online(billing: BillingSim) -> None:
                             and b.status["gw-test"].state == "online", 10, "gateway online")
 
 
-async def test_a_payment_to_a_verified_close_is_counted_once_with_its_latency(broker, tmp_path):
+async def test_a_payment_to_a_verified_close_is_counted_once_with_its_latency(broker, store_url):
     m = GatewayMetrics(CollectorRegistry(), sample_s=0.2)
     meter = tripped_meter(1)
-    async with LiveGateway(f"sqlite://{tmp_path / 'g.db'}", broker, meters=[meter], metrics=m) as live:
+    async with LiveGateway(store_url, broker, meters=[meter], metrics=m) as live:
         port = m.serve()
         await live.until(lambda: live.gw.readings_seen == 1, what="the first poll")
         await m.sample()
