@@ -63,13 +63,14 @@ class Gateway:
         self.writer.close()
 
     # -- inputs -------------------------------------------------------------------------------------------
-    async def credits(self, items: list[Payment | Adjustment]):
-        """Payments in: committed (with any close they cause) before this returns, then the executor woken."""
-        return await self._commit(self.control.ingest_credits, items)
+    async def credits(self, items: list[Payment | Adjustment], role: str = "billing"):
+        """Payments in: committed (with any close they cause) before this returns, then the executor woken.
+        ``role``: of the operators whose adjustments these are (the audit log records it)."""
+        return await self._commit(self.control.ingest_credits, items, role=role)
 
-    async def _commit(self, method, *args):
+    async def _commit(self, method, *args, **kw):
         """An input committed through the writer; the executor woken when it made relay work."""
-        result = await self.writer.call(method, *args, self.clock.now())
+        result = await self.writer.call(method, *args, self.clock.now(), **kw)
         if getattr(result, "decisions", None) or getattr(result, "commands", None):
             self.executor.wake()
         return result
@@ -80,8 +81,8 @@ class Gateway:
     async def field_updates(self, updates: list[FieldUpdate]):
         return await self._commit(self.control.ingest_field_updates, updates)
 
-    async def area_flag(self, flag: AreaFlag):
-        return await self._commit(self.control.set_area_flag, flag)
+    async def area_flag(self, flag: AreaFlag, role: str = "area_flag"):
+        return await self._commit(self.control.set_area_flag, flag, role=role)
 
     async def forecast(self, forecast: Forecast):
         return await self._commit(self.control.set_forecast, forecast)
@@ -93,6 +94,22 @@ class Gateway:
         """One read cycle of a channel, committed as one batch (with the relay positions it saw)."""
         readings: list[Reading] = []
         await channel.cycle(readings.append)
+        await self._ingest(readings)
+
+    async def read_meter(self, meter_id: str) -> Reading:
+        """One meter read now, on its channel with the line reserved (a poll or a relay command on it waits),
+        and committed like a poll's readings. :class:`KeyError` for a meter not known here, :class:`LookupError`
+        for one whose channel this gateway does not run."""
+        bus = self.control.engine.meter(meter_id).channel
+        channel = next((c for c in self.channels if c.name == bus), None)
+        if channel is None:
+            raise LookupError(f"meter {meter_id} is on channel {bus!r}, which this gateway does not run")
+        async with self.executor.drivers[bus].reserved():
+            reading = await channel.read_meter(meter_id)
+        await self._ingest([reading])
+        return reading
+
+    async def _ingest(self, readings: list[Reading]) -> None:
         batch, relays = to_batch(readings, self.control.engine, self.config.calendar.utc_offset_s)
         result = await self.writer.call(self.control.ingest_readings, batch, self.clock.now(), relays)
         self.readings_seen += len(readings)

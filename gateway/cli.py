@@ -9,6 +9,7 @@ import re
 import sys
 from datetime import timedelta
 
+from gateway.ops.console import add_commands as add_console_commands
 from protocols.dlt645 import Deframer, FrameReceived, FrameRejected, Noise
 from protocols.dlt645 import di as di_table
 from protocols.dlt645 import messages as m
@@ -268,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     sd.add_argument("--fault-rate", type=float, default=0.0, help="share of requests that meet a fault (0..1)")
     sd.add_argument("--seed", type=int, default=0)
     sd.set_defaults(run=_sim)
+    add_console_commands(sub)  # meter, relay, requests, orders, audit, token: gateway/ops/console.py
     return parser
 
 
