@@ -112,11 +112,12 @@ def _table(title: str, columns: list[str], rows: list[list]) -> None:
     from rich.table import Table
 
     table = Table(title=title, title_justify="left")
-    for c in columns:
-        table.add_column(c)
+    for i, c in enumerate(columns):
+        table.add_column(c, no_wrap=i == 0)  # ids whole: they are copied into the next command
     for r in rows:
         table.add_row(*["-" if v is None else str(v) for v in r])
-    Console(width=max(100, int(os.environ.get("COLUMNS", 0) or 0))).print(table)
+    # a terminal's own width; piped or redirected, wide enough that lines are not folded for grep
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
 
 
 # ------------------------------------------------------------------ commands
