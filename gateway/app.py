@@ -63,14 +63,13 @@ class Gateway:
         self.writer.close()
 
     # -- inputs -------------------------------------------------------------------------------------------
-    async def credits(self, items: list[Payment | Adjustment], role: str = "billing"):
-        """Payments in: committed (with any close they cause) before this returns, then the executor woken.
-        ``role``: of the operators whose adjustments these are (the audit log records it)."""
-        return await self._commit(self.control.ingest_credits, items, role=role)
+    async def credits(self, items: list[Payment | Adjustment]):
+        """Payments in: committed (with any close they cause) before this returns, then the executor woken."""
+        return await self._commit(self.control.ingest_credits, items)
 
-    async def _commit(self, method, *args, **kw):
+    async def _commit(self, method, *args):
         """An input committed through the writer; the executor woken when it made relay work."""
-        result = await self.writer.call(method, *args, self.clock.now(), **kw)
+        result = await self.writer.call(method, *args, self.clock.now())
         if getattr(result, "decisions", None) or getattr(result, "commands", None):
             self.executor.wake()
         return result
@@ -81,8 +80,8 @@ class Gateway:
     async def field_updates(self, updates: list[FieldUpdate]):
         return await self._commit(self.control.ingest_field_updates, updates)
 
-    async def area_flag(self, flag: AreaFlag, role: str = "area_flag"):
-        return await self._commit(self.control.set_area_flag, flag, role=role)
+    async def area_flag(self, flag: AreaFlag):
+        return await self._commit(self.control.set_area_flag, flag)
 
     async def forecast(self, forecast: Forecast):
         return await self._commit(self.control.set_forecast, forecast)
