@@ -104,3 +104,13 @@ def test_a_token_added_while_the_api_runs_counts_at_once(tmp_path):
     assert live.identify(second).name == "sam"
     Tokens.load(path).remove("olga")
     assert live.identify(first) is None
+
+
+def test_a_broken_or_missing_tokens_file_refuses_every_token(tmp_path, caplog):
+    path = tmp_path / "tokens.toml"
+    token = Tokens({}, path).add("olga", "operator")
+    live = Tokens.load(path)
+    path.write_text(path.read_text() + "\n[tokens.x\n")  # an edit gone wrong
+    assert live.identify(token) is None and "not valid TOML" in caplog.text
+    path.unlink()
+    assert live.identify(token) is None and "is gone" in caplog.text

@@ -29,6 +29,7 @@ _TOKEN = re.compile(r"fk_[A-Za-z0-9_-]{16,}")
 _NAME = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 PREFIX = "fk_"
+log = logging.getLogger(__name__)
 
 
 class TokenFileError(ValueError):
@@ -91,9 +92,19 @@ class Tokens:
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
     def _refresh(self) -> None:
+        """The file again if it changed. One that is gone or broken refuses every token until it is fixed
+        (keeping the old entries would keep a token someone just removed)."""
         stamp = self._file_stamp()
-        if stamp != self._stamp:
-            self._entries, self._stamp = (_parse(self.path) if stamp is not None else {}), stamp
+        if stamp == self._stamp:
+            return
+        self._stamp = stamp
+        try:
+            self._entries = _parse(self.path) if stamp is not None else {}
+        except TokenFileError as exc:
+            log.error("%s; every token is refused until the file is fixed", exc)
+            self._entries = {}
+        if stamp is None:
+            log.error("tokens file %s is gone; every token is refused", self.path)
 
     def add(self, name: str, role: str) -> str:
         """A new token for ``name`` (replacing any it had), saved to the file; returns the token (shown once)."""
