@@ -185,6 +185,9 @@ BAD = [  # who, method, path, body (or query), status, the field named
     ("vera", "GET", "/api/v1/orders/nope", None, 404, "path.order_id"),
     ("vera", "GET", "/api/v1/requests/nope", None, 404, "path.request_id"),
     ("vera", "GET", "/api/v1/audit", None, 403, None),
+    ("olga", "POST", "/api/v1/disconnect-plans", b"[" + b"0," * 1_500_000 + b"0]", 413, None),
+    ("olga", "DELETE", f"/api/v1/meters/{M1}", None, 405, None),
+    ("olga", "GET", "/api/v1/nothing-here", None, 404, None),
 ]
 
 

@@ -55,6 +55,7 @@ ACTIONS = {
     "area_flag": "supervisor",  # set or clear an area flag (no automatic trips there)
     "audit": "supervisor",  # read and verify the audit log
 }
+MAX_BODY = 2 * 1024 * 1024  # a plan of 10,000 meter ids fits
 READINGS_WINDOW_S = 7 * 86400  # "last readings": from the last week (readings are clustered by time)
 
 Reason = Annotated[str, Field(min_length=1, max_length=500, pattern=r"\S",
@@ -184,6 +185,15 @@ def create_app(gateway, tokens: Tokens, *, clock=None, bridge=None, request_ttl_
     async def _unexpected(request: Request, exc: Exception):
         log.error("API %s %s failed: %r", request.method, request.url.path, exc, exc_info=exc)
         return _error(500, "internal error (logged by the gateway)")
+
+    @app.middleware("http")
+    async def _bounded(request: Request, call_next):
+        """A body larger than any request here needs is refused before it is read."""
+        size = request.headers.get("content-length", "0")
+        if not size.isdigit() or int(size) > MAX_BODY:
+            return _error(413 if size.isdigit() else 400,
+                          f"request body of {size} bytes: at most {MAX_BODY} bytes, with a Content-Length")
+        return await call_next(request)
 
     # -- health ----------------------------------------------------------------------------------------
     @app.get("/health", tags=["health"], summary="live: the process answers")
