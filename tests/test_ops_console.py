@@ -53,6 +53,8 @@ async def test_an_operator_and_a_supervisor_disconnect_a_meter_from_the_console(
         await api.live.until(lambda: not api.sims[0].relay_open, 20, "closed again")
         code, out, _ = await con.run("vera", "orders")
         assert code == 0 and "field orders" in out
+        code, out, _ = await con.run("vera", "meters", "--limit", "1")
+        assert code == 0 and M1 in out and meter_address(1) not in out and "more: --offset 1" in out
 
 
 async def test_console_errors_are_one_line_with_the_exit_code(broker, tmp_path, capsys, monkeypatch):
@@ -86,7 +88,15 @@ def test_feikong_token_add_prints_the_token_once_and_keeps_its_hash(tmp_path, ca
     capsys.readouterr()
     tokens = Tokens.load(path)
     assert tokens.identify(token).name == "olga" and tokens.names() == {"olga": "operator", "sam": "supervisor"}
+    assert oct(path.stat().st_mode & 0o777) == "0o600"  # hashes only, but nobody else's business
     assert tokens.identify(token + "x") is None
+    assert cli.main(["token", "list", "--file", str(path)]) == 0
+    listed = capsys.readouterr().out
+    assert "olga" in listed and "supervisor" in listed and token not in listed
+    assert cli.main(["token", "remove", "olga", "--file", str(path)]) == 0
+    assert Tokens.load(path).identify(token) is None
+    assert cli.main(["token", "remove", "olga", "--file", str(path)]) == 1
+    assert "no token named 'olga'" in capsys.readouterr().err
     assert cli.main(["token", "add", "bad name", "--role", "viewer", "--file", str(path)]) == 1
     assert "name 'bad name'" in capsys.readouterr().err
     path.write_text('[tokens.x]\nrole = "root"\nsha256 = "00"\n')

@@ -1,4 +1,5 @@
-"""The operator console: ``feikong meter|relay|requests|orders|audit|token ...``, a client of the operator API.
+"""The operator console: ``feikong meter|meters|relay|requests|orders|audit|token ...``, a client of the operator
+API.
 
 It talks to the API over HTTP (stdlib urllib): ``--api URL`` (default ``$FEIKONG_API``, else
 http://127.0.0.1:8080) with the token from ``--token-file`` or ``$FEIKONG_TOKEN``. Lists print as tables
@@ -203,6 +204,17 @@ def _requests(api: ApiClient, args) -> int:
     return EXIT_OK
 
 
+def _meters(api: ApiClient, args) -> int:
+    page = api.call("GET", "/api/v1/meters", query={"state": args.state, "band": args.band, "limit": args.limit,
+                                                     "offset": args.offset})
+    _table("meters", ["meter", "account", "relay", "verified", "band", "balance", "channel"],
+           [[m["meter_id"], m["account_id"], m["relay"], _when(m["relay_verified_at"]), m["band"],
+             _yuan(m["balance_fen"]), m["channel"]] for m in page["items"]])
+    if page["next_offset"] is not None:
+        print(f"more: --offset {page['next_offset']}")
+    return EXIT_OK
+
+
 def _orders(api: ApiClient, args) -> int:
     page = api.call("GET", "/api/v1/orders", query={"limit": args.limit})
     _table("field orders (most urgent first)", ["order", "kind", "meter", "state", "escalation", "deadline", "address"],
@@ -243,6 +255,30 @@ def _token_add(args) -> int:
         return EXIT_REFUSED
     print(token)
     print(f"token for {args.name} ({args.role}) added to {args.file}; it is shown only this once", file=sys.stderr)
+    return EXIT_OK
+
+
+def _token_list(args) -> int:
+    from .auth import TokenFileError, Tokens
+
+    try:
+        names = Tokens.load(args.file).names()
+    except TokenFileError as exc:
+        print(f"feikong: error: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    _table(f"tokens in {args.file}", ["name", "role"], sorted(names.items()))
+    return EXIT_OK
+
+
+def _token_remove(args) -> int:
+    from .auth import TokenFileError, Tokens
+
+    try:
+        Tokens.load(args.file).remove(args.name)
+    except (TokenFileError, KeyError) as exc:
+        print(f"feikong: error: {exc.args[0]}", file=sys.stderr)
+        return EXIT_REFUSED
+    print(f"token of {args.name} removed from {args.file}: it is refused from now on")
     return EXIT_OK
 
 
@@ -299,6 +335,12 @@ def add_commands(subparsers) -> None:
     p.add_argument("--state", choices=["pending", "approved", "rejected", "expired"], default=None)
     p.add_argument("--limit", type=int, default=50)
     p.set_defaults(run=_via_api(_requests))
+    p = subparsers.add_parser("meters", parents=[api], help="meters with relay state, band and balance")
+    p.add_argument("--state", choices=["open", "closed", "unknown"], default=None, help="relay state")
+    p.add_argument("--band", choices=["normal", "warning_1", "warning_2", "trip"], default=None)
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--offset", type=int, default=0)
+    p.set_defaults(run=_via_api(_meters))
     p = subparsers.add_parser("orders", parents=[api], help="open field work orders, most urgent first")
     p.add_argument("--limit", type=int, default=50)
     p.set_defaults(run=_via_api(_orders))
@@ -316,3 +358,10 @@ def add_commands(subparsers) -> None:
     p.add_argument("--role", required=True, choices=ROLES)
     p.add_argument("--file", required=True, help="the tokens file (TOML), made if missing")
     p.set_defaults(run=_token_add)
+    p = tsub.add_parser("list", help="who has a token, in which role")
+    p.add_argument("--file", required=True)
+    p.set_defaults(run=_token_list)
+    p = tsub.add_parser("remove", help="withdraw someone's token (a running API refuses it at once)")
+    p.add_argument("name")
+    p.add_argument("--file", required=True)
+    p.set_defaults(run=_token_remove)
