@@ -7,6 +7,7 @@ import pytest
 
 from gateway import cli
 from gateway.core.control import AuditRecord
+from gateway.ops import audit
 from gateway.ops.audit import link_hash, verify_chain
 from gateway.store import base, open_store
 
@@ -141,9 +142,17 @@ def test_migration_4_chains_the_records_already_there(store_url):
     store.close()
 
 
-def test_writers_on_one_postgresql_take_turns_on_the_chain(pg_dsn):
+def test_writers_on_one_postgresql_take_turns_on_the_chain(pg_dsn, monkeypatch):
     store_with(pg_dsn, 0).close()  # migrated
-    errors = []
+    errors, reports = [], []
+    monkeypatch.setattr(audit, "PAGE", 7)  # many pages, so appends land between them
+    done = threading.Event()
+
+    def verifier() -> None:  # verifying while they append never cries wolf
+        s = open_store(pg_dsn)
+        while not done.is_set():
+            reports.append(verify_chain(s))
+        s.close()
 
     def writer(k: int) -> None:
         try:
@@ -156,11 +165,16 @@ def test_writers_on_one_postgresql_take_turns_on_the_chain(pg_dsn):
             errors.append(exc)
 
     threads = [threading.Thread(target=writer, args=(k,)) for k in range(3)]
+    checking = threading.Thread(target=verifier)
+    checking.start()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    done.set()
+    checking.join()
     assert not errors
+    assert len(reports) > 3 and all(r.ok for r in reports), [r for r in reports if not r.ok][:3]
     store = open_store(pg_dsn)
     report = verify_chain(store)
     assert report.ok and report.records == 240, report

@@ -51,38 +51,62 @@ class ChainReport:
 def verify_chain(store) -> ChainReport:
     """Walk the chain in order and report the first record that does not fit: content not matching its hash
     (edited), a link to a record that is not the one before it (one deleted or inserted), or a chain that
-    does not end where the head row says (records cut off the end, or appended around the chain)."""
-    if store.schema_version() < 4:
-        return ChainReport(False, 0, "", None, f"the store is at schema version {store.schema_version()}: "
-                                               f"the audit chain starts with version 4 (start the gateway once)")
-    head_count, head_hash = store.audit_head()
-    expected, before_prev = "", None  # the previous record's hash, and the one before that
-    prev_seq, n = None, 0
-    after = 0
-    while True:
-        rows = store.audit_chain(after, PAGE)
+    does not end where the head row says (records cut off the end, or appended around the chain). Safe while
+    gateways append: what they commit meanwhile is checked too, or is past the end the walk saw."""
+    walk = ChainWalk()
+    while (report := walk.step(store)) is None:
+        pass
+    return report
+
+
+class ChainWalk:
+    """The verification a page at a time: :meth:`step` reads one page (and the head row around it) and returns
+    the report when done, else None. The API runs each step through the writer, so a long log never holds it."""
+
+    def __init__(self) -> None:
+        self.after, self.n = 0, 0  # the last seq seen, how many records seen
+        self.expected, self.before_prev, self.prev_seq = "", None, None  # the last hash, the one before, its seq
+
+    def step(self, store, page: int | None = None) -> ChainReport | None:
+        if self.n == 0 and self.after == 0 and store.schema_version() < 4:
+            return ChainReport(False, 0, "", None, f"the store is at schema version {store.schema_version()}: the "
+                                                   f"audit chain starts with version 4 (start the gateway once)")
+        head = store.audit_head()  # before the page: everything it counts is committed, so in the page or before
+        rows = store.audit_chain(self.after, page or PAGE)
         if not rows:
-            break
-        for seq, at, actor, role, action, subject, reason, detail, prev_hash, digest in rows:
-            n += 1
-            if n > head_count:
-                return ChainReport(False, n - 1, expected, seq, f"the head row counts {head_count} records and "
-                                   f"ends at record {prev_seq}: this one was not appended through the chain")
-            if prev_hash != expected:
-                if before_prev is not None and prev_hash == before_prev:
-                    return ChainReport(False, n - 1, expected, prev_seq,
-                                       f"inserted: record {seq} links to the record before this one")
-                what = f"record {prev_seq}" if prev_seq is not None else "the start of the chain"
-                return ChainReport(False, n - 1, expected, seq,
-                                   f"its link does not match {what}: a record before it was deleted, or "
-                                   f"{what} was changed and re-hashed")
-            if link_hash(prev_hash, at, actor, role, action, subject, reason, detail) != digest:
-                return ChainReport(False, n - 1, expected, seq, "changed: its content does not match its hash")
-            before_prev, expected, prev_seq = expected, digest, seq
-        after = rows[-1][0]
-    if n < head_count:
-        return ChainReport(False, n, expected, None, f"{head_count - n} record(s) missing from the end: the head "
-                                                     f"row counts {head_count}, the log has {n}")
-    if expected != head_hash:
-        return ChainReport(False, n, expected, prev_seq, "the last record is not the one the head row names")
-    return ChainReport(True, n, expected)
+            return self._end(*head)
+        counted = store.audit_head()[0]  # after the page: it counts every record the page has
+        for row in rows:
+            report = self._feed(row, counted)
+            if report is not None:
+                return report
+        return None
+
+    def _feed(self, row: tuple, counted: int) -> ChainReport | None:
+        seq, at, actor, role, action, subject, reason, detail, prev_hash, digest = row
+        self.n += 1
+        if self.n > counted:
+            return self._bad(seq, f"the head row counts {counted} records and ends at record {self.prev_seq}: this "
+                                  f"one was not appended through the chain")
+        if prev_hash != self.expected:
+            if self.before_prev is not None and prev_hash == self.before_prev:
+                return self._bad(self.prev_seq, f"inserted: record {seq} links to the record before this one")
+            what = f"record {self.prev_seq}" if self.prev_seq is not None else "the start of the chain"
+            return self._bad(seq, f"its link does not match {what}: a record before it was deleted, or {what} was "
+                                  f"changed and re-hashed")
+        if link_hash(prev_hash, at, actor, role, action, subject, reason, detail) != digest:
+            return self._bad(seq, "changed: its content does not match its hash")
+        self.before_prev, self.expected, self.prev_seq, self.after = self.expected, digest, seq, seq
+        return None
+
+    def _bad(self, seq: int | None, why: str) -> ChainReport:
+        return ChainReport(False, self.n - 1, self.expected, seq, why)
+
+    def _end(self, count: int, head_hash: str) -> ChainReport:
+        if self.n < count:
+            return ChainReport(False, self.n, self.expected, None, f"{count - self.n} record(s) missing from the end: "
+                                                                  f"the head row counts {count}, the log has {self.n}")
+        if self.expected != head_hash:
+            return ChainReport(False, self.n, self.expected, self.prev_seq,
+                               "the last record is not the one the head row names")
+        return ChainReport(True, self.n, self.expected)
