@@ -253,7 +253,6 @@ def create_app(gateway, tokens: Tokens, *, clock=None, bridge=None, request_ttl_
     def _meter_detail(meter_id: str, now: float):
         cc = gateway.control
         m = _known_meter(meter_id)
-        e = cc.engine
         why = cc.why(meter_id)
         readings = [{"t": t, "total_wh": tw, "sharp_wh": s, "peak_wh": p, "flat_wh": f, "valley_wh": v,
                      "balance_fen": b} for t, tw, s, p, f, v, b in
