@@ -66,6 +66,13 @@ async def test_a_batch_plan_is_one_request_and_expires_unapproved(broker, tmp_pa
         status, body = await api.call("olga", "POST", "/api/v1/disconnect-plans",
                                       {"meter_ids": [M1, "NOPE"], "reason": "x"})
         assert status == 404 and "NOPE" in body["error"]
+        # the same request again under its key (a retry after a lost answer) is the one already made
+        keyed = {"meter_ids": [M1, M2], "reason": "feeder works", "key": "plan-7"}
+        first = await api.ok("olga", "POST", "/api/v1/disconnect-plans", keyed)
+        again = await api.ok("olga", "POST", "/api/v1/disconnect-plans", keyed)
+        assert first["request_id"] == again["request_id"] == "req-plan-7"
+        status, body = await api.call("olga", "POST", "/api/v1/disconnect-plans", {**keyed, "meter_ids": [M1]})
+        assert status == 409 and "plan-7" in body["error"] and body["errors"][0]["field"] == "body.key"
         await asyncio.sleep(1.2)
         status, body = await api.call("sam", "POST", f"/api/v1/requests/{plan['request_id']}/approve",
                                       {"reason": "go"})

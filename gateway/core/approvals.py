@@ -41,6 +41,10 @@ class NotPending(ApprovalError):
     """The request was decided already, or expired."""
 
 
+class KeyInUse(ApprovalError):
+    """An idempotency key given again for a different request."""
+
+
 @dataclass(frozen=True)
 class ApprovalRequest:
     request_id: str

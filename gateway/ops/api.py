@@ -27,7 +27,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gateway.core.approvals import DEFAULT_TTL_S, ApprovalError, NotPending, NotPermitted
+from gateway.core.approvals import DEFAULT_TTL_S, ApprovalError, KeyInUse, NotPending, NotPermitted
 from gateway.core.commands import ReconnectMode, RelayAction
 from gateway.core.control import AuthorityError
 from gateway.core.model import Adjustment, MoneyError
@@ -79,9 +79,13 @@ class CloseBody(_Body):
     key: Id | None = Field(None, description="idempotency key: the same key again is the same command")
 
 
-class PlanBody(_Body):
-    meter_ids: list[Id] = Field(min_length=1, max_length=10_000)
+class DisconnectBody(_Body):
     reason: Reason
+    key: Id | None = Field(None, description="idempotency key: the same request again is the one already made")
+
+
+class PlanBody(DisconnectBody):
+    meter_ids: list[Id] = Field(min_length=1, max_length=10_000)
 
 
 class AdjustmentBody(_Body):
@@ -307,20 +311,23 @@ def create_app(gateway, tokens: Tokens, *, clock=None, bridge=None, request_ttl_
 
     @app.post(f"{PREFIX}/meters/{{meter_id}}/disconnect", tags=["relay"], status_code=202,
               summary="request a manual disconnect: a supervisor who is not you approves it")
-    async def meter_disconnect(meter_id: Annotated[str, Path(max_length=128)], body: ReasonBody,
+    async def meter_disconnect(meter_id: Annotated[str, Path(max_length=128)], body: DisconnectBody,
                                who: Identity = role("request_disconnect")):
-        return await _request([meter_id], body.reason, who, "path.meter_id")
+        return await _request([meter_id], body, who, "path.meter_id")
 
     @app.post(f"{PREFIX}/disconnect-plans", tags=["relay"], status_code=202,
               summary="request a batch disconnect of many meters: one approval for the plan")
     async def disconnect_plan(body: PlanBody, who: Identity = role("request_disconnect")):
-        return await _request(body.meter_ids, body.reason, who, "body.meter_ids")
+        return await _request(body.meter_ids, body, who, "body.meter_ids")
 
-    async def _request(meter_ids, reason, who: Identity, field: str):
+    async def _request(meter_ids, body: DisconnectBody, who: Identity, field: str):
         try:
-            req = await on_writer(approvals().request, meter_ids, who.name, who.role, reason, clock.now())
+            req = await on_writer(approvals().request, meter_ids, who.name, who.role, body.reason, clock.now(),
+                                  body.key)
         except KeyError as exc:
             raise ApiError(404, exc.args[0], field) from None
+        except KeyInUse as exc:
+            raise ApiError(409, str(exc), "body.key") from None
         except ApprovalError as exc:
             raise ApiError(403 if isinstance(exc, NotPermitted) else 422, str(exc)) from None
         return {**_request_view(req, clock.now()), "message": f"request {req.request_id} awaits approval by a "

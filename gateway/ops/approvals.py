@@ -10,7 +10,14 @@ from __future__ import annotations
 import dataclasses
 import uuid
 
-from gateway.core.approvals import DEFAULT_TTL_S, ApprovalRequest, RequestState, decide, new_request
+from gateway.core.approvals import (
+    DEFAULT_TTL_S,
+    ApprovalRequest,
+    KeyInUse,
+    RequestState,
+    decide,
+    new_request,
+)
 from gateway.core.commands import Command, RelayAction
 from gateway.core.control import AuditRecord
 from gateway.costcontrol import CostControl
@@ -26,12 +33,20 @@ class Approvals:
     def store(self):
         return self.control.store
 
-    def request(self, meter_ids: list[str], actor: str, role: str, reason: str, now: float) -> ApprovalRequest:
-        """A disconnect asked for (one meter, or a plan of many). :class:`KeyError` names unknown meters."""
+    def request(self, meter_ids: list[str], actor: str, role: str, reason: str, now: float,
+                key: str | None = None) -> ApprovalRequest:
+        """A disconnect asked for (one meter, or a plan of many). :class:`KeyError` names unknown meters.
+        ``key``: the caller's idempotency key; the same request again under it is the request already made."""
         unknown = [m for m in meter_ids if m not in self.control.engine.meter_no]
         if unknown:
             raise KeyError(f"unknown meter(s): {', '.join(unknown[:10])}" + (" ..." if len(unknown) > 10 else ""))
-        req = new_request(self._new_id(), meter_ids, actor, role, reason, now, self.ttl_s)
+        req = new_request(f"req-{key}" if key else self._new_id(), meter_ids, actor, role, reason, now, self.ttl_s)
+        if key:
+            old = self.store.approval_request(req.request_id)
+            if old is not None:
+                if (old.meter_ids, old.requested_by, old.reason) != (req.meter_ids, req.requested_by, req.reason):
+                    raise KeyInUse(f"key {key!r} was already used for another request ({old.request_id})")
+                return old
         with self.store.transaction():
             self.store.save_request(req)
             self.store.append_audit([AuditRecord(now, actor, role, f"{req.kind.value}_requested", req.request_id,

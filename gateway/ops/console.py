@@ -163,10 +163,11 @@ def _meter_read(api: ApiClient, args) -> int:
 
 
 def _relay_trip(api: ApiClient, args) -> int:
+    body = {"reason": args.reason, "key": args.key}  # the same --key again: the request already made
     if len(args.meters) == 1:
-        r = api.call("POST", f"/api/v1/meters/{_q(args.meters[0])}/disconnect", {"reason": args.reason})
+        r = api.call("POST", f"/api/v1/meters/{_q(args.meters[0])}/disconnect", body)
     else:
-        r = api.call("POST", "/api/v1/disconnect-plans", {"meter_ids": args.meters, "reason": args.reason})
+        r = api.call("POST", "/api/v1/disconnect-plans", {**body, "meter_ids": args.meters})
     print(f"request {r['request_id']}: disconnect of {len(r['meter_ids'])} meter(s) awaits approval by a "
           f"supervisor other than {r['requested_by']} (expires {_when(r['expires_at'])})")
     return EXIT_OK
@@ -318,6 +319,7 @@ def add_commands(subparsers) -> None:
     rsub = relay.add_subparsers(dest="relay", required=True)
     p = rsub.add_parser("trip", parents=[api, reason], help="request a disconnect of one or more meters")
     p.add_argument("meters", metavar="ID", nargs="+")
+    p.add_argument("--key", default=None, help="idempotency key: the same key again is the request already made")
     p.set_defaults(run=_via_api(_relay_trip))
     p = rsub.add_parser("close", parents=[api, reason], help="reconnect a meter now")
     p.add_argument("meter", metavar="ID")
