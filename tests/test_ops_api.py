@@ -3,8 +3,13 @@ flags, on-demand reads, bad input and secrets. The real server (uvicorn on a fre
 import asyncio
 import logging
 from datetime import datetime
+from types import SimpleNamespace
 
+import pytest
+
+from gateway.ops.api import ApiComponent
 from gateway.ops.audit import verify_chain
+from gateway.ops.console import ApiClient
 
 from .api_fixtures import LiveApi, meter_address
 
@@ -163,6 +168,7 @@ async def test_a_meter_read_on_demand_is_committed_and_shown(broker, tmp_path):
 async def test_health_and_readiness(broker, tmp_path):
     async with LiveApi(f"sqlite://{tmp_path / 'g.db'}", broker, tmp_path) as api:
         assert await api.ok(None, "GET", "/health") == {"status": "ok"}
+        assert await api.ok(None, "GET", "/api/v1/health") == {"status": "ok"}  # the Dockerfile's probe
         await api.live.until(lambda: api.live.bridge.stats.connected, 10)
         ready = await api.ok(None, "GET", "/ready")
         assert ready == {"ready": True, "checks": {"store": "ok", "bridge": "ok", "channels": "ok"}}
@@ -240,3 +246,21 @@ async def test_tokens_never_appear_in_logs_responses_or_the_audit_log(broker, tm
         assert token not in logs
         assert not any(token in r for r in api.responses)
         assert token not in repr(audit)
+
+
+async def test_the_api_as_the_services_ops_component(broker, tmp_path):
+    """What ``feikong run`` starts beside the gateway for ``[http]`` (the service's start/stop seam)."""
+    async with LiveApi(f"sqlite://{tmp_path / 'g.db'}", broker, tmp_path) as api:
+        http = SimpleNamespace(host="127.0.0.1", port=0, tokens_file=str(api.tokens_path))
+        service = SimpleNamespace(config=SimpleNamespace(http=http), gateway=api.gw, bridge=api.live.bridge)
+        component = ApiComponent()
+        await component.start(service)
+        try:
+            other = ApiClient(f"http://127.0.0.1:{component.port}", api.token["vera"])
+            who = await asyncio.to_thread(other.call, "GET", "/api/v1/whoami")
+            assert who["name"] == "vera" and who["role"] == "viewer"
+        finally:
+            await component.stop()
+        with pytest.raises(ValueError, match="tokens_file is required"):
+            await ApiComponent().start(SimpleNamespace(config=SimpleNamespace(http=SimpleNamespace(
+                host="127.0.0.1", port=0, tokens_file="")), gateway=api.gw, bridge=None))

@@ -17,7 +17,8 @@ M1 = meter_address(0)
 EXAMPLES = 10  # per operation and mode
 ROLE_HOLDERS = ["vera", "olga", "sam", "ada"]  # one of each role
 assert sorted({PEOPLE[p] for p in ROLE_HOLDERS}) == ["admin", "operator", "supervisor", "viewer"]
-NO_INPUT = {"GET /health", "GET /ready", "GET /api/v1/whoami", "GET /api/v1/area-flags", "GET /api/v1/audit/verify"}
+NO_INPUT = {"GET /health", "GET /ready", "GET /api/v1/health", "GET /api/v1/ready", "GET /api/v1/whoami",
+            "GET /api/v1/area-flags", "GET /api/v1/audit/verify"}  # nothing to malform
 
 
 def fingerprint(store) -> dict:

@@ -201,10 +201,12 @@ def create_app(gateway, tokens: Tokens, *, clock=None, bridge=None, request_ttl_
 
     # -- health ----------------------------------------------------------------------------------------
     @app.get("/health", tags=["health"], summary="live: the process answers")
+    @app.get(f"{PREFIX}/health", tags=["health"], summary="live (the same under the API's prefix)")
     async def health():
         return {"status": "ok"}
 
     @app.get("/ready", tags=["health"], summary="ready: the store answers, the bridge is connected, channels bound")
+    @app.get(f"{PREFIX}/ready", tags=["health"], summary="ready (the same under the API's prefix)")
     async def ready():
         checks: dict[str, str] = {}
         try:
@@ -556,3 +558,31 @@ class ApiServer:
         self._server.should_exit = True
         await self._task
         self._server = self._task = None
+
+
+class ApiComponent:
+    """The operator API as an ops component of :class:`gateway.service.Service` (its ``start(service)`` /
+    ``stop()`` seam): listens on ``[http]`` host and port, with the tokens of ``[http] tokens_file``."""
+
+    name = "operator API"
+
+    def __init__(self, request_ttl_s: float = DEFAULT_TTL_S) -> None:
+        self.request_ttl_s = request_ttl_s
+        self.server: ApiServer | None = None
+        self.port: int | None = None
+
+    async def start(self, service) -> None:
+        http = service.config.http
+        if not http.tokens_file:
+            raise ValueError("[http] tokens_file is required for the operator API "
+                             "(make one with: feikong token add NAME --role ROLE --file FILE)")
+        app = create_app(service.gateway, Tokens.load(http.tokens_file), bridge=service.bridge,
+                         request_ttl_s=self.request_ttl_s)
+        self.server = ApiServer(app, http.host, http.port)
+        self.port = await self.server.start()
+        log.info("operator API on http://%s:%d/api/v1 (OpenAPI at /openapi.json)", http.host, self.port)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop()
+            self.server = None
