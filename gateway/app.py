@@ -43,6 +43,8 @@ class Gateway:
         self.control: CostControl | None = None
         self.executor: CommandExecutor | None = None
         self.readings_seen = 0
+        #: called with each reading as a poll cycle hands it over (progress bars, say); before it is committed
+        self.reading_hooks: list = []
 
     async def open(self) -> "Gateway":
         self.control = await self.writer.call(CostControl, open_store(self.store_url), self.config, self.policy,
@@ -92,7 +94,13 @@ class Gateway:
     async def poll_once(self, channel: Channel) -> None:
         """One read cycle of a channel, committed as one batch (with the relay positions it saw)."""
         readings: list[Reading] = []
-        await channel.cycle(readings.append)
+
+        def sink(reading: Reading) -> None:
+            readings.append(reading)
+            for hook in self.reading_hooks:
+                hook(reading)
+
+        await channel.cycle(sink if self.reading_hooks else readings.append)
         await self._ingest(readings)
 
     async def read_meter(self, meter_id: str) -> Reading:
@@ -105,6 +113,8 @@ class Gateway:
             raise LookupError(f"meter {meter_id} is on channel {bus!r}, which this gateway does not run")
         async with self.executor.drivers[bus].reserved():
             reading = await channel.read_meter(meter_id)
+        for hook in self.reading_hooks:
+            hook(reading)
         await self._ingest([reading])
         return reading
 
