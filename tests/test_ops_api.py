@@ -5,8 +5,6 @@ import logging
 from datetime import datetime
 from types import SimpleNamespace
 
-import pytest
-
 from gateway.ops.api import ApiComponent
 from gateway.ops.audit import verify_chain
 from gateway.ops.console import ApiClient
@@ -261,6 +259,13 @@ async def test_the_api_as_the_services_ops_component(broker, tmp_path):
             assert who["name"] == "vera" and who["role"] == "viewer"
         finally:
             await component.stop()
-        with pytest.raises(ValueError, match="tokens_file is required"):
-            await ApiComponent().start(SimpleNamespace(config=SimpleNamespace(http=SimpleNamespace(
-                host="127.0.0.1", port=0, tokens_file="")), gateway=api.gw, bridge=None))
+        # without a tokens file: the probes answer, every operator call is refused
+        http = SimpleNamespace(host="127.0.0.1", port=0, tokens_file="")
+        bare = ApiComponent()
+        await bare.start(SimpleNamespace(config=SimpleNamespace(http=http), gateway=api.gw, bridge=None))
+        try:
+            client = ApiClient(f"http://127.0.0.1:{bare.port}", api.token["ada"])
+            assert (await asyncio.to_thread(client.request, "GET", "/api/v1/health"))[0] == 200
+            assert (await asyncio.to_thread(client.request, "GET", "/api/v1/whoami"))[0] == 401
+        finally:
+            await bare.stop()

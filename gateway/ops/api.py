@@ -573,11 +573,13 @@ class ApiComponent:
 
     async def start(self, service) -> None:
         http = service.config.http
-        if not http.tokens_file:
-            raise ValueError("[http] tokens_file is required for the operator API "
-                             "(make one with: feikong token add NAME --role ROLE --file FILE)")
-        app = create_app(service.gateway, Tokens.load(http.tokens_file), bridge=service.bridge,
-                         request_ttl_s=self.request_ttl_s)
+        if http.tokens_file:
+            tokens = Tokens.load(http.tokens_file)
+        else:  # health and readiness still answer (the container's probe); every operator call is refused
+            log.warning("operator API without [http] tokens_file: every call but /health and /ready is refused "
+                        "(make one with: feikong token add NAME --role ROLE --file FILE)")
+            tokens = Tokens()
+        app = create_app(service.gateway, tokens, bridge=service.bridge, request_ttl_s=self.request_ttl_s)
         self.server = ApiServer(app, http.host, http.port)
         self.port = await self.server.start()
         log.info("operator API on http://%s:%d/api/v1 (OpenAPI at /openapi.json)", http.host, self.port)
