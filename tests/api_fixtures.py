@@ -24,9 +24,12 @@ def meter_address(i: int) -> str:
 class LiveApi:
     """``meters`` simulated meters (relays closed), one per funded account (100 yuan each)."""
 
-    def __init__(self, store_url: str, broker, tmp_path, *, meters: int = 2, request_ttl_s: float = 24 * 3600) -> None:
-        self.sims = [SimMeter(meter_address(i)) for i in range(meters)]
-        self.live = LiveGateway(store_url, broker, accounts=meters, meters=self.sims)
+    def __init__(self, store_url: str, broker, tmp_path, *, meters: int = 2, request_ttl_s: float = 24 * 3600,
+                 password: str = "000000", operator: str = "00000000") -> None:
+        """``password``, ``operator``: the meters' relay password and the operator code the bus sends."""
+        self.sims = [SimMeter(meter_address(i), password=password) for i in range(meters)]
+        self.live = LiveGateway(store_url, broker, accounts=meters, meters=self.sims,
+                                bus={"password": password, "operator": operator})
         self.tokens_path = tmp_path / "tokens.toml"
         self.request_ttl_s = request_ttl_s
         self.responses: list[str] = []  # every response body, for the tests that look for leaked secrets

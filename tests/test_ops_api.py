@@ -225,10 +225,19 @@ async def test_a_body_too_large_is_refused_before_it_is_read(broker, tmp_path):
         writer.close()
 
 
-async def test_tokens_never_appear_in_logs_responses_or_the_audit_log(broker, tmp_path, caplog):
+async def test_secrets_never_appear_in_logs_responses_or_the_audit_log(broker, tmp_path, caplog):
+    """Tokens (even one pasted into a field or a URL), the meters' relay password and the operator code."""
     caplog.set_level(logging.DEBUG)
-    async with LiveApi(f"sqlite://{tmp_path / 'g.db'}", broker, tmp_path) as api:
+    password, operator = "9A7C3E", "73914682"
+    async with LiveApi(f"sqlite://{tmp_path / 'g.db'}", broker, tmp_path, password=password,
+                       operator=operator) as api:
         secret = api.token["olga"]
+        req = await api.ok("olga", "POST", f"/api/v1/meters/{M1}/disconnect", {"reason": "tampering"})
+        await api.ok("sam", "POST", f"/api/v1/requests/{req['request_id']}/approve", {"reason": "ok"})
+        await api.live.until(lambda: api.sims[0].relay_open, 20, "tripped with the password")
+        await api.ok("olga", "POST", f"/api/v1/meters/{M1}/read")
+        await api.ok("vera", "GET", f"/api/v1/meters/{M1}")
+        await api.ok("vera", "GET", "/api/v1/commands")
         await api.ok("olga", "POST", f"/api/v1/meters/{M1}/close", {"reason": "customer called"})
         await api.call("olga", "POST", f"/api/v1/meters/{M1}/close", {"reason": "x", "token": secret})  # by mistake
         await api.call("olga", "POST", f"/api/v1/meters/{M1}/close", {"reason": 5, "password": secret})
@@ -240,10 +249,10 @@ async def test_tokens_never_appear_in_logs_responses_or_the_audit_log(broker, tm
         audit = await api.gw.writer.call(api.gw.control.store.audit_log)
     logs = caplog.text
     assert "GET /api/v1/whoami" in logs  # the access log was captured
-    for token in api.token.values():
-        assert token not in logs
-        assert not any(token in r for r in api.responses)
-        assert token not in repr(audit)
+    for secret in [*api.token.values(), password, operator]:
+        assert secret not in logs
+        assert not any(secret in r for r in api.responses)
+        assert secret not in repr(audit)
 
 
 async def test_the_api_as_the_services_ops_component(broker, tmp_path):
