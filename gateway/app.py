@@ -99,6 +99,25 @@ class Gateway:
         """One read cycle of a channel, committed as one batch (with the relay positions it saw)."""
         readings: list[Reading] = []
         await channel.cycle(self._timed_sink(channel, readings) if self.reading_hooks else readings.append)
+        await self._ingest(readings)
+
+    async def read_meter(self, meter_id: str) -> Reading:
+        """One meter read now, on its channel with the line reserved (a poll or a relay command on it waits),
+        and committed like a poll's readings. :class:`KeyError` for a meter not known here, :class:`LookupError`
+        for one whose channel this gateway does not run."""
+        bus = self.control.engine.meter(meter_id).channel
+        channel = next((c for c in self.channels if c.name == bus), None)
+        if channel is None:
+            raise LookupError(f"meter {meter_id} is on channel {bus!r}, which this gateway does not run")
+        async with self.executor.drivers[bus].reserved():
+            started = time.perf_counter()
+            reading = await channel.read_meter(meter_id)
+            seconds = time.perf_counter() - started
+        self._heard(channel, reading, seconds)
+        await self._ingest([reading])
+        return reading
+
+    async def _ingest(self, readings: list[Reading]) -> None:
         batch, relays = to_batch(readings, self.control.engine, self.config.calendar.utc_offset_s)
         result = await self.writer.call(self.control.ingest_readings, batch, self.clock.now(), relays)
         self.readings_seen += len(readings)
@@ -114,14 +133,17 @@ class Gateway:
             nonlocal last
             now = time.perf_counter()
             readings.append(reading)
-            for hook in list(self.reading_hooks):  # a hook may remove itself
-                try:
-                    hook(channel, reading, now - last)
-                except Exception:
-                    log.exception("a reading hook failed")
+            self._heard(channel, reading, now - last)
             last = time.perf_counter()
 
         return sink
+
+    def _heard(self, channel: Channel, reading: Reading, seconds: float) -> None:
+        for hook in list(self.reading_hooks):  # a hook may remove itself
+            try:
+                hook(channel, reading, seconds)
+            except Exception:
+                log.exception("a reading hook failed")
 
     # -- loops --------------------------------------------------------------------------------------------
     async def _poll(self, channel: Channel, stop: asyncio.Event) -> None:

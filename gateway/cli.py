@@ -9,6 +9,7 @@ import re
 import sys
 from datetime import timedelta
 
+from gateway.ops.console import add_commands as add_console_commands
 from protocols.dlt645 import Deframer, FrameReceived, FrameRejected, Noise
 from protocols.dlt645 import di as di_table
 from protocols.dlt645 import messages as m
@@ -567,6 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="send this payment (yuan) once connected; repeat for more")
     sb.add_argument("--client-id", default="billing-sim")
     sb.set_defaults(run=_sim_billing)
+    add_console_commands(sub)  # meter, meters, relay, requests, orders, audit, token: gateway/ops/console.py
     return parser
 
 

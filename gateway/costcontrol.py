@@ -23,6 +23,7 @@ import numpy as np
 from gateway.accounting import Accounting, IngestResult
 from gateway.core.commands import RelayAction, RelayExplanation, RelayStatus, ReconnectMode, explain
 from gateway.core.control import (
+    AuditRecord,
     AuthorityError,
     ControlConfig,
     Controller,
@@ -53,7 +54,7 @@ class Committed:
     """What one committed transaction changed, for observers (metrics): never seen for a rolled-back one."""
 
     input: str  # readings, credits, tariffs, tick, receipts, field_updates, area_flag, forecast, manual,
-    #             authorize, send_result, read_result ("engine" or "control" for an input that names none)
+    #             cancel, authorize, send_result, read_result ("engine" or "control" for an input that names none)
     effects: Effects  # what the controller changed (entities, events, audit records), as committed
     result: IngestResult | None  # the engine's side, for the engine's inputs
     size: int  # inputs in the transaction (readings in the batch, payments and adjustments, receipts...)
@@ -125,8 +126,10 @@ class CostControl:
             except Exception:
                 log.exception("a commit listener failed")
 
-    def _with_engine(self, call, now: float, *args, what: str = "engine", size: int = 0) -> IngestResult:
-        """An accounting input; the decisions it causes go to the controller in the same transaction."""
+    def _with_engine(self, call, now: float, *args, credit_role: str = "billing", what: str = "engine",
+                     size: int = 0) -> IngestResult:
+        """An accounting input; the decisions it causes go to the controller in the same transaction, and the
+        adjustments it commits to the audit log (``credit_role``: the role of who made them)."""
         started = time.perf_counter()
         flushed: list[Effects] = []
 
@@ -137,6 +140,10 @@ class CostControl:
                 paid_at[item.account_id] = max(paid_at.get(item.account_id, 0), min(at, now))
             self.controller.on_decisions(outcome.decisions, now, paid_at)
             flushed.append(self._flush(now))
+            self.store.append_audit([  # an operator's money, with who and why, in the transaction that moves it
+                AuditRecord(now, a.operator, credit_role, a.kind, a.account_id, a.reason,
+                            {"adjustment_id": a.adjustment_id, "amount_fen": a.amount_fen, "at": a.at})
+                for a in (result.credits.new if result.credits else ()) if isinstance(a, Adjustment)])
             self.store.add_events(self._report(outcome, result, now))
 
         self._fresh(now)
@@ -206,9 +213,11 @@ class CostControl:
 
         return self._with_engine(call, now, what="readings", size=len(batch))
 
-    def ingest_credits(self, items: list[Payment | Adjustment], now: float) -> IngestResult:
-        """Payments and adjustments: committed once, and any close they cause committed with them."""
-        return self._with_engine(self.accounting.ingest_credits, now, items, int(now), what="credits", size=len(items))
+    def ingest_credits(self, items: list[Payment | Adjustment], now: float, role: str = "billing") -> IngestResult:
+        """Payments and adjustments: committed once, and any close they cause committed with them; each new
+        adjustment audited (``role``: of the operators who made them)."""
+        return self._with_engine(self.accounting.ingest_credits, now, items, int(now), credit_role=role,
+                                 what="credits", size=len(items))
 
     def change_tariffs(self, tariffs: dict, now: float) -> IngestResult:
         """New tariff versions: stored, levels recalibrated, every account re-evaluated (decisions handled)."""
@@ -232,8 +241,8 @@ class CostControl:
         return self._control(lambda: self.controller.on_field_updates(fresh, now), now, "field_updates",
                              len(updates))
 
-    def set_area_flag(self, flag: AreaFlag, now: float) -> Effects:
-        return self._control(lambda: self.controller.set_area_flag(flag, now), now, "area_flag")
+    def set_area_flag(self, flag: AreaFlag, now: float, role: str = "area_flag") -> Effects:
+        return self._control(lambda: self.controller.set_area_flag(flag, now, role), now, "area_flag")
 
     def set_forecast(self, forecast: Forecast, now: float) -> Effects:
         return self._control(lambda: self.controller.set_forecast(forecast, now), now, "forecast")
@@ -246,21 +255,51 @@ class CostControl:
     def manual(self, meter_id: str, action: RelayAction, operator: str, role: str, reason: str, key: str,
                now: float, mode: ReconnectMode | None = None):
         """An operator's trip or close. A refusal (authority) is audited, committed and raised."""
-        existing = self.store.command(f"manual:{key}:{meter_id}")
-        if existing is not None:
-            return existing  # the same request again, even after a restart: the same command
-        outcome: list = []
+        made = self.manual_many([meter_id], action, operator, role, reason, key, now, mode)[0]
+        if isinstance(made, AuthorityError):
+            raise made
+        return made
+
+    def manual_many(self, meter_ids: list[str], action: RelayAction, operator: str, role: str, reason: str,
+                    key: str, now: float, mode: ReconnectMode | None = None, then=None) -> list:
+        """Operator commands for several meters under one request key, all in one transaction, with
+        ``then(store, made)`` last in it (an approval recorded with the commands it makes). Each meter gets its
+        command, or the :class:`AuthorityError` that refused it (audited, committed). The same key again, even
+        after a restart, gives the same commands."""
+        existing = {m: self.store.command(f"manual:{key}:{m}") for m in meter_ids}
+        if then is None and all(c is not None for c in existing.values()):
+            return list(existing.values())
+        made: list = []
 
         def work():
-            try:
-                outcome.append(self.controller.manual(meter_id, action, operator, role, reason, key, now, mode))
-            except AuthorityError as exc:  # the refusal is audited: commit that, then raise
-                outcome.append(exc)
+            for m in meter_ids:
+                if existing[m] is not None:
+                    made.append(existing[m])
+                    continue
+                try:
+                    made.append(self.controller.manual(m, action, operator, role, reason, key, now, mode))
+                except AuthorityError as exc:  # the refusal is audited: commit that, hand it back
+                    made.append(exc)
+            if then is not None:
+                then(self.store, made)
 
-        self._control(work, now, "manual")
-        if isinstance(outcome[0], AuthorityError):
-            raise outcome[0]
-        return outcome[0]
+        self._control(work, now, "manual", len(meter_ids))
+        return made
+
+    def cancel(self, command_id: str, operator: str, role: str, reason: str, now: float):
+        """An operator stops a relay command not yet on the wire: the command as it is now. Raises
+        :class:`KeyError` for an unknown command and :class:`ValueError` for one that cannot be cancelled."""
+        if command_id not in self.controller.commands:
+            found = self.store.command(command_id)
+            if found is None:
+                raise KeyError(f"unknown command {command_id!r}")
+            raise ValueError(f"command {command_id} is {found.state.value}: nothing to cancel")
+        problem: list[str] = []
+        self._control(lambda: problem.append(self.controller.cancel(command_id, operator, role, reason, now)), now,
+                      "cancel")
+        if problem[0]:
+            raise ValueError(problem[0])
+        return self.controller.commands[command_id]
 
     # -- the executor's side ------------------------------------------------------------------------------
     def steps(self, now: float, bus: str | None = None) -> list[Step]:

@@ -28,9 +28,10 @@ class LiveGateway:
     the simulated meters (one each)."""
 
     def __init__(self, store_url: str, broker, *, accounts: int | list[Account] = 1, meters: list[SimMeter] = (),
-                 mqtt: BrokerConfig | None = None, poll_interval_s: float = 3600.0, config: ControlConfig = QUICK,
-                 metrics=None) -> None:
-        """``metrics``: a :class:`gateway.ops.metrics.GatewayMetrics` to attach (before the first poll) and run."""
+                 mqtt: BrokerConfig | None = None, poll_interval_s: float = 3600.0, bus: dict | None = None,
+                 config: ControlConfig = QUICK, metrics=None) -> None:
+        """``bus``: more of the DL/T 645 channel's settings (its password and operator code, say); ``metrics``: a
+        :class:`gateway.ops.metrics.GatewayMetrics` to attach (before the first poll) and run."""
         self.store_url = store_url
         self.broker = broker
         self.accounts = accounts if isinstance(accounts, list) else \
@@ -40,12 +41,14 @@ class LiveGateway:
         self.poll_interval_s = poll_interval_s
         self.config = config
         self.metrics = metrics
+        self.bus = bus or {}
 
     async def __aenter__(self) -> "LiveGateway":
         clock = SystemClock()
         self.server = await serve_tcp(SimBus.of(self.sims, clock=local_naive(clock), turnaround_s=0.0))
         link = Dlt645Link.tcp("127.0.0.1", self.server.sockets[0].getsockname()[1], LIVE_LINK)
-        self.gw = await Gateway(self.store_url, [Bus(link, [m.address for m in self.sims])], self.config, POLICY,
+        self.gw = await Gateway(self.store_url, [Bus(link, [m.address for m in self.sims], **self.bus)], self.config,
+                                POLICY,
                                 clock, poll_interval_s=self.poll_interval_s).open()
         cc = self.gw.control
         if not cc.engine.account_ids:

@@ -48,5 +48,8 @@ class Bus:
     async def cycle(self, sink) -> None:
         await self.poller.cycle(sink)
 
+    async def read_meter(self, meter_id: str):
+        return await self.poller.read_meter(meter_id)
+
     async def close(self) -> None:
         await self.link.close()
