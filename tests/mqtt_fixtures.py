@@ -29,9 +29,10 @@ class LiveGateway:
 
     def __init__(self, store_url: str, broker, *, accounts: int | list[Account] = 1, meters: list[SimMeter] = (),
                  mqtt: BrokerConfig | None = None, poll_interval_s: float = 3600.0, bus: dict | None = None,
-                 config: ControlConfig = QUICK, metrics=None) -> None:
+                 config: ControlConfig = QUICK, metrics=None, hub=None) -> None:
         """``bus``: more of the DL/T 645 channel's settings (its password and operator code, say); ``metrics``: a
-        :class:`gateway.ops.metrics.GatewayMetrics` to attach (before the first poll) and run."""
+        :class:`gateway.ops.metrics.GatewayMetrics` to attach (before the first poll and tick, with ``hub``, a
+        concentrator hub, if given) and run."""
         self.store_url = store_url
         self.broker = broker
         self.accounts = accounts if isinstance(accounts, list) else \
@@ -41,6 +42,7 @@ class LiveGateway:
         self.poll_interval_s = poll_interval_s
         self.config = config
         self.metrics = metrics
+        self.hub = hub
         self.bus = bus or {}
 
     async def __aenter__(self) -> "LiveGateway":
@@ -60,7 +62,7 @@ class LiveGateway:
         await self.bridge.start()
         self.tasks = [asyncio.create_task(self.gw.run(self.stop)), asyncio.create_task(self.bridge.run(self.stop))]
         if self.metrics is not None:
-            self.metrics.attach(self.gw, self.bridge)
+            self.metrics.attach(self.gw, self.bridge, self.hub)
             self.tasks.append(asyncio.create_task(self.metrics.run(self.stop)))
         await self.bridge.ready()
         return self

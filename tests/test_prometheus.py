@@ -194,9 +194,7 @@ async def test_prometheus_scrapes_a_live_gateway_and_every_expression_returns_da
     async with LiveGateway(f"sqlite://{tmp_path / 'g.db'}", broker, accounts=[account(i) for i in range(4)],
                            meters=meters, config=replace(FAILING, dispatch=replace(FAILING.dispatch,
                                                                                    reconnect_deadline_s=8)),
-                           metrics=None) as live:
-        metrics.attach(live.gw, live.bridge, hub)
-        sampler = asyncio.create_task(metrics.run(live.stop))
+                           metrics=metrics, hub=hub) as live:
         port = metrics.serve()
         with Prometheus(tmp_path / "prom", [f"127.0.0.1:{port}"], rule_files=[PROM / "alerts.yml"]) as prom:
             with BillingSim(broker.host, broker.port) as billing:
@@ -219,10 +217,13 @@ async def test_prometheus_scrapes_a_live_gateway_and_every_expression_returns_da
                 assert _value(prom, 'sum(feikong_reconnect_duration_seconds_count{via="remote"})') == 1
                 assert _value(prom, 'sum(feikong_field_orders_overdue{kind="reconnect"})') == 1
                 assert _value(prom, 'sum(feikong_meters{state="unreachable"})') == 1
-                assert _value(prom, 'sum(feikong_trips_blocked_total{gate="notice"})') >= 1
+                rows = await live.call(live.gw.control.store.outbox, 0, 100_000)
+                deferred = [data["gate"] for _, _, kind, _, _, data in rows if kind == "trip_deferred"]
+                assert deferred
+                for gate in set(deferred):
+                    assert _value(prom, f'sum(feikong_trips_blocked_total{{gate="{gate}"}})') == deferred.count(gate)
                 assert _value(prom, 'feikong_concentrator_hub_connected') == 1
                 assert _value(prom, 'up{job="feikong"}') == 1
-        sampler.cancel()
     await hub.close()
 
 
