@@ -43,6 +43,8 @@ class Gateway:
         self.control: CostControl | None = None
         self.executor: CommandExecutor | None = None
         self.readings_seen = 0
+        self.cycle_s: dict[str, float] = {}  # channel name -> how long its last full read cycle took (s)
+        self.answered: dict[str, float] = {}  # meter -> when (clock, epoch s) a read last got any value
 
     async def open(self) -> "Gateway":
         self.control = await self.writer.call(CostControl, open_store(self.store_url), self.config, self.policy,
@@ -92,10 +94,14 @@ class Gateway:
     async def poll_once(self, channel: Channel) -> None:
         """One read cycle of a channel, committed as one batch (with the relay positions it saw)."""
         readings: list[Reading] = []
+        started = asyncio.get_running_loop().time()
         await channel.cycle(readings.append)
+        self.cycle_s[channel.name] = asyncio.get_running_loop().time() - started
         batch, relays = to_batch(readings, self.control.engine, self.config.calendar.utc_offset_s)
         result = await self.writer.call(self.control.ingest_readings, batch, self.clock.now(), relays)
         self.readings_seen += len(readings)
+        now = self.clock.now()
+        self.answered.update((r.meter, now) for r in readings if r.values)
         if result.decisions:
             self.executor.wake()
 
