@@ -77,10 +77,10 @@ class Story:
 
 
 def demo_config(path: Path = DEMO_CONTROL, today: date | None = None) -> ControlConfig:
-    """The demo's policies from ``path``, with today and tomorrow working days (a statutory holiday would
-    otherwise hold every trip: the demo must work any day)."""
+    """The demo's policies from ``path``, with today and tomorrow (the utility's days) working days: a statutory
+    holiday would otherwise hold every trip, and the demo must work any day."""
     cfg = load_control_config(path)
-    today = today or date.today()
+    today = today or cfg.calendar.calendar().day(int(time.time()))
     workdays = tuple(cfg.calendar.extra_workdays) + tuple((today + timedelta(days=i)).isoformat() for i in (0, 1))
     return replace(cfg, calendar=replace(cfg.calendar, extra_workdays=workdays))
 

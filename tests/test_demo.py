@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -126,3 +127,17 @@ def test_ctrl_c_stops_the_demo_cleanly_and_leaves_nothing_behind():
     assert not _processes_mentioning(tmp)  # no mosquitto left running
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+def test_the_demo_policies_allow_trips_at_any_hour_even_on_a_statutory_holiday():
+    from datetime import date
+
+    from gateway.core.policy import TripWindows
+
+    national_day = date(2026, 10, 1)
+    cfg = demo_config(today=national_day)
+    windows = TripWindows(cfg.trips.window, cfg.calendar.calendar())
+    assert windows.day_block(national_day) is None and windows.day_block(date(2026, 10, 2)) is None
+    plain = TripWindows(cfg.trips.window, replace(cfg.calendar, extra_workdays=()).calendar())
+    assert plain.day_block(national_day).gate.value == "holiday"  # without the demo's working days it would hold
+    assert cfg.trips.window.hours == "00:00-24:00" and cfg.trips.daily_cap_per_area >= 100_000
