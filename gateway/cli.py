@@ -202,7 +202,7 @@ async def _demo(args) -> int:
                          stuck_relay=args.stuck_relay, silent_after_trip=args.silent_after_trip,
                          transient=args.transient, seed=args.seed)
         await run_demo(spec, Story(seed=args.seed), cycles=args.cycles, interval_s=args.interval,
-                       poll_interval_s=args.poll, control=args.control)
+                       poll_interval_s=args.poll, control=args.control, fleet_process=args.fleet_process)
     except (FleetError, ConfigError) as exc:
         raise CliError(str(exc)) from None
     return EXIT_OK
@@ -249,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="share of meters that stop answering once tripped")
     demo.add_argument("--transient", type=float, default=0.002,
                       help="transient faults per DL/T 645 request (no reply, late, corrupt, wrong address, abnormal)")
+    demo.add_argument("--fleet-process", action="store_true",
+                      help="run the simulated fleet in a child process (python -m simulators.fleet), off the "
+                           "gateway's event loop")
     demo.add_argument("--seed", type=int, default=6, help="seed of the fleet and of the upstream simulators")
     demo.add_argument("--control", default=None, metavar="FILE",
                       help="the disconnect/reconnect policies (default: config/demo.control.toml: short lead "

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Awaitable, Callable, TextIO
 
 from gateway.app import Bus, Gateway
-from gateway.clock import SystemClock, local_naive
+from gateway.clock import SystemClock
 from gateway.config import load_control_config
 from gateway.core.control import ControlConfig
 from gateway.core.dispatch import OrderState
@@ -43,11 +43,12 @@ from gateway.northbound.mqtt import BillingBridge, BrokerConfig
 from gateway.southbound.concentrator import ConcentratorHub, HubSettings
 from gateway.southbound.modbus import ModbusChannel, ModbusMeter
 from gateway.store.entities import COMMANDS, NOTICES, ORDERS
+from protocols.modbus import load_profile
 from protocols.dlt645.client import Dlt645Link, LinkSettings
 from protocols.mqtt import billing as contract
 from simulators.billing import CN, BillingSim
 from simulators.broker import Broker
-from simulators.fleet import KINDS, Fleet, FleetSpec, Line
+from simulators.fleet import KINDS, Fleet, FleetProcess, FleetSpec
 
 DEMO_CONTROL = Path(__file__).resolve().parent.parent / "config" / "demo.control.toml"
 TARIFFS = {"flat": [{"effective_from": 0, "kind": "flat", "price": "1.0000"}]}
@@ -56,6 +57,7 @@ THRESHOLDS = ThresholdPolicy(default_warn1_fen=150, default_warn2_fen=80, warn1_
                              hysteresis_fen=20)
 #: the simulated lines answer at host speed (line-rate emulation off): the timeouts can be short
 LINE = LinkSettings(baud=9600, turnaround_s=0.2, margin_s=0.3, retries=1)
+AnyFleet = Fleet | FleetProcess  # the simulated fleet in this process or in a child process
 KIND_LABEL = {"dlt645_tcp": "DL/T 645 TCP", "dlt645_pty": "DL/T 645 pty", "modbus_tcp": "Modbus TCP",
               "mqtt_frame": "MQTT frame", "mqtt_json": "MQTT JSON"}
 
@@ -85,41 +87,42 @@ def demo_config(path: Path = DEMO_CONTROL, today: date | None = None) -> Control
     return replace(cfg, calendar=replace(cfg.calendar, extra_workdays=workdays))
 
 
-def demo_accounts(fleet: Fleet) -> tuple[list[Account], dict[str, str]]:
-    """One account per meter, in an area per line, reachable by SMS, voice call and app; -> (accounts, meter ->
-    account)."""
+def demo_accounts(layout: dict) -> tuple[list[Account], dict[str, str]]:
+    """One account per meter of the fleet's ``layout`` (``Fleet.describe()``), in an area per line, reachable by
+    SMS, voice call and app; -> (accounts, meter -> account)."""
     accounts, owner = [], {}
-    for n, line in enumerate(fleet.lines, 1):
-        for meter in line.meters:
+    for n, line in enumerate(layout["lines"], 1):
+        for address in line["meters"]:
             i = len(accounts) + 1
             phone = f"138{i:08d}"
             accounts.append(Account(f"A{i:05d}", tariff_id="flat", area=f"feeder-{n}", name=f"Customer {i}",
                                     address=f"{i} Demo Road", lat=31.2 + i / 100_000, lon=121.5,
                                     channels=("sms", "voice", "app"),
                                     contacts={"sms": phone, "voice": phone, "app": f"app-{i}"}))
-            owner[meter.address] = accounts[-1].account_id
+            owner[address] = accounts[-1].account_id
     return accounts, owner
 
 
-def channels_for(lines: list[Line], hub: ConcentratorHub) -> list:
-    """The gateway's channel for each line of the fleet."""
+def channels_for(layout: dict, hub: ConcentratorHub) -> list:
+    """The gateway's channel for each line of the fleet's ``layout`` (``Fleet.describe()``)."""
     out = []
-    for line in lines:
-        addrs = [m.address for m in line.meters]
-        if line.kind in ("dlt645_tcp", "modbus_tcp"):
-            host, _, port = line.where.rpartition(":")
-        if line.kind == "dlt645_tcp":
+    for line in layout["lines"]:
+        kind, where, addrs = line["kind"], line["where"], line["meters"]
+        if kind in ("dlt645_tcp", "modbus_tcp"):
+            host, _, port = where.rpartition(":")
+        if kind == "dlt645_tcp":
             out.append(Bus(Dlt645Link.tcp(host, int(port), LINE), addrs))
-        elif line.kind == "dlt645_pty":  # pseudo-terminals refuse even parity: 8N1 here (real lines: 8E1)
-            out.append(Bus(Dlt645Link.serial(line.where, replace(LINE, parity="N")), addrs))
-        elif line.kind == "modbus_tcp":
-            profile = line.meters[0].profile
-            out.append(ModbusChannel.tcp(host, int(port), [ModbusMeter(m.address, m.device_id, profile)
-                                                           for m in line.meters], timeout_s=0.5))
-        elif line.kind == "mqtt_frame":
-            out.append(hub.frame_channel(line.where, addrs, replace(LINE, margin_s=1.0)))
+        elif kind == "dlt645_pty":  # pseudo-terminals refuse even parity: 8N1 here (real lines: 8E1)
+            out.append(Bus(Dlt645Link.serial(where, replace(LINE, parity="N")), addrs))
+        elif kind == "modbus_tcp":
+            profile = load_profile(layout["spec"]["modbus_profile"])
+            out.append(ModbusChannel.tcp(host, int(port), [ModbusMeter(a, unit, profile)
+                                                           for a, unit in zip(addrs, line["device_ids"])],
+                                         timeout_s=0.5))
+        elif kind == "mqtt_frame":
+            out.append(hub.frame_channel(where, addrs, replace(LINE, margin_s=1.0)))
         else:
-            out.append(hub.json_channel(line.where, addrs, read_timeout_s=3.0, relay_timeout_s=3.0))
+            out.append(hub.json_channel(where, addrs, read_timeout_s=3.0, relay_timeout_s=3.0))
     return out
 
 
@@ -140,7 +143,7 @@ class Composed:
         await self.hub.close()
 
 
-async def compose(store_url: str, broker: Broker, fleet: Fleet, config: ControlConfig, policy: ThresholdPolicy,
+async def compose(store_url: str, broker: Broker, fleet: AnyFleet, config: ControlConfig, policy: ThresholdPolicy,
                   stop: asyncio.Event, *, poll_interval_s: float,
                   provision: Callable[[Gateway], Awaitable[None]] | None = None) -> Composed:
     """The gateway on ``store_url`` with a channel per fleet line, the concentrator hub and the billing bridge
@@ -151,7 +154,7 @@ async def compose(store_url: str, broker: Broker, fleet: Fleet, config: ControlC
     operator API belong here, with their addresses in ``Composed.addresses``."""
     hub = await ConcentratorHub(HubSettings(broker.host, broker.port, client_id="feikong-demo-south")).start()
     try:
-        channels = channels_for(fleet.lines, hub)
+        channels = channels_for(fleet.describe(), hub)
         gw = await Gateway(store_url, channels, config, policy, clock=SystemClock(),
                            poll_interval_s=poll_interval_s).open()
     except BaseException:
@@ -172,10 +175,10 @@ async def compose(store_url: str, broker: Broker, fleet: Fleet, config: ControlC
     return composed
 
 
-def provision_demo(fleet: Fleet, story: "Story") -> Callable[[Gateway], Awaitable[None]]:
+def provision_demo(fleet: AnyFleet, story: "Story") -> Callable[[Gateway], Awaitable[None]]:
     """Register an account per fleet meter and give each its small opening credit."""
     async def provision(gw: Gateway) -> None:
-        accounts, owner = demo_accounts(fleet)
+        accounts, owner = demo_accounts(fleet.describe())
         channel_of = {a: ch.name for ch in gw.channels for a in ch.meters}
         await gw.writer.call(gw.control.accounting.register, tariffs_from_config(TARIFFS), accounts,
                              [Meter(a, owner[a], channel=channel_of[a]) for a in channel_of])
@@ -191,7 +194,7 @@ def provision_demo(fleet: Fleet, story: "Story") -> Callable[[Gateway], Awaitabl
 class Upstream:
     """Billing, the notification system and the field crews, driven from the events billing hears."""
 
-    def __init__(self, billing: BillingSim, fleet: Fleet, story: Story) -> None:
+    def __init__(self, billing: BillingSim, fleet: AnyFleet, story: Story) -> None:
         self.billing, self.fleet, self.story = billing, fleet, story
         self.rng = random.Random(story.seed)
         self._notice_rng = random.Random(story.seed + 1)  # used in paho's thread
@@ -269,7 +272,7 @@ def percentile(values: list[float], p: float) -> float | None:
     return statistics.quantiles(values, n=100, method="inclusive")[min(max(int(p) - 1, 0), 98)]
 
 
-async def snapshot(c: Composed, fleet: Fleet, up: Upstream, started: float, reads_before: tuple[float, int]) -> dict:
+async def snapshot(c: Composed, fleet: AnyFleet, up: Upstream, started: float, reads_before: tuple[float, int]) -> dict:
     """Every figure of the summary, as numbers (the tests read them too)."""
     gw, billing = c.gateway, up.billing
     now = gw.clock.now()
@@ -280,35 +283,38 @@ async def snapshot(c: Composed, fleet: Fleet, up: Upstream, started: float, read
 
     tripped, orders = await gw.writer.call(in_writer)
     stale = 3 * max([gw.poll_interval_s, *gw.cycle_s.values()])
-    online = sum(1 for m in fleet.meters if now - gw.answered.get(m, -1e18) <= stale)
+    lines = fleet.describe()["lines"]
+    meters = [a for line in lines for a in line["meters"]]
+    online = sum(1 for m in meters if now - gw.answered.get(m, -1e18) <= stale)
     cycle: dict[str, float] = {}
-    for ch, line in zip(c.channels, fleet.lines):
+    for ch, line in zip(c.channels, lines):
         if ch.name in gw.cycle_s:
-            cycle[line.kind] = max(cycle.get(line.kind, 0.0), gw.cycle_s[ch.name])
+            cycle[line["kind"]] = max(cycle.get(line["kind"], 0.0), gw.cycle_s[ch.name])
     t0, n0 = reads_before
     active = [o for o in orders if OrderState(o.state).active]
     trips = [e for e in billing.of_kind("relay_confirmed") if e.data["action"] == "trip"]
     closes = [e for e in billing.of_kind("relay_confirmed") if e.data["action"] == "close"]
     return {
-        "elapsed_s": time.monotonic() - started, "meters": len(fleet.meters), "online": online,
-        "unreachable": len(fleet.meters) - online, "tripped": tripped,
+        "elapsed_s": time.monotonic() - started, "meters": len(meters), "online": online,
+        "unreachable": len(meters) - online, "tripped": tripped,
         "reads_per_s": (gw.readings_seen - n0) / max(time.monotonic() - t0, 1e-9), "readings": gw.readings_seen,
         "cycle_s": cycle,
         "notices_requested": billing.count("notice_request"), "notices_confirmed": billing.count("notice_delivered"),
         "notices_escalated": billing.count("notice_escalated"), "receipts": dict(billing.receipts),
         "trips": len(trips), "trips_deferred": billing.count("trip_deferred"), "payments": up.payments,
-        "closes": len(closes), "close_p50_s": percentile(up.latencies, 50), "close_p99_s": percentile(up.latencies, 99),
+        "closes": len(closes), "close_p50_s": percentile(up.latencies, 50),
+        "close_p99_s": percentile(up.latencies, 99),
         "orders": len(orders), "orders_open": len(active),
         "orders_overdue": sum(1 for o in active if o.deadline_at < now),
-        "orders_completed": sum(1 for o in orders if o.state == OrderState.COMPLETED), "crew_completed": up.crew_completed,
-        "dead_letters": c.bridge.stats.dead_letters, "relays_open_in_field": fleet.relays_open(),
+        "orders_completed": sum(1 for o in orders if o.state == OrderState.COMPLETED),
+        "crew_completed": up.crew_completed, "dead_letters": c.bridge.stats.dead_letters,
     }
 
 
 def render(s: dict) -> str:
     """The summary block: short lines an operator reads at a glance."""
     lat = "-" if s["close_p50_s"] is None else f"p50 {s['close_p50_s']:.2f} s, p99 {s['close_p99_s']:.2f} s"
-    cycles = ", ".join(f"{KIND_LABEL[k]} {v:.1f} s" for k, v in sorted(s["cycle_s"].items(), key=lambda kv: KINDS.index(kv[0])))
+    cycles = ", ".join(f"{KIND_LABEL[k]} {s['cycle_s'][k]:.1f} s" for k in KINDS if k in s["cycle_s"])
     return "\n".join([
         f"-- {s['elapsed_s']:6.1f} s " + "-" * 60,
         f"   meters    {s['meters']}: {s['online']} online, {s['tripped']} tripped, {s['unreachable']} unreachable",
@@ -330,19 +336,20 @@ def fleet_spec(meters: dict[str, int], **kw) -> FleetSpec:
 
 
 async def run_demo(spec: FleetSpec, story: Story = Story(), *, cycles: int | None = None,
-                   until: Callable[[dict], bool] | None = None,
+                   until: Callable[[dict], bool] | None = None, fleet_process: bool = False,
                    interval_s: float = 5.0, poll_interval_s: float = 2.0, out: TextIO = sys.stdout,
                    control: str | Path | None = None) -> dict:
     """Run until Ctrl-C (SIGINT or SIGTERM), ``cycles`` summaries, or a summary's snapshot satisfies
     ``until``; -> the last snapshot, with ``fleet``
     (what the simulated meters recorded), ``latencies`` and ``store`` (table name -> the notices, relay
-    commands and work orders the store holds) added."""
+    commands and work orders the store holds) added. ``fleet_process``: the simulated fleet runs in a child
+    process (its own core; ``fleet`` is then a :class:`FleetProcess`, without the meters' own records)."""
     say = lambda text: print(text, file=out, flush=True)  # noqa: E731
     # pymodbus logs every silent meter as an error with a hex dump; the gateway's own warning says it once
     quiet, level = logging.getLogger("pymodbus"), logging.getLogger("pymodbus").level
     quiet.setLevel(logging.CRITICAL)
     config = demo_config(Path(control) if control else DEMO_CONTROL)
-    local = local_naive(SystemClock(), config.calendar.utc_offset_s)
+    spec = replace(spec, utc_offset_s=config.calendar.utc_offset_s)  # the meters keep the utility's time
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -350,7 +357,8 @@ async def run_demo(spec: FleetSpec, story: Story = Story(), *, cycles: int | Non
     result: dict = {}
     try:
         with tempfile.TemporaryDirectory(prefix="feikong-demo-") as tmp, Broker(Path(tmp) / "broker") as broker:
-            fleet = await Fleet(spec, broker=(broker.host, broker.port), clock=local).start()
+            fleet = await (FleetProcess(spec, (broker.host, broker.port), workdir=tmp) if fleet_process else
+                           Fleet(spec, (broker.host, broker.port))).start()
             try:
                 c = await compose(f"sqlite://{tmp}/feikong.db", broker, fleet, config, THRESHOLDS, stop,
                                   poll_interval_s=poll_interval_s, provision=provision_demo(fleet, story))
@@ -369,16 +377,17 @@ async def run_demo(spec: FleetSpec, story: Story = Story(), *, cycles: int | Non
     return result
 
 
-async def _story(c: Composed, fleet: Fleet, story: Story, stop: asyncio.Event, cycles: int | None,
+async def _story(c: Composed, fleet: AnyFleet, story: Story, stop: asyncio.Event, cycles: int | None,
                  until: Callable[[dict], bool] | None, interval_s: float, say) -> dict:
     gw = c.gateway
     billing = await asyncio.to_thread(BillingSim(c.bridge.config.host, c.bridge.config.port,
                                                  client_id="demo-billing").start)
     try:
         up = Upstream(billing, fleet, story)
-        say(f"feikong demo: {len(fleet.meters)} simulated meters on {len(fleet.lines)} channels:")
-        for ch, line in zip(c.channels, fleet.lines):
-            say(f"  {ch.name}  ({KIND_LABEL[line.kind]}, {len(line.meters)} meters)")
+        lines = fleet.describe()["lines"]
+        say(f"feikong demo: {sum(len(line['meters']) for line in lines)} simulated meters on {len(lines)} channels:")
+        for ch, line in zip(c.channels, lines):
+            say(f"  {ch.name}  ({KIND_LABEL[line['kind']]}, {len(line['meters'])} meters)")
         for name, address in c.addresses.items():
             say(f"{name:8} {address}")
         say(f"watch the contract: mosquitto_sub -p {c.bridge.config.port} -t 'feikong/v1/#' -v")

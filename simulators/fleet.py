@@ -8,14 +8,17 @@ Modbus TCP server per line (device ids 1..247), and one MQTT connection per conc
 are on it.
 
 Faults, drawn once per meter from the spec's seed: a share of meters whose relay acknowledges but does not
-move (``stuck_relay``), a share that stop answering once tripped (a dead communication module,
-``silent_after_trip``, once the trip has been verified), and per-request transient faults on the DL/T 645 lines (``transient``, the serial
-simulator's mix). :meth:`Fleet.repair` is the field crew on site: the fault gone, the relay set by hand.
+move (``stuck_relay``), a share that stop answering a few seconds after they were tripped (a dead
+communication module, ``silent_after_trip``), and per-request transient faults on the DL/T 645 lines
+(``transient``, the serial simulator's mix). :meth:`Fleet.repair` is the field crew on site: the fault gone, the relay set by hand.
 
 In-process (tests, the demo): ``fleet = await Fleet(spec, broker=(host, port)).start()`` ...
 ``await fleet.stop()``. As a child process, so the simulators do not share a core with the gateway:
-``python -m simulators.fleet SPEC.json [--broker HOST:PORT]`` prints :meth:`Fleet.describe` as one JSON line
-on standard output once everything listens, and serves until SIGINT or SIGTERM.
+``python -m simulators.fleet SPEC.json [--broker HOST:PORT] [--commands]`` prints :meth:`Fleet.describe` as
+one JSON line on standard output once everything listens, and serves until SIGINT or SIGTERM (with
+``--commands``: it also takes one JSON command a line on standard input, ``{"repair": ADDRESS, "relay_open":
+false}``, and stops when standard input closes, so it never outlives its parent). :class:`FleetProcess` is that
+child seen from the parent, with the same ``describe``, ``faulty``, ``repair`` and ``stop``.
 """
 from __future__ import annotations
 
@@ -26,8 +29,9 @@ import random
 import signal
 import sys
 from dataclasses import dataclass, field, fields
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
+from pathlib import Path
 from typing import Callable
 
 from protocols.modbus import load_profile
@@ -60,6 +64,7 @@ class FleetSpec:
     transient: float = 0.0  # per-request transient faults on DL/T 645 meters (Faults.uniform)
     turnaround_s: float = 0.005  # DL/T 645 meters answer this long after the request (the line: host speed)
     modbus_profile: str = "hiking_dds238_2_znsr"
+    utc_offset_s: int | None = None  # the meters keep local time at this offset (None: the host's local time)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -128,7 +133,7 @@ class Line:
 class Fleet:
     spec: FleetSpec
     broker: tuple[str, int] | None = None  # the MQTT broker the concentrators connect to
-    clock: Callable[[], datetime] = datetime.now  # the meters' (local, naive) time
+    clock: Callable[[], datetime] | None = None  # the meters' (local, naive) time; None: by spec.utc_offset_s
     lines: list[Line] = field(default_factory=list)
     meters: dict[str, SimMeter] = field(default_factory=dict)
     #: address -> the fault the meter was built with ("stuck_relay" or "silent_after_trip")
@@ -137,6 +142,10 @@ class Fleet:
     silenced: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
+        if self.clock is None:
+            offset = self.spec.utc_offset_s
+            zone = None if offset is None else timezone(timedelta(seconds=offset))
+            self.clock = datetime.now if zone is None else lambda: datetime.now(zone).replace(tzinfo=None)
         if self.broker is None and any(self.spec.meters.get(k) for k in MQTT_KINDS):
             raise FleetError("meters: concentrators need a broker (host, port)")
         self._closers: list[Callable] = []
@@ -260,12 +269,6 @@ class Fleet:
         return {"spec": self.spec.to_dict(), "lines": [line.describe() for line in self.lines],
                 "faulty": dict(self.faulty)}
 
-    def relays_open(self) -> int:
-        return sum(m.relay_open for m in self.meters.values())
-
-    def requests(self) -> int:
-        return sum(m.requests for m in self.meters.values())
-
 
 def _registers(rng: random.Random) -> list[Decimal]:
     per_tariff = [Decimal(rng.randrange(0, 500_000)) / 100 for _ in range(4)]
@@ -279,7 +282,54 @@ async def _close_server(server: asyncio.Server) -> None:
 
 # ------------------------------------------------------------------------------------------- child process
 
-async def _serve_until_signalled(spec: FleetSpec, broker: tuple[str, int] | None) -> None:
+class FleetProcess:
+    """A fleet served by a child process (``python -m simulators.fleet --commands``), seen from the parent."""
+
+    def __init__(self, spec: FleetSpec, broker: tuple[str, int] | None = None, *, workdir: str | Path) -> None:
+        self.spec, self.broker = spec, broker
+        self.path = Path(workdir) / "fleet.json"
+        self.proc: asyncio.subprocess.Process | None = None
+        self.description: dict = {}
+        self.faulty: dict[str, str] = {}
+
+    async def start(self, timeout: float = 60.0) -> "FleetProcess":
+        self.path.write_text(json.dumps(self.spec.to_dict()))
+        args = [sys.executable, "-m", "simulators.fleet", str(self.path), "--commands"]
+        if self.broker is not None:
+            args += ["--broker", f"{self.broker[0]}:{self.broker[1]}"]
+        # a session of its own: Ctrl-C reaches the parent, which stops the fleet after the gateway
+        self.proc = await asyncio.create_subprocess_exec(*args, stdin=asyncio.subprocess.PIPE,
+                                                         stdout=asyncio.subprocess.PIPE, start_new_session=True)
+        try:
+            line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+            if not line:
+                raise RuntimeError(f"the fleet process ended before it served (exit {await self.proc.wait()})")
+            self.description = json.loads(line)
+        except BaseException:
+            await self.stop()
+            raise
+        self.faulty = dict(self.description["faulty"])
+        return self
+
+    def describe(self) -> dict:
+        return self.description
+
+    def repair(self, address: str, relay_open: bool) -> None:
+        self.faulty.pop(address, None)
+        self.proc.stdin.write(json.dumps({"repair": address, "relay_open": relay_open}).encode() + b"\n")
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        self.proc.terminate()
+        try:
+            await asyncio.wait_for(self.proc.wait(), timeout)
+        except asyncio.TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
+
+
+async def _serve_until_signalled(spec: FleetSpec, broker: tuple[str, int] | None, commands: bool) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -287,15 +337,38 @@ async def _serve_until_signalled(spec: FleetSpec, broker: tuple[str, int] | None
     fleet = await Fleet(spec, broker).start()
     try:
         print(json.dumps(fleet.describe()), flush=True)
+        obey = asyncio.create_task(_obey(fleet, stop)) if commands else None
         await stop.wait()
+        if obey is not None:
+            obey.cancel()
+            await asyncio.gather(obey, return_exceptions=True)
     finally:
         await fleet.stop()
+
+
+async def _obey(fleet: Fleet, stop: asyncio.Event) -> None:
+    """Commands a line on standard input until it closes (the parent went away: stop)."""
+    reader = asyncio.StreamReader()
+    await asyncio.get_running_loop().connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while True:
+        line = await reader.readline()
+        if not line:
+            stop.set()
+            return
+        try:
+            command = json.loads(line)
+            fleet.repair(command["repair"], bool(command["relay_open"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            print(f"fleet: bad command {line!r}: {exc!r}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m simulators.fleet", description=__doc__.split("\n\n")[0])
     p.add_argument("spec", help="the fleet description: a JSON file, or '-' for standard input")
     p.add_argument("--broker", metavar="HOST:PORT", help="the MQTT broker the concentrators connect to")
+    p.add_argument("--commands", action="store_true",
+                   help='take commands on standard input, one JSON object a line ({"repair": ADDRESS, '
+                        '"relay_open": false}), and stop when it closes')
     args = p.parse_args(argv)
     try:
         text = sys.stdin.read() if args.spec == "-" else open(args.spec, encoding="utf-8").read()
@@ -308,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         host, _, port = args.broker.rpartition(":")
         broker = (host, int(port))
     try:
-        asyncio.run(_serve_until_signalled(spec, broker))
+        asyncio.run(_serve_until_signalled(spec, broker, args.commands))
     except FleetError as exc:
         print(f"fleet: {exc}", file=sys.stderr)
         return 2

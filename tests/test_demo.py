@@ -96,10 +96,11 @@ def _processes_mentioning(fragment: str) -> list[str]:
     return found
 
 
-def test_ctrl_c_stops_the_demo_cleanly_and_leaves_nothing_behind():
+@pytest.mark.parametrize("where", [[], ["--fleet-process"]], ids=["fleet-in-process", "fleet-in-a-child"])
+def test_ctrl_c_stops_the_demo_cleanly_and_leaves_nothing_behind(where):
     proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "demo", "--tcp-meters", "4", "--pty-meters", "2",
                              "--modbus-meters", "2", "--concentrator-meters", "2", "--json-meters", "2",
-                             "--per-line", "2", "--interval", "1"],
+                             "--per-line", "2", "--interval", "1", *where],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines = []
     try:
@@ -113,7 +114,8 @@ def test_ctrl_c_stops_the_demo_cleanly_and_leaves_nothing_behind():
         text = "".join(lines)
         tmp = re.search(r"^store +sqlite://(/\S+)/feikong\.db$", text, re.M).group(1)
         port = int(re.search(r"^broker +mqtt://127\.0\.0\.1:(\d+)$", text, re.M).group(1))
-        assert os.path.isdir(tmp) and _processes_mentioning(tmp)  # the spawned mosquitto runs from it
+        # the spawned mosquitto runs from it (and the fleet process reads its description there)
+        assert os.path.isdir(tmp) and len(_processes_mentioning(tmp)) == 1 + len(where)
         proc.send_signal(signal.SIGINT)
         rest, err = proc.communicate(timeout=30)
     finally:
@@ -124,7 +126,7 @@ def test_ctrl_c_stops_the_demo_cleanly_and_leaves_nothing_behind():
     assert rest.rstrip().endswith("feikong demo stopped."), rest
     assert "Traceback" not in err and "Task was destroyed" not in err and "never awaited" not in err, err
     assert not os.path.exists(tmp)
-    assert not _processes_mentioning(tmp)  # no mosquitto left running
+    assert not _processes_mentioning(tmp)  # no mosquitto (nor fleet) left running
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
 

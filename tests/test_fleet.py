@@ -12,7 +12,7 @@ import pytest
 from protocols.dlt645.client import Dlt645Client, Dlt645Link, Dlt645Timeout, LinkSettings
 from protocols.dlt645.codes import RelayAction
 from protocols.dlt645.di import by_name
-from simulators.fleet import KINDS, Fleet, FleetError, FleetSpec
+from simulators.fleet import KINDS, Fleet, FleetError, FleetProcess, FleetSpec
 
 LINK = LinkSettings(baud=9600, turnaround_s=0.1, margin_s=0.2, retries=0)
 ADDRESS_DI = by_name("meter_address").di
@@ -110,3 +110,32 @@ async def test_the_fleet_as_a_child_process_prints_where_its_lines_are_and_stops
     bad = subprocess.run([sys.executable, "-m", "simulators.fleet", "-"], input='{"meters": {"x": 1}}',
                          capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "unknown channel kind(s) ['x']" in bad.stderr
+
+
+async def test_a_fleet_process_takes_a_crews_repair_on_its_standard_input_and_stops_with_its_parent(tmp_path):
+    spec = FleetSpec({"dlt645_tcp": 2}, stuck_relay=1.0)
+    fleet = await FleetProcess(spec, workdir=tmp_path).start()
+    try:
+        assert set(fleet.faulty.values()) == {"stuck_relay"} and len(fleet.faulty) == 2
+        line = fleet.describe()["lines"][0]
+        host, port = line["where"].rsplit(":", 1)
+        client = Dlt645Client(Dlt645Link.tcp(host, int(port), LINK))
+        try:
+            meter = line["meters"][0]
+            await client.relay(meter, RelayAction.TRIP)
+            assert (await client.relay_state(meter))["relay"] == "closed"  # stuck
+            fleet.repair(meter, relay_open=True)  # the crew opens it by hand
+            for _ in range(50):
+                if (await client.relay_state(meter))["relay"] == "open":
+                    break
+                await asyncio.sleep(0.05)
+            assert (await client.relay_state(meter))["relay"] == "open" and meter not in fleet.faulty
+        finally:
+            await client.link.close()
+    finally:
+        await fleet.stop()
+    assert fleet.proc.returncode == 0
+    # its standard input closing (the parent gone) stops it too
+    again = await FleetProcess(spec, workdir=tmp_path).start()
+    again.proc.stdin.close()
+    assert await asyncio.wait_for(again.proc.wait(), 10) == 0
