@@ -339,10 +339,9 @@ async def run_demo(spec: FleetSpec, story: Story = Story(), *, cycles: int | Non
                    until: Callable[[dict], bool] | None = None, fleet_process: bool = False,
                    interval_s: float = 5.0, poll_interval_s: float = 2.0, out: TextIO = sys.stdout,
                    control: str | Path | None = None) -> dict:
-    """Run until Ctrl-C (SIGINT or SIGTERM), ``cycles`` summaries, or a summary's snapshot satisfies
-    ``until``; -> the last snapshot, with ``fleet``
-    (what the simulated meters recorded), ``latencies`` and ``store`` (table name -> the notices, relay
-    commands and work orders the store holds) added. ``fleet_process``: the simulated fleet runs in a child
+    """Run until Ctrl-C (SIGINT or SIGTERM), ``cycles`` summaries, or a summary's snapshot satisfies ``until``;
+    -> the last snapshot, with ``fleet`` (what the simulated meters recorded), ``latencies`` and ``store``
+    (table name -> the notices, relay commands and work orders the store holds) added. ``fleet_process``: the simulated fleet runs in a child
     process (its own core; ``fleet`` is then a :class:`FleetProcess`, without the meters' own records)."""
     say = lambda text: print(text, file=out, flush=True)  # noqa: E731
     # pymodbus logs every silent meter as an error with a hex dump; the gateway's own warning says it once
