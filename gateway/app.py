@@ -43,8 +43,9 @@ class Gateway:
         self.control: CostControl | None = None
         self.executor: CommandExecutor | None = None
         self.readings_seen = 0
+        #: called with each reading as a poll cycle hands it over (progress bars, say); before it is committed
+        self.reading_hooks: list = []
         self.cycle_s: dict[str, float] = {}  # channel name -> how long its last full read cycle took (s)
-        self.answered: dict[str, float] = {}  # meter -> when (clock, epoch s) a read last got any value
 
     async def open(self) -> "Gateway":
         self.control = await self.writer.call(CostControl, open_store(self.store_url), self.config, self.policy,
@@ -94,14 +95,36 @@ class Gateway:
     async def poll_once(self, channel: Channel) -> None:
         """One read cycle of a channel, committed as one batch (with the relay positions it saw)."""
         readings: list[Reading] = []
+
+        def sink(reading: Reading) -> None:
+            readings.append(reading)
+            for hook in self.reading_hooks:
+                hook(reading)
+
         started = asyncio.get_running_loop().time()
-        await channel.cycle(readings.append)
+        await channel.cycle(sink if self.reading_hooks else readings.append)
         self.cycle_s[channel.name] = asyncio.get_running_loop().time() - started
+        await self._ingest(readings)
+
+    async def read_meter(self, meter_id: str) -> Reading:
+        """One meter read now, on its channel with the line reserved (a poll or a relay command on it waits),
+        and committed like a poll's readings. :class:`KeyError` for a meter not known here, :class:`LookupError`
+        for one whose channel this gateway does not run."""
+        bus = self.control.engine.meter(meter_id).channel
+        channel = next((c for c in self.channels if c.name == bus), None)
+        if channel is None:
+            raise LookupError(f"meter {meter_id} is on channel {bus!r}, which this gateway does not run")
+        async with self.executor.drivers[bus].reserved():
+            reading = await channel.read_meter(meter_id)
+        for hook in self.reading_hooks:
+            hook(reading)
+        await self._ingest([reading])
+        return reading
+
+    async def _ingest(self, readings: list[Reading]) -> None:
         batch, relays = to_batch(readings, self.control.engine, self.config.calendar.utc_offset_s)
         result = await self.writer.call(self.control.ingest_readings, batch, self.clock.now(), relays)
         self.readings_seen += len(readings)
-        now = self.clock.now()
-        self.answered.update((r.meter, now) for r in readings if r.values)
         if result.decisions:
             self.executor.wake()
 

@@ -9,6 +9,7 @@ import re
 import sys
 from datetime import timedelta
 
+from gateway.ops.console import add_commands as add_console_commands
 from protocols.dlt645 import Deframer, FrameReceived, FrameRejected, Noise
 from protocols.dlt645 import di as di_table
 from protocols.dlt645 import messages as m
@@ -153,40 +154,291 @@ async def _relay(args) -> int:
     return EXIT_OK
 
 
-async def _sim(args) -> int:
-    from simulators.dlt645 import Faults, PtyBus, SimBus, make_meters, serve_tcp
+async def _until_signalled() -> None:
+    """Until SIGINT or SIGTERM (a simulator's or the service's clean stop)."""
+    import signal
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+def _host_port(text: str, option: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise CliError(f"{option} must be HOST:PORT, got {text!r}")
+    return host, int(port)
+
+
+def _sim_addresses(args) -> list[str]:
+    from simulators.dlt645 import fleet_addresses
 
     if args.meters < 1:
         raise CliError("--meters must be at least 1")
     try:
-        first = int(normalise_address(args.first_address))
+        return fleet_addresses(int(normalise_address(args.first_address)), args.meters)
     except ValueError as exc:
         raise CliError(f"--first-address: {exc}") from None
-    meters = make_meters(first, args.meters, faults=Faults.uniform(args.fault_rate) if args.fault_rate else None,
-                         seed=args.seed)
-    bus = SimBus.of(meters, baud=args.line_baud)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in ("SIGINT", "SIGTERM"):
-        import signal
 
-        loop.add_signal_handler(getattr(signal, sig), stop.set)
+
+def _cut_off(args, meters) -> None:
+    """``--cut-off-every K``: every K-th meter starts with its relay open (a customer cut off for arrears)."""
+    if args.cut_off_every < 0:
+        raise CliError("--cut-off-every must be 0 (none) or more")
+    for i, meter in enumerate(meters, 1):
+        if args.cut_off_every and i % args.cut_off_every == 0:
+            meter.relay_open = meter.relay_command_open = True
+
+
+def _print_meters(meters, first_line: str) -> None:
+    print(first_line, flush=True)
+    for meter in meters if len(meters) <= 1000 else meters[:5]:
+        extra = f" device {meter.device_id}" if hasattr(meter, "device_id") else ""
+        print(f"{meter.address}{extra}{' (cut off)' if meter.relay_open else ''}", flush=True)
+    if len(meters) > 1000:
+        print(f"... through {meters[-1].address}", flush=True)
+
+
+def _sim_dlt645_meters(args):
+    from simulators.dlt645 import Faults, make_meters
+
+    addresses = _sim_addresses(args)
+    meters = make_meters(addresses[0], len(addresses),
+                         faults=Faults.uniform(args.fault_rate) if args.fault_rate else None,
+                         seed=args.seed)
+    _cut_off(args, meters)
+    return meters
+
+
+async def _sim(args) -> int:
+    from simulators.dlt645 import PtyBus, SimBus, serve_tcp
+
+    meters = _sim_dlt645_meters(args)
+    bus = SimBus.of(meters, baud=args.line_baud)
     if args.pty:
         pty = PtyBus(bus)
         where = f"pty {pty.path} (open it 8N1)"
     else:
-        host, _, port = args.tcp.rpartition(":")
-        if not host or not port.isdigit():
-            raise CliError(f"--tcp must be HOST:PORT, got {args.tcp!r}")
-        server = await serve_tcp(bus, host, int(port))
+        host, port = _host_port(args.tcp, "--tcp")
+        server = await serve_tcp(bus, host, port)
         where = "tcp://%s:%d" % server.sockets[0].getsockname()[:2]
-    print(f"{len(meters)} simulated DL/T 645 meters on {where}"
-          + (f", line rate {args.line_baud} baud" if args.line_baud else ""), flush=True)
-    for meter in meters if args.meters <= 1000 else meters[:5]:
-        print(meter.address, flush=True)
-    if args.meters > 1000:
-        print(f"... through {meters[-1].address}", flush=True)
-    await stop.wait()
+    _print_meters(meters, f"{len(meters)} simulated DL/T 645 meters on {where}"
+                  + (f", line rate {args.line_baud} baud" if args.line_baud else ""))
+    await _until_signalled()
+    return EXIT_OK
+
+
+async def _sim_modbus(args) -> int:
+    from protocols.modbus import load_profile
+    from protocols.modbus.profile import ProfileError
+    from simulators.modbus import ModbusSimMeter, serve_rtu, serve_tcp
+
+    try:
+        profile = load_profile(args.profile)
+    except ProfileError as exc:
+        raise CliError(f"--profile: {exc}") from None
+    addresses = _sim_addresses(args)
+    if args.first_device < 1 or args.first_device + len(addresses) - 1 > 247:
+        raise CliError(f"device ids {args.first_device}..{args.first_device + len(addresses) - 1}: allowed 1..247")
+    meters = [ModbusSimMeter(a, device_id=args.first_device + i, profile=profile, seed=args.seed + i)
+              for i, a in enumerate(addresses)]
+    _cut_off(args, meters)
+    if args.rtu:
+        server = await serve_rtu(meters)
+        where = f"RTU on pty {server.path} (open it 8N1)"
+    else:
+        host, port = _host_port(args.tcp, "--tcp")
+        server = await serve_tcp(meters, host, port)
+        where = f"tcp://{host}:{server.port}"
+    _print_meters(meters, f"{len(meters)} simulated Modbus meters ({args.profile}) on {where}")
+    try:
+        await _until_signalled()
+    finally:
+        await server.close()
+    return EXIT_OK
+
+
+async def _sim_concentrator(args) -> int:
+    from simulators.concentrator import SimConcentrator
+
+    meters = _sim_dlt645_meters(args)
+    host, port = _host_port(args.broker, "--broker")
+    try:
+        sim = await SimConcentrator.of(args.id, meters, host, port, mode=args.mode,
+                                       baud=args.line_baud).start(timeout=args.connect_timeout)
+    except (TimeoutError, ValueError) as exc:
+        raise CliError(str(exc)) from None
+    _print_meters(meters, f"simulated concentrator {args.id} ({args.mode} mode) on mqtt://{host}:{port} with "
+                          f"{len(meters)} DL/T 645 meters")
+    try:
+        await _until_signalled()
+    finally:
+        await sim.stop()
+    return EXIT_OK
+
+
+async def _sim_billing(args) -> int:
+    from decimal import Decimal, InvalidOperation
+
+    from simulators.billing import BillingSim
+
+    payments = []
+    for item in args.pay:
+        account, sep, amount = item.partition("=")
+        try:
+            ok = bool(sep and account) and Decimal(amount) > 0
+        except InvalidOperation:
+            ok = False
+        if not ok:
+            raise CliError(f"--pay must be ACCOUNT=AMOUNT (yuan, e.g. A0001=50.00), got {item!r}")
+        payments.append((account, amount))
+    host, port = _host_port(args.broker, "--broker")
+    billing = BillingSim(host, port, client_id=args.client_id)
+    try:
+        await asyncio.to_thread(billing.start)
+    except TimeoutError as exc:
+        raise CliError(str(exc)) from None
+    print(f"simulated billing system on mqtt://{host}:{port}: events below, one JSON object a line", flush=True)
+    for account, amount in payments:
+        pid = billing.pay(account, amount)
+        print(json.dumps({"paid": account, "amount": amount, "payment_id": pid}), flush=True)
+
+    async def show_events() -> None:
+        shown = 0
+        while True:
+            events = list(billing.events.values())  # in arrival order (one C-level copy: safe beside paho's thread)
+            for ev in events[shown:]:
+                print(json.dumps({"kind": ev.kind, "subject": ev.subject, "id": ev.id, "data": ev.data},
+                                 ensure_ascii=False, default=str), flush=True)
+            shown = len(events)
+            await asyncio.sleep(0.2)
+
+    printer = asyncio.create_task(show_events())
+    try:
+        await _until_signalled()
+    finally:
+        printer.cancel()
+        await asyncio.to_thread(billing.stop)
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------ the service: run, config check
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+class _Bars:
+    """The service's progress (fleet registration, the first read cycle) as rich progress bars on a
+    terminal; elsewhere (a log file, journald) the service's INFO lines say the same."""
+
+    def __init__(self, console) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                             TimeElapsedColumn(), console=console, disable=not console.is_terminal)
+        self.tasks: dict[str, int] = {}
+
+    def __call__(self, task: str, done: int, total: int) -> None:
+        if task not in self.tasks:
+            self.bars.start()
+            self.tasks[task] = self.bars.add_task(task, total=total)
+        self.bars.update(self.tasks[task], completed=done, total=total)
+        if all(t.finished for t in self.bars.tasks):
+            self.bars.stop()
+
+
+def _log_to(console) -> None:
+    """INFO and above on stderr: through rich on a terminal (above the progress bars), plain otherwise."""
+    root = logging.getLogger()
+    if console.is_terminal:
+        from rich.logging import RichHandler
+
+        for h in list(root.handlers):
+            root.removeHandler(h)
+        root.addHandler(RichHandler(console=console, show_path=False))
+    root.setLevel(logging.INFO)
+
+
+def _config_errors(errors: list[str]) -> int:
+    for line in errors:
+        print(f"error: {line}")
+    print(f"{len(errors)} error{'s' if len(errors) != 1 else ''}")
+    return EXIT_BAD_INPUT
+
+
+async def _run_service(args) -> int:
+    from gateway.config import check_service_config
+    from gateway.service import Service, ops_components
+
+    config, errors = check_service_config(args.config)
+    if errors:
+        return _config_errors(errors)
+    console = _console()
+    _log_to(console)
+    bars = _Bars(console)
+    service = Service(config, ops=ops_components(config), progress=bars)
+    stop = asyncio.Event()
+    waiter = asyncio.create_task(_until_signalled())
+    waiter.add_done_callback(lambda _: stop.set())
+    log = logging.getLogger("gateway.service")
+    try:
+        try:
+            await service.start()
+        except Exception as exc:  # the store or a channel that cannot be opened: one line, exit 2
+            log.error("cannot start: %s", exc)
+            return EXIT_FAILED
+        log.info("running; SIGINT or SIGTERM stops it cleanly")
+        try:
+            await service.run(stop)
+        except Exception:
+            log.exception("a part of the gateway failed; stopping")
+            return EXIT_FAILED
+    finally:
+        waiter.cancel()
+        bars.bars.stop()
+        await service.close()
+        log.info("stopped")
+    return EXIT_OK
+
+
+def _config_check(args) -> int:
+    from collections import Counter
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from gateway.config import check_service_config
+    from gateway.service import safe_url
+
+    config, errors = check_service_config(args.file)
+    if errors:
+        return _config_errors(errors)
+    table = Table(title=f"channels in {args.file}")
+    for column in ("name", "kind", "where", "meters"):
+        table.add_column(column, justify="right" if column == "meters" else "left")
+    from gateway.service import describe_channel
+
+    for c in config.channels:
+        table.add_row(c.name, c.kind, describe_channel(c), f"{len(config.meters_on(c.name)):,}")
+    out = Console()
+    if config.channels:
+        out.print(table)
+    kinds = Counter(c.kind for c in config.channels)
+    print(f"ok: {args.file}: {len(config.channels)} channels ("
+          + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) + f"), {len(config.accounts):,} accounts, "
+          f"{len(config.meters):,} meters, {len(config.tariffs)} tariffs; store {safe_url(config.store.url)}; "
+          f"policies {config.control.file or 'built-in defaults'}; broker {config.mqtt.host}:{config.mqtt.port}; "
+          f"http {config.http.host}:{config.http.port}; metrics {config.metrics.host}:{config.metrics.port}")
     return EXIT_OK
 
 
@@ -288,18 +540,67 @@ def build_parser() -> argparse.ArgumentParser:
     rl.add_argument("--settle", type=float, default=0.5, help="seconds to let the relay move before reading it back")
     rl.set_defaults(run=_relay)
 
+    run = sub.add_parser("run", help="run the gateway from a config file until SIGINT or SIGTERM",
+                         description="Store, policies, channels, fleet, MQTT bridge and concentrators from one config "
+                                     "file (docs/deployment.md). Check it first with `feikong config check FILE`.")
+    run.add_argument("--config", required=True, metavar="FILE", help="the gateway config (config/gateway.example.toml)")
+    run.set_defaults(run=_run_service)
+
+    cfg = sub.add_parser("config", help="configuration tools")
+    csub = cfg.add_subparsers(dest="tool", required=True)
+    chk = csub.add_parser("check", help="check a gateway config and the files it names; every error with its key",
+                          description="Checks the gateway config, the control policies, the fleet file and the "
+                                      "tariffs it names. Exit code 1 and every error (file, key or line:column, the "
+                                      "allowed values) if anything is wrong; a summary with counts otherwise.")
+    chk.add_argument("file", metavar="FILE")
+    chk.set_defaults(run=_config_check)
+
     sim = sub.add_parser("sim", help="simulators")
     ssub = sim.add_subparsers(dest="sim", required=True)
+
+    def meters_options(p, default_first="000000000001") -> None:
+        p.add_argument("--meters", type=int, required=True)
+        p.add_argument("--first-address", default=default_first, help="the first meter's address (the rest follow)")
+        p.add_argument("--cut-off-every", type=int, default=0, metavar="K",
+                       help="every K-th meter starts with its relay open, cut off for arrears (default: none)")
+        p.add_argument("--seed", type=int, default=0)
+
     sd = ssub.add_parser("dlt645", help="N simulated DL/T 645 meters behind one TCP listener or pseudo-terminal")
     where = sd.add_mutually_exclusive_group(required=True)
     where.add_argument("--tcp", metavar="HOST:PORT", help="listen here, as a transparent serial server (port 0: any)")
     where.add_argument("--pty", action="store_true", help="serve on a new pseudo-terminal and print its path")
-    sd.add_argument("--meters", type=int, required=True)
-    sd.add_argument("--first-address", default="000000000001")
+    meters_options(sd)
     sd.add_argument("--line-baud", type=int, default=None, help="emulate this line rate (bytes take their real time)")
     sd.add_argument("--fault-rate", type=float, default=0.0, help="share of requests that meet a fault (0..1)")
-    sd.add_argument("--seed", type=int, default=0)
     sd.set_defaults(run=_sim)
+
+    sm = ssub.add_parser("modbus", help="N simulated Modbus meters (device ids 1..N) on TCP or an RTU pseudo-terminal")
+    where = sm.add_mutually_exclusive_group(required=True)
+    where.add_argument("--tcp", metavar="HOST:PORT", help="Modbus TCP here (port 0: any)")
+    where.add_argument("--rtu", action="store_true", help="Modbus RTU on a new pseudo-terminal pair; prints its path")
+    meters_options(sm)
+    sm.add_argument("--profile", default="hiking_dds238_2_znsr", help="register map: a shipped profile name or a file")
+    sm.add_argument("--first-device", type=int, default=1, help="the first meter's Modbus device id")
+    sm.set_defaults(run=_sim_modbus)
+
+    sc = ssub.add_parser("concentrator", help="a simulated MQTT concentrator with N DL/T 645 meters on its bus")
+    sc.add_argument("--broker", required=True, metavar="HOST:PORT")
+    sc.add_argument("--id", required=True, help="the concentrator id in its topics")
+    sc.add_argument("--mode", choices=["frame", "json"], default="frame",
+                    help="frame: DL/T 645 frames forwarded (transparent); json: typed commands")
+    meters_options(sc)
+    sc.add_argument("--line-baud", type=int, default=None, help="emulate this line rate on its bus")
+    sc.add_argument("--fault-rate", type=float, default=0.0, help="share of requests that meet a fault (0..1)")
+    sc.add_argument("--connect-timeout", type=float, default=30.0, help="seconds to wait for the broker")
+    sc.set_defaults(run=_sim_concentrator)
+
+    sb = ssub.add_parser("billing", help="a simulated billing system: sends payments, prints the gateway's events")
+    sb.add_argument("--broker", required=True, metavar="HOST:PORT")
+    sb.add_argument("--pay", action="append", default=[], metavar="ACCOUNT=AMOUNT",
+                    help="send this payment (yuan) once connected; repeat for more")
+    sb.add_argument("--client-id", default="billing-sim")
+    sb.set_defaults(run=_sim_billing)
+    add_console_commands(sub)  # meter, meters, relay, requests, orders, audit, token: gateway/ops/console.py
     return parser
 
 

@@ -20,6 +20,7 @@ import numpy as np
 from gateway.accounting import Accounting, IngestResult
 from gateway.core.commands import RelayAction, RelayExplanation, RelayStatus, ReconnectMode, explain
 from gateway.core.control import (
+    AuditRecord,
     AuthorityError,
     ControlConfig,
     Controller,
@@ -95,8 +96,9 @@ class CostControl:
         self.store.write_effects(fx, now)
         return fx
 
-    def _with_engine(self, call, now: float, *args) -> IngestResult:
-        """An accounting input; the decisions it causes go to the controller in the same transaction."""
+    def _with_engine(self, call, now: float, *args, credit_role: str = "billing") -> IngestResult:
+        """An accounting input; the decisions it causes go to the controller in the same transaction, and the
+        adjustments it commits to the audit log (``credit_role``: the role of who made them)."""
         def then(outcome, result: IngestResult) -> None:
             paid_at: dict[str, float] = {}
             for item in (result.credits.new if result.credits else ()):
@@ -104,6 +106,10 @@ class CostControl:
                 paid_at[item.account_id] = max(paid_at.get(item.account_id, 0), min(at, now))
             self.controller.on_decisions(outcome.decisions, now, paid_at)
             self._flush(now)
+            self.store.append_audit([  # an operator's money, with who and why, in the transaction that moves it
+                AuditRecord(now, a.operator, credit_role, a.kind, a.account_id, a.reason,
+                            {"adjustment_id": a.adjustment_id, "amount_fen": a.amount_fen, "at": a.at})
+                for a in (result.credits.new if result.credits else ()) if isinstance(a, Adjustment)])
             self.store.add_events(self._report(outcome, result, now))
 
         self._fresh(now)
@@ -167,9 +173,10 @@ class CostControl:
 
         return self._with_engine(call, now)
 
-    def ingest_credits(self, items: list[Payment | Adjustment], now: float) -> IngestResult:
-        """Payments and adjustments: committed once, and any close they cause committed with them."""
-        return self._with_engine(self.accounting.ingest_credits, now, items, int(now))
+    def ingest_credits(self, items: list[Payment | Adjustment], now: float, role: str = "billing") -> IngestResult:
+        """Payments and adjustments: committed once, and any close they cause committed with them; each new
+        adjustment audited (``role``: of the operators who made them)."""
+        return self._with_engine(self.accounting.ingest_credits, now, items, int(now), credit_role=role)
 
     def change_tariffs(self, tariffs: dict, now: float) -> IngestResult:
         """New tariff versions: stored, levels recalibrated, every account re-evaluated (decisions handled)."""
@@ -191,8 +198,8 @@ class CostControl:
         fresh = [u for u in updates if not self.store.field_update_seen(u.update_id)]
         return self._control(lambda: self.controller.on_field_updates(fresh, now), now)
 
-    def set_area_flag(self, flag: AreaFlag, now: float) -> Effects:
-        return self._control(lambda: self.controller.set_area_flag(flag, now), now)
+    def set_area_flag(self, flag: AreaFlag, now: float, role: str = "area_flag") -> Effects:
+        return self._control(lambda: self.controller.set_area_flag(flag, now, role), now)
 
     def set_forecast(self, forecast: Forecast, now: float) -> Effects:
         return self._control(lambda: self.controller.set_forecast(forecast, now), now)
@@ -205,21 +212,50 @@ class CostControl:
     def manual(self, meter_id: str, action: RelayAction, operator: str, role: str, reason: str, key: str,
                now: float, mode: ReconnectMode | None = None):
         """An operator's trip or close. A refusal (authority) is audited, committed and raised."""
-        existing = self.store.command(f"manual:{key}:{meter_id}")
-        if existing is not None:
-            return existing  # the same request again, even after a restart: the same command
-        outcome: list = []
+        made = self.manual_many([meter_id], action, operator, role, reason, key, now, mode)[0]
+        if isinstance(made, AuthorityError):
+            raise made
+        return made
+
+    def manual_many(self, meter_ids: list[str], action: RelayAction, operator: str, role: str, reason: str,
+                    key: str, now: float, mode: ReconnectMode | None = None, then=None) -> list:
+        """Operator commands for several meters under one request key, all in one transaction, with
+        ``then(store, made)`` last in it (an approval recorded with the commands it makes). Each meter gets its
+        command, or the :class:`AuthorityError` that refused it (audited, committed). The same key again, even
+        after a restart, gives the same commands."""
+        existing = {m: self.store.command(f"manual:{key}:{m}") for m in meter_ids}
+        if then is None and all(c is not None for c in existing.values()):
+            return list(existing.values())
+        made: list = []
 
         def work():
-            try:
-                outcome.append(self.controller.manual(meter_id, action, operator, role, reason, key, now, mode))
-            except AuthorityError as exc:  # the refusal is audited: commit that, then raise
-                outcome.append(exc)
+            for m in meter_ids:
+                if existing[m] is not None:
+                    made.append(existing[m])
+                    continue
+                try:
+                    made.append(self.controller.manual(m, action, operator, role, reason, key, now, mode))
+                except AuthorityError as exc:  # the refusal is audited: commit that, hand it back
+                    made.append(exc)
+            if then is not None:
+                then(self.store, made)
 
         self._control(work, now)
-        if isinstance(outcome[0], AuthorityError):
-            raise outcome[0]
-        return outcome[0]
+        return made
+
+    def cancel(self, command_id: str, operator: str, role: str, reason: str, now: float):
+        """An operator stops a relay command not yet on the wire: the command as it is now. Raises
+        :class:`KeyError` for an unknown command and :class:`ValueError` for one that cannot be cancelled."""
+        if command_id not in self.controller.commands:
+            found = self.store.command(command_id)
+            if found is None:
+                raise KeyError(f"unknown command {command_id!r}")
+            raise ValueError(f"command {command_id} is {found.state.value}: nothing to cancel")
+        problem: list[str] = []
+        self._control(lambda: problem.append(self.controller.cancel(command_id, operator, role, reason, now)), now)
+        if problem[0]:
+            raise ValueError(problem[0])
+        return self.controller.commands[command_id]
 
     # -- the executor's side ------------------------------------------------------------------------------
     def steps(self, now: float, bus: str | None = None) -> list[Step]:

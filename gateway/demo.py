@@ -136,6 +136,14 @@ class Composed:
     channels: list
     addresses: dict[str, str] = field(default_factory=dict)
     tasks: list[asyncio.Task] = field(default_factory=list)
+    answered: dict[str, float] = field(default_factory=dict)  # meter -> when (epoch s) a read last got a value
+
+    def __post_init__(self) -> None:
+        self.gateway.reading_hooks.append(self._heard)
+
+    def _heard(self, reading) -> None:
+        if reading.values:
+            self.answered[reading.meter] = self.gateway.clock.now()
 
     async def close(self) -> None:
         await asyncio.gather(*self.tasks, return_exceptions=True)
@@ -285,7 +293,7 @@ async def snapshot(c: Composed, fleet: AnyFleet, up: Upstream, started: float, r
     stale = 3 * max([gw.poll_interval_s, *gw.cycle_s.values()])
     lines = fleet.describe()["lines"]
     meters = [a for line in lines for a in line["meters"]]
-    online = sum(1 for m in meters if now - gw.answered.get(m, -1e18) <= stale)
+    online = sum(1 for m in meters if now - c.answered.get(m, -1e18) <= stale)
     cycle: dict[str, float] = {}
     for ch, line in zip(c.channels, lines):
         if ch.name in gw.cycle_s:

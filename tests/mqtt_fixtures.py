@@ -27,7 +27,8 @@ class LiveGateway:
     the simulated meters (one each)."""
 
     def __init__(self, store_url: str, broker, *, accounts: int | list[Account] = 1, meters: list[SimMeter] = (),
-                 mqtt: BrokerConfig | None = None, poll_interval_s: float = 3600.0) -> None:
+                 mqtt: BrokerConfig | None = None, poll_interval_s: float = 3600.0, bus: dict | None = None) -> None:
+        """``bus``: more of the DL/T 645 channel's settings (its password and operator code, say)."""
         self.store_url = store_url
         self.broker = broker
         self.accounts = accounts if isinstance(accounts, list) else \
@@ -35,12 +36,13 @@ class LiveGateway:
         self.sims = list(meters)
         self.mqtt = mqtt or BrokerConfig(broker.host, broker.port, instance="gw-test")
         self.poll_interval_s = poll_interval_s
+        self.bus = bus or {}
 
     async def __aenter__(self) -> "LiveGateway":
         clock = SystemClock()
         self.server = await serve_tcp(SimBus.of(self.sims, clock=local_naive(clock), turnaround_s=0.0))
         link = Dlt645Link.tcp("127.0.0.1", self.server.sockets[0].getsockname()[1], LIVE_LINK)
-        self.gw = await Gateway(self.store_url, [Bus(link, [m.address for m in self.sims])], QUICK, POLICY,
+        self.gw = await Gateway(self.store_url, [Bus(link, [m.address for m in self.sims], **self.bus)], QUICK, POLICY,
                                 clock, poll_interval_s=self.poll_interval_s).open()
         cc = self.gw.control
         if not cc.engine.account_ids:

@@ -558,9 +558,9 @@ class Controller:
                                              "account is not in arrears", now, now, readback_first=False), now)
         self._emit("relay_unwarranted_open", meter_id, now, account_id=acct.account_id, command_id=c.command_id)
 
-    def set_area_flag(self, flag: AreaFlag, now: float) -> None:
+    def set_area_flag(self, flag: AreaFlag, now: float, role: str = "area_flag") -> None:
         """The latest word on an area flag wins: one older than the flag in force (a late or re-ordered
-        delivery) is refused, and the same one again changes nothing."""
+        delivery) is refused, and the same one again changes nothing. ``role``: the setter's, for the audit."""
         current = self.conditions.flags.get((flag.area, flag.flag))
         if current == flag:
             return
@@ -570,7 +570,7 @@ class Controller:
             return
         self.conditions.flags[(flag.area, flag.flag)] = flag
         self._fx.flags.append(flag)
-        self._audit(now, flag.actor or "upstream", "area_flag", "area_flag_set" if flag.active else "area_flag_cleared",
+        self._audit(now, flag.actor or "upstream", role, "area_flag_set" if flag.active else "area_flag_cleared",
                     flag.area, flag.reason, flag=flag.flag, until=flag.until)
         self._reevaluate_area(flag.area, now)
 
@@ -635,6 +635,22 @@ class Controller:
             self._audit(now, operator, role, f"manual_{action.value}_joined", meter_id, reason, request=key,
                         command_id=made.command_id)
         return made
+
+    def cancel(self, command_id: str, operator: str, role: str, reason: str, now: float) -> str:
+        """An operator stops a command that is not on the wire yet. Returns why it cannot be, or ""."""
+        c = self.commands.get(command_id)
+        if c is None or not c.state.active:
+            return f"command {command_id} is {c.state.value if c else 'not active'}: nothing to cancel"
+        if c.state.in_flight:
+            return (f"command {command_id} is {c.state.value}: its frame may have reached the meter, so it "
+                    f"cannot be recalled, only followed")
+        if not operator.strip() or not reason.strip():
+            return "an operator identity and a reason are required"
+        self.machine.cancel(c, now, f"cancelled by {operator}: {reason}")
+        self._command_changed(c, now, "relay_cancelled")
+        self._audit(now, operator, role, f"relay_{c.action.value}_cancelled", c.meter_id, reason,
+                    command_id=command_id)
+        return ""
 
     # ------------------------------------------------------------------ commands
 

@@ -34,6 +34,9 @@ class Channel(Protocol):
         carries the gateway's vocabulary: ``forward_active_energy_block`` (total, sharp, peak, flat, valley
         in kWh), ``remaining_amount`` (yuan), ``status_word_3`` ({relay, relay_command, keep_power})."""
 
+    async def read_meter(self, meter_id: str) -> Reading:
+        """Read one meter now (the same items as a cycle). The caller reserves the line if it must."""
+
     async def close(self) -> None: ...
 
 

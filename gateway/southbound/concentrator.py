@@ -240,16 +240,18 @@ class ConcentratorHub:
         return self._connected
 
     def frame_channel(self, cid: str, meters: Sequence[str], settings: LinkSettings | None = None,
-                      items: Sequence[str] = DEFAULT_ITEMS) -> Bus:
+                      items: Sequence[str] = DEFAULT_ITEMS, name: str | None = None) -> Bus:
         """Transparent mode: DL/T 645 end to end, the concentrator's bus behind MQTT. The same channel as a
-        serial line (poller, client, relay driver); only the link's opener differs."""
-        link = Dlt645Link(self.frame_opener(cid), settings or FRAME_LINK_SETTINGS, channel_name(cid))
+        serial line (poller, client, relay driver); only the link's opener differs. ``name``: the bus name
+        meters are configured with (default :func:`channel_name`)."""
+        link = Dlt645Link(self.frame_opener(cid), settings or FRAME_LINK_SETTINGS, name or channel_name(cid))
         return Bus(link, list(meters), items)
 
     def json_channel(self, cid: str, meters: Sequence[str], *, read_timeout_s: float = 10.0,
-                     relay_timeout_s: float = 10.0, items: Sequence[str] = DEFAULT_ITEMS) -> "JsonChannel":
+                     relay_timeout_s: float = 10.0, items: Sequence[str] = DEFAULT_ITEMS,
+                     name: str | None = None) -> "JsonChannel":
         return JsonChannel(self, cid, meters, read_timeout_s=read_timeout_s, relay_timeout_s=relay_timeout_s,
-                           items=items)
+                           items=items, name=name)
 
     async def _run(self) -> None:
         delay = self.settings.reconnect_min_s
@@ -545,12 +547,12 @@ class JsonChannel:
     """JSON mode: the concentrator reads its meters and drives their relays itself; one command at a time."""
 
     def __init__(self, hub: ConcentratorHub, cid: str, meters: Sequence[str], *, read_timeout_s: float = 10.0,
-                 relay_timeout_s: float = 10.0, items: Sequence[str] = DEFAULT_ITEMS) -> None:
+                 relay_timeout_s: float = 10.0, items: Sequence[str] = DEFAULT_ITEMS, name: str | None = None) -> None:
         unknown = [i for i in items if i not in contract.ITEMS]
         if unknown:
             raise ValueError(f"JSON mode cannot read {unknown}; it reads {list(contract.ITEMS)}")
         self.hub, self.cid = hub, cid
-        self.name = channel_name(cid)
+        self.name = name or channel_name(cid)
         self.meters = list(meters)
         self.items = list(items)
         self.read_timeout_s, self.relay_timeout_s = read_timeout_s, relay_timeout_s

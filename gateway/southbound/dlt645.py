@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from protocols.dlt645.client import Dlt645Client, Dlt645Link
+from protocols.dlt645.codes import Edition
 
 from .poller import DEFAULT_ITEMS, BusPoller
 from .relay import Dlt645RelayDriver
@@ -18,11 +19,15 @@ class Bus:
     link: Dlt645Link
     meters: list[str]
     items: Sequence[str] = DEFAULT_ITEMS
+    edition: Edition = Edition.DLT645_2007
+    #: the meters' relay-control password (6 hex digits) and the operator code they record
+    password: str = field(default="000000", repr=False)  # a secret: never in a repr or a log
+    operator: str = "00000000"
     client: Dlt645Client = field(init=False)
     poller: BusPoller | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
-        self.client = Dlt645Client(self.link)
+        self.client = Dlt645Client(self.link, self.edition, password=self.password, operator=self.operator)
 
     @property
     def name(self) -> str:
@@ -34,6 +39,9 @@ class Bus:
 
     async def cycle(self, sink) -> None:
         await self.poller.cycle(sink)
+
+    async def read_meter(self, meter_id: str):
+        return await self.poller.read_meter(meter_id)
 
     async def close(self) -> None:
         await self.link.close()

@@ -22,7 +22,9 @@ from gateway.core.model import Account, Adjustment, CostControlMode, CustomerCla
 from gateway.core.policy import AreaFlag, Forecast
 from gateway.core.tariff import Tariff, Tier, TariffVersion
 
-from .entities import CASES, COMMANDS, NOTICES, ORDERS, EntityTable
+from gateway.ops.audit import link_hash
+
+from .entities import CASES, COMMANDS, NOTICES, ORDERS, REQUESTS, EntityTable
 
 # Each migration is a list of statements; {serial_pk}, {real} and {without_rowid} are filled per dialect.
 MIGRATIONS: list[list[str]] = [
@@ -130,6 +132,22 @@ MIGRATIONS: list[list[str]] = [
             subject TEXT NOT NULL, reason TEXT NOT NULL, detail TEXT NOT NULL)""",
         "CREATE INDEX audit_log_subject ON audit_log (subject, seq)",
     ],
+    [  # 4: operators: two-person approval requests; the audit log hash-chained and append-only
+        """CREATE TABLE approval_requests (
+            request_id TEXT PRIMARY KEY, kind TEXT NOT NULL, meter_ids TEXT NOT NULL, requested_by TEXT NOT NULL,
+            requested_role TEXT NOT NULL, reason TEXT NOT NULL, created_at {real} NOT NULL,
+            expires_at {real} NOT NULL, state TEXT NOT NULL, decided_by TEXT NOT NULL,
+            decided_role TEXT NOT NULL, decided_at {real}, decision_reason TEXT NOT NULL,
+            command_ids TEXT NOT NULL)""",
+        "CREATE INDEX approval_requests_state ON approval_requests (state, created_at)",
+        "ALTER TABLE audit_log ADD COLUMN prev_hash TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE audit_log ADD COLUMN hash TEXT NOT NULL DEFAULT ''",
+        # the chain's head: locked (updated) by every append, so appends from several gateways on one
+        # database take turns and each links to the one committed before it
+        "CREATE TABLE audit_head (id INTEGER PRIMARY KEY, records BIGINT NOT NULL, hash TEXT NOT NULL)",
+        lambda store: store._chain_existing_audit(),
+        lambda store: [store._execute(sql) for sql in store.append_only_sql("audit_log")],
+    ],
 ]
 
 READING_COLUMNS = ("t", "meter_no", "account_no", "total_wh", "sharp_wh", "peak_wh", "flat_wh", "valley_wh",
@@ -181,6 +199,10 @@ class Store(ABC):
     @abstractmethod
     def close(self) -> None: ...
 
+    @abstractmethod
+    def append_only_sql(self, table: str) -> list[str]:
+        """Statements (triggers) that make ``table`` refuse UPDATE and DELETE: the dialect's own DDL."""
+
     def _insert_readings(self, rows: list[tuple]) -> None:
         cols = ", ".join(READING_COLUMNS)
         marks = ", ".join("?" * len(READING_COLUMNS))
@@ -228,6 +250,9 @@ class Store(ABC):
                                  f"({len(MIGRATIONS)}): upgrade feikong, do not downgrade the database")
             for version in range(current + 1, len(MIGRATIONS) + 1):
                 for statement in MIGRATIONS[version - 1]:
+                    if callable(statement):  # a step that needs Python (hashing existing rows, a dialect's DDL)
+                        statement(self)
+                        continue
                     self._execute(statement.format(serial_pk=self.serial_pk, real=self.real,
                                                    without_rowid=self.without_rowid))
                 self._execute("UPDATE schema_version SET version = ?", (version,))
@@ -509,11 +534,7 @@ class Store(ABC):
                                (ORDERS, fx.orders)):
             self.save_entities(table, changed.values())
         self.add_events(fx.events)
-        if fx.audit:
-            self._executemany("INSERT INTO audit_log (at, actor, role, action, subject, reason, detail) "
-                              "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                              [(a.at, a.actor, a.role, a.action, a.subject, a.reason, _dumps(a.detail))
-                               for a in fx.audit])
+        self.append_audit(fx.audit)
         if fx.flags:
             self._executemany("INSERT INTO area_flags (area, flag, active, since, until, actor, reason) "
                               "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (area, flag) DO UPDATE SET "
@@ -582,6 +603,58 @@ class Store(ABC):
     def meter_orders(self, meter_id: str, limit: int = 20) -> list:
         return self.load_entities(ORDERS, "meter_id = ? ORDER BY created_at DESC LIMIT ?", (meter_id, limit))
 
+    def commands_page(self, state: str | None = None, meter_id: str | None = None, limit: int = 100,
+                      offset: int = 0) -> list:
+        """Relay commands, newest first, optionally of one state and/or one meter."""
+        where, params = _filters(state=state, meter_id=meter_id)
+        return self.load_entities(COMMANDS, f"{where} ORDER BY created_at DESC, command_id DESC LIMIT ? OFFSET ?",
+                                  (*params, limit, offset))
+
+    def order(self, order_id: str):
+        found = self.load_entities(ORDERS, "order_id = ?", (order_id,))
+        return found[0] if found else None
+
+    def meters_page(self, relay: str | None = None, limit: int = 100, offset: int = 0) -> list[tuple]:
+        """``(meter_id, account_id, protocol, channel, relay, verified_at)`` by meter id; ``relay`` is open,
+        closed or unknown (never read)."""
+        where, params = _filters(relay=relay)
+        return self._query(
+            "SELECT meter_id, account_id, protocol, channel, relay, verified_at FROM (SELECT m.meter_id, "
+            "a.account_id, m.protocol, m.channel, CASE WHEN r.meter_no IS NULL THEN 'unknown' WHEN r.is_open = 1 "
+            "THEN 'open' ELSE 'closed' END AS relay, r.at AS verified_at FROM meters m JOIN accounts a "
+            f"ON a.account_no = m.account_no LEFT JOIN relay_state r ON r.meter_no = m.meter_no) v WHERE {where} "
+            "ORDER BY meter_id LIMIT ? OFFSET ?", (*params, limit, offset))
+
+    def recent_readings(self, meter_id: str, since: int, limit: int = 10) -> list[tuple]:
+        """``(t, total_wh, sharp_wh, peak_wh, flat_wh, valley_wh, balance_fen)`` of the meter's readings from
+        ``since`` on, newest first (give a window: readings are clustered by time)."""
+        return self._query("SELECT r.t, r.total_wh, r.sharp_wh, r.peak_wh, r.flat_wh, r.valley_wh, r.balance_fen "
+                           "FROM readings r JOIN meters m ON m.meter_no = r.meter_no WHERE r.t >= ? "
+                           "AND m.meter_id = ? ORDER BY r.t DESC LIMIT ?", (since, meter_id, limit))
+
+    # -- two-person approvals ------------------------------------------------------------------------
+    def save_request(self, request) -> None:
+        self.save_entities(REQUESTS, [request])
+
+    def approval_request(self, request_id: str):
+        found = self.load_entities(REQUESTS, "request_id = ?", (request_id,))
+        return found[0] if found else None
+
+    def approval_requests(self, state: str | None, now: float, limit: int = 100, offset: int = 0) -> list:
+        """Newest first. ``expired`` are the pending ones past their expiry; ``pending`` are the others."""
+        if state == "pending":
+            where, params = "state = 'pending' AND expires_at > ?", (now,)
+        elif state == "expired":
+            where, params = "state = 'pending' AND expires_at <= ?", (now,)
+        else:
+            where, params = _filters(state=state)
+        return self.load_entities(REQUESTS, f"{where} ORDER BY created_at DESC, request_id DESC LIMIT ? OFFSET ?",
+                                  (*params, limit, offset))
+
+    def ping(self) -> bool:
+        """The database answers."""
+        return self._query("SELECT 1")[0][0] == 1
+
     def relay_row(self, meter_id: str) -> tuple | None:
         """``(is_open, at, commanded_open, keep_power)`` of the meter's last verified relay position."""
         rows = self._query("SELECT r.is_open, r.at, r.commanded_open, r.keep_power FROM relay_state r "
@@ -611,11 +684,65 @@ class Store(ABC):
     def mark_published(self, seqs: list[int], at: float) -> None:
         self._executemany("UPDATE outbox SET published_at = ? WHERE seq = ?", [(at, s) for s in seqs])
 
+    # -- the audit log: append-only, hash-chained (gateway/ops/audit.py verifies it) --------------------
+    def append_audit(self, records) -> None:
+        """Audit records (:class:`~gateway.core.control.AuditRecord`) appended to the chain, inside the
+        caller's transaction: the head row is updated first, which locks it (PostgreSQL) until the commit,
+        so concurrent appenders on one database link one after the other."""
+        if not records:
+            return
+        count, head = self._query("UPDATE audit_head SET records = records WHERE id = 1 RETURNING records, hash")[0]
+        rows = []
+        for a in records:
+            row = (a.at, a.actor, a.role, a.action, a.subject, a.reason, _dumps(a.detail))
+            digest = link_hash(head, *row)
+            rows.append((*row, head, digest))
+            head = digest
+        self._executemany("INSERT INTO audit_log (at, actor, role, action, subject, reason, detail, prev_hash, "
+                          "hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        self._execute("UPDATE audit_head SET records = ?, hash = ? WHERE id = 1", (count + len(rows), head))
+
+    def _chain_existing_audit(self) -> None:
+        """Migration 4: the records written before the chain existed get their links, in order."""
+        head, n = "", 0
+        for seq, *row in self._query("SELECT seq, at, actor, role, action, subject, reason, detail FROM audit_log "
+                                     "ORDER BY seq"):
+            digest = link_hash(head, *row)
+            self._execute("UPDATE audit_log SET prev_hash = ?, hash = ? WHERE seq = ?", (head, digest, seq))
+            head, n = digest, n + 1
+        self._execute("INSERT INTO audit_head (id, records, hash) VALUES (1, ?, ?)", (n, head))
+
+    def audit_head(self) -> tuple[int, str]:
+        """``(records, hash)``: how many records the chain has and the last one's hash."""
+        return tuple(self._query("SELECT records, hash FROM audit_head WHERE id = 1")[0])
+
+    def audit_chain(self, after_seq: int = 0, limit: int = 1000) -> list[tuple]:
+        """Raw chain rows in order: ``(seq, at, actor, role, action, subject, reason, detail_text, prev_hash,
+        hash)`` (the detail as stored: the hash covers that text)."""
+        return self._query("SELECT seq, at, actor, role, action, subject, reason, detail, prev_hash, hash "
+                           "FROM audit_log WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit))
+
+    def audit_page(self, subject: str | None = None, action: str | None = None, before_seq: int | None = None,
+                   limit: int = 100) -> list[tuple]:
+        """Newest first: ``(seq, at, actor, role, action, subject, reason, detail, hash)``."""
+        where, params = _filters(subject=subject, action=action)
+        if before_seq is not None:
+            where, params = f"{where} AND seq < ?", (*params, before_seq)
+        rows = self._query("SELECT seq, at, actor, role, action, subject, reason, detail, hash FROM audit_log "
+                           f"WHERE {where} ORDER BY seq DESC LIMIT ?", (*params, limit))
+        return [(*r[:7], json.loads(r[7]), r[8]) for r in rows]
+
     def audit_log(self, subject: str | None = None) -> list[tuple]:
         sql = "SELECT seq, at, actor, role, action, subject, reason, detail FROM audit_log"
         rows = self._query(sql + " WHERE subject = ? ORDER BY seq", (subject,)) if subject else \
             self._query(sql + " ORDER BY seq")
         return [(*r[:7], json.loads(r[7])) for r in rows]
+
+
+def _filters(**equal) -> tuple[str, tuple]:
+    """A WHERE condition of ``column = ?`` for each value given (None: no condition on that column)."""
+    given = {k: v for k, v in equal.items() if v is not None}
+    return " AND ".join([f"{k} = ?" for k in given] or ["1 = 1"]), tuple(given.values())
 
 
 def _dumps(obj) -> str:

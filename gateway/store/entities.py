@@ -1,4 +1,5 @@
-"""Rows for the control entities (notices, disconnect cases, relay commands, work orders), written once.
+"""Rows for the control entities (notices, disconnect cases, relay commands, work orders, approval requests),
+written once.
 
 Each table's columns are its dataclass's fields, in order (a test holds the migration's DDL to that):
 enums are stored as their values, lists, tuples and dicts as JSON, booleans as 0/1, times as REAL seconds.
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Callable
 
+from gateway.core.approvals import ApprovalRequest
 from gateway.core.commands import Command
 from gateway.core.control import TripCase
 from gateway.core.dispatch import WorkOrder
@@ -86,4 +88,5 @@ NOTICES = _table("notices", Notice, "notice_id", attempts=lambda v: _attempts(js
 CASES = _table("trip_cases", TripCase, "case_id")
 COMMANDS = _table("relay_commands", Command, "command_id")
 ORDERS = _table("work_orders", WorkOrder, "order_id")
-ENTITY_TABLES = (NOTICES, CASES, COMMANDS, ORDERS)
+REQUESTS = _table("approval_requests", ApprovalRequest, "request_id")
+ENTITY_TABLES = (NOTICES, CASES, COMMANDS, ORDERS, REQUESTS)

@@ -43,5 +43,10 @@ class SqliteStore(Store):
         return bool(self.conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
                                       (name,)).fetchone())
 
+    def append_only_sql(self, table: str) -> list[str]:
+        return [f"CREATE TRIGGER {table}_no_{verb.lower()} BEFORE {verb} ON {table} "
+                f"BEGIN SELECT RAISE(ABORT, '{table} is append-only: {verb} refused'); END"
+                for verb in ("UPDATE", "DELETE")]
+
     def close(self) -> None:
         self.conn.close()

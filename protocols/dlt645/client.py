@@ -129,14 +129,15 @@ class Dlt645Link:
         self._match: Callable[[Frame], bool] | None = None
 
     @classmethod
-    def tcp(cls, host: str, port: int, settings: LinkSettings | None = None) -> "Dlt645Link":
+    def tcp(cls, host: str, port: int, settings: LinkSettings | None = None, name: str | None = None) -> "Dlt645Link":
+        """``name``: the bus name meters are configured with (default ``tcp://HOST:PORT``)."""
         async def opener(factory):
             return await asyncio.get_running_loop().create_connection(factory, host, port)
 
-        return cls(opener, settings or LinkSettings(), f"tcp://{host}:{port}")
+        return cls(opener, settings or LinkSettings(), name or f"tcp://{host}:{port}")
 
     @classmethod
-    def serial(cls, device: str, settings: LinkSettings | None = None) -> "Dlt645Link":
+    def serial(cls, device: str, settings: LinkSettings | None = None, name: str | None = None) -> "Dlt645Link":
         settings = settings or LinkSettings()
 
         async def opener(factory):
@@ -146,7 +147,7 @@ class Dlt645Link:
                 asyncio.get_running_loop(), factory, device, baudrate=settings.baud,
                 parity=settings.parity.upper(), bytesize=settings.bytesize, stopbits=settings.stopbits)
 
-        return cls(opener, settings, f"serial://{device}")
+        return cls(opener, settings, name or f"serial://{device}")
 
     @property
     def is_open(self) -> bool:
