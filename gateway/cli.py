@@ -283,6 +283,12 @@ async def _sim_concentrator(args) -> int:
     return EXIT_OK
 
 
+def _sim_fleet(args) -> int:
+    from simulators.fleet import main as fleet_main
+
+    return fleet_main([args.spec] + (["--broker", args.broker] if args.broker else []))
+
+
 async def _sim_billing(args) -> int:
     from decimal import Decimal, InvalidOperation
 
@@ -593,6 +599,14 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--fault-rate", type=float, default=0.0, help="share of requests that meet a fault (0..1)")
     sc.add_argument("--connect-timeout", type=float, default=30.0, help="seconds to wait for the broker")
     sc.set_defaults(run=_sim_concentrator)
+
+    sf = ssub.add_parser("fleet", help="a whole simulated fleet (every channel kind, faults) from one JSON description; "
+                                       "prints where each line is as one JSON line",
+                         description="See simulators/fleet.py and config/simfleet.example.json. Serves until "
+                                     "Ctrl-C or SIGTERM.")
+    sf.add_argument("spec", metavar="SPEC.json", help="the fleet description ('-': standard input)")
+    sf.add_argument("--broker", metavar="HOST:PORT", help="the MQTT broker its concentrators connect to")
+    sf.set_defaults(run=_sim_fleet)
 
     sb = ssub.add_parser("billing", help="a simulated billing system: sends payments, prints the gateway's events")
     sb.add_argument("--broker", required=True, metavar="HOST:PORT")

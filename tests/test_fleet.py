@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -139,3 +140,22 @@ async def test_a_fleet_process_takes_a_crews_repair_on_its_standard_input_and_st
     again = await FleetProcess(spec, workdir=tmp_path).start()
     again.proc.stdin.close()
     assert await asyncio.wait_for(again.proc.wait(), 10) == 0
+
+
+def test_the_example_description_is_valid_and_feikong_sim_fleet_serves_one(tmp_path, broker):
+    example = Path(__file__).resolve().parent.parent / "config" / "simfleet.example.json"
+    assert FleetSpec.from_dict(json.loads(example.read_text())).total == 1000
+    spec = tmp_path / "small.json"
+    spec.write_text(json.dumps({"meters": {"dlt645_tcp": 2, "mqtt_json": 2}}))
+    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "sim", "fleet", str(spec), "--broker",
+                             f"{broker.host}:{broker.port}"], stdout=subprocess.PIPE, text=True)
+    try:
+        described = json.loads(proc.stdout.readline())
+        assert [line["kind"] for line in described["lines"]] == ["dlt645_tcp", "mqtt_json"]
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0
