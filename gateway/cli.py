@@ -492,32 +492,37 @@ def build_parser() -> argparse.ArgumentParser:
                      "billing, notification system and field crews",
         description="Customers run out of credit, are warned, tripped once a notice is confirmed, pay and are "
                     "reconnected with read-back verification; failing meters get field orders. A summary every "
-                    "--interval seconds; Ctrl-C stops everything cleanly.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    demo.add_argument("--tcp-meters", type=int, default=600, help="DL/T 645 meters on buses behind TCP listeners")
-    demo.add_argument("--pty-meters", type=int, default=100, help="DL/T 645 meters on pseudo-terminal buses")
-    demo.add_argument("--modbus-meters", type=int, default=100, help="Modbus TCP meters (Hiking DDS238 profile)")
+                    "--interval seconds; Ctrl-C stops everything cleanly.")
+    dflt = " (default: %(default)s)"
+    demo.add_argument("--tcp-meters", type=int, default=600,
+                      help="DL/T 645 meters on buses behind TCP listeners" + dflt)
+    demo.add_argument("--pty-meters", type=int, default=100, help="DL/T 645 meters on pseudo-terminal buses" + dflt)
+    demo.add_argument("--modbus-meters", type=int, default=100, help="Modbus TCP meters (Hiking DDS238 profile)" + dflt)
     demo.add_argument("--concentrator-meters", type=int, default=150,
-                      help="DL/T 645 meters behind MQTT concentrators in transparent (frame) mode")
-    demo.add_argument("--json-meters", type=int, default=50, help="meters behind MQTT concentrators in JSON mode")
+                      help="DL/T 645 meters behind MQTT concentrators in transparent (frame) mode" + dflt)
+    demo.add_argument("--json-meters", type=int, default=50,
+                      help="meters behind MQTT concentrators in JSON mode" + dflt)
     demo.add_argument("--per-line", type=int, default=75,
-                      help="meters per bus, Modbus line or concentrator (Modbus: at most 247)")
-    demo.add_argument("--stuck-relay", type=float, default=0.01, help="share of meters whose relay does not move")
+                      help="meters per bus, Modbus line or concentrator (Modbus: at most 247)" + dflt)
+    demo.add_argument("--stuck-relay", type=float, default=0.01,
+                      help="share of meters whose relay does not move" + dflt)
     demo.add_argument("--silent-after-trip", type=float, default=0.01,
-                      help="share of meters that stop answering once tripped")
+                      help="share of meters that stop answering once tripped" + dflt)
     demo.add_argument("--transient", type=float, default=0.002,
-                      help="transient faults per DL/T 645 request (no reply, late, corrupt, wrong address, abnormal)")
+                      help="transient faults per DL/T 645 request (no reply, late, corrupt, wrong address, "
+                           "abnormal)" + dflt)
     demo.add_argument("--fleet-process", action="store_true",
                       help="run the simulated fleet in a child process (python -m simulators.fleet), off the "
                            "gateway's event loop")
-    demo.add_argument("--seed", type=int, default=6, help="seed of the fleet and of the upstream simulators")
+    demo.add_argument("--seed", type=int, default=6, help="seed of the fleet and of the upstream simulators" + dflt)
     demo.add_argument("--control", default=None, metavar="FILE",
                       help="the disconnect/reconnect policies (default: config/demo.control.toml: short lead "
                            "times, no forbidden windows)")
     demo.add_argument("--cycles", type=int, default=None, help="stop after N summaries (default: run until Ctrl-C)")
-    demo.add_argument("--interval", type=float, default=5.0, help="seconds between summaries")
+    demo.add_argument("--interval", type=float, default=5.0, help="seconds between summaries" + dflt)
     demo.add_argument("--poll", type=float, default=2.0,
-                      help="seconds from the start of one read cycle of a channel to the next (at least the cycle)")
+                      help="seconds from the start of one read cycle of a channel to the next (at least the "
+                           "cycle)" + dflt)
     demo.set_defaults(run=_demo)
 
     dlt = sub.add_parser("dlt645", help="DL/T 645 tools: decode captured hex, read a meter, control a relay")
