@@ -12,7 +12,8 @@ gate passes (the demo's policies, ``config/demo.control.toml``: seconds instead 
 and when billing pays (a share of the tripped customers) closes their relays and verifies each by reading it
 back. Some meters fail: relays that do not move, meters that fall silent once tripped; their commands end in
 field work orders with deadlines, and crews complete some of them over MQTT (``in/field-updates``). A live
-summary every interval; Ctrl-C stops everything and removes the temporary directory.
+summary every interval; the operator API on a free port with an operator's and a supervisor's token (in files
+beside the store); Ctrl-C stops everything and removes the temporary directory.
 
 This is the one place besides tests and benchmarks that imports ``simulators``.
 """
@@ -40,6 +41,8 @@ from gateway.core.model import Account, Adjustment, Meter
 from gateway.core.tariff import tariffs_from_config
 from gateway.core.thresholds import ThresholdPolicy
 from gateway.northbound.mqtt import BillingBridge, BrokerConfig
+from gateway.ops.api import ApiServer, create_app
+from gateway.ops.auth import Tokens
 from gateway.southbound.concentrator import ConcentratorHub, HubSettings
 from gateway.southbound.modbus import ModbusChannel, ModbusMeter
 from gateway.store.entities import COMMANDS, NOTICES, ORDERS
@@ -137,6 +140,7 @@ class Composed:
     addresses: dict[str, str] = field(default_factory=dict)
     tasks: list[asyncio.Task] = field(default_factory=list)
     answered: dict[str, float] = field(default_factory=dict)  # meter -> when (epoch s) a read last got a value
+    api: ApiServer | None = None
 
     def __post_init__(self) -> None:
         self.gateway.reading_hooks.append(self._heard)
@@ -146,6 +150,8 @@ class Composed:
             self.answered[reading.meter] = self.gateway.clock.now()
 
     async def close(self) -> None:
+        if self.api is not None:
+            await self.api.stop()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         await self.gateway.close()
         await self.hub.close()
@@ -153,13 +159,15 @@ class Composed:
 
 async def compose(store_url: str, broker: Broker, fleet: AnyFleet, config: ControlConfig, policy: ThresholdPolicy,
                   stop: asyncio.Event, *, poll_interval_s: float,
-                  provision: Callable[[Gateway], Awaitable[None]] | None = None) -> Composed:
+                  provision: Callable[[Gateway], Awaitable[None]] | None = None,
+                  tokens: Tokens | None = None) -> Composed:
     """The gateway on ``store_url`` with a channel per fleet line, the concentrator hub and the billing bridge
-    on ``broker``, all running until ``stop`` is set. On an empty store ``provision(gateway)`` runs first,
-    before any loop (accounts, meters, opening balances: the first tick would otherwise see empty accounts).
+    on ``broker``, all running until ``stop`` is set, and with ``tokens`` the operator API on a free local port.
+    On an empty store ``provision(gateway)`` runs first, before any loop (accounts, meters, opening balances:
+    the first tick would otherwise see empty accounts).
 
-    The one place the demo composes the gateway: a service built from a config file, the metrics and the
-    operator API belong here, with their addresses in ``Composed.addresses``."""
+    The one place the demo composes the gateway (a service built from a config file and the metrics server
+    belong here too), with the addresses an operator uses in ``Composed.addresses``."""
     hub = await ConcentratorHub(HubSettings(broker.host, broker.port, client_id="feikong-demo-south")).start()
     try:
         channels = channels_for(fleet.describe(), hub)
@@ -176,6 +184,9 @@ async def compose(store_url: str, broker: Broker, fleet: AnyFleet, config: Contr
         await composed.bridge.start()
         composed.tasks = [asyncio.create_task(gw.run(stop)), asyncio.create_task(composed.bridge.run(stop))]
         await composed.bridge.ready()
+        if tokens is not None:
+            composed.api = ApiServer(create_app(gw, tokens, bridge=composed.bridge), "127.0.0.1", 0)
+            composed.addresses["api"] = f"http://127.0.0.1:{await composed.api.start()}/api/v1"
     except BaseException:
         stop.set()
         await composed.close()
@@ -368,7 +379,8 @@ async def run_demo(spec: FleetSpec, story: Story = Story(), *, cycles: int | Non
                            Fleet(spec, (broker.host, broker.port))).start()
             try:
                 c = await compose(f"sqlite://{tmp}/feikong.db", broker, fleet, config, THRESHOLDS, stop,
-                                  poll_interval_s=poll_interval_s, provision=provision_demo(fleet, story))
+                                  poll_interval_s=poll_interval_s, provision=provision_demo(fleet, story),
+                                  tokens=_demo_tokens(Path(tmp)))
                 try:
                     result = await _story(c, fleet, story, stop, cycles, until, interval_s, say)
                 finally:
@@ -384,6 +396,17 @@ async def run_demo(spec: FleetSpec, story: Story = Story(), *, cycles: int | Non
     return result
 
 
+def _demo_tokens(directory: Path) -> Tokens:
+    """An operator's and a supervisor's token for the demo's API, each in a file of its own (for the console's
+    ``--token-file``; a token is never printed)."""
+    tokens = Tokens(path=directory / "tokens.toml")
+    for name, role in (("demo-operator", "operator"), ("demo-supervisor", "supervisor")):
+        token_file = directory / f"{name}.token"
+        token_file.write_text(tokens.add(name, role))
+        token_file.chmod(0o600)
+    return tokens
+
+
 async def _story(c: Composed, fleet: AnyFleet, story: Story, stop: asyncio.Event, cycles: int | None,
                  until: Callable[[dict], bool] | None, interval_s: float, say) -> dict:
     gw = c.gateway
@@ -397,6 +420,10 @@ async def _story(c: Composed, fleet: AnyFleet, story: Story, stop: asyncio.Event
             say(f"  {ch.name}  ({KIND_LABEL[line['kind']]}, {len(line['meters'])} meters)")
         for name, address in c.addresses.items():
             say(f"{name:8} {address}")
+        if "api" in c.addresses:
+            tokens = Path(c.addresses["store"].removeprefix("sqlite://")).parent
+            say(f"console  feikong meters --api {c.addresses['api'].removesuffix('/api/v1')} "
+                f"--token-file {tokens}/demo-operator.token   (a supervisor's: {tokens}/demo-supervisor.token)")
         say(f"watch the contract: mosquitto_sub -p {c.bridge.config.port} -t 'feikong/v1/#' -v")
         faults = {f: sum(1 for v in fleet.faulty.values() if v == f) for f in ("stuck_relay", "silent_after_trip")}
         say(f"every customer starts with {story.opening_fen[0] / 100:.2f}-{story.opening_fen[1] / 100:.2f} yuan of "

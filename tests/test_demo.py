@@ -114,6 +114,11 @@ def test_ctrl_c_stops_the_demo_cleanly_and_leaves_nothing_behind(where):
         text = "".join(lines)
         tmp = re.search(r"^store +sqlite://(/\S+)/feikong\.db$", text, re.M).group(1)
         port = int(re.search(r"^broker +mqtt://127\.0\.0\.1:(\d+)$", text, re.M).group(1))
+        # the operator API answers the console with the token the demo made
+        console = re.search(r"^console  feikong (meters --api \S+ --token-file \S+)", text, re.M).group(1).split()
+        listed = subprocess.run([sys.executable, "-m", "gateway.cli", *console, "--limit", "2"], capture_output=True,
+                                text=True, timeout=30)
+        assert listed.returncode == 0 and "000000000001" in listed.stdout, listed.stderr
         # the spawned mosquitto runs from it (and the fleet process reads its description there)
         assert os.path.isdir(tmp) and len(_processes_mentioning(tmp)) == 1 + len(where)
         proc.send_signal(signal.SIGINT)
@@ -127,8 +132,10 @@ def test_ctrl_c_stops_the_demo_cleanly_and_leaves_nothing_behind(where):
     assert "Traceback" not in err and "Task was destroyed" not in err and "never awaited" not in err, err
     assert not os.path.exists(tmp)
     assert not _processes_mentioning(tmp)  # no mosquitto (nor fleet) left running
-    with pytest.raises(OSError):
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    api_port = int(re.search(r"^api +http://127\.0\.0\.1:(\d+)/api/v1$", text, re.M).group(1))
+    for closed in (port, api_port):  # neither the broker nor the API listens any more
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", closed), timeout=1).close()
 
 
 def test_the_demo_policies_allow_trips_at_any_hour_even_on_a_statutory_holiday():
