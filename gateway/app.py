@@ -49,6 +49,7 @@ class Gateway:
         #: cycle, before it is committed (metrics, progress bars); ``seconds`` is the time the channel took for
         #: it (its exchanges: a cycle reads one meter after another)
         self.reading_hooks: list[Callable[[Channel, Reading, float], None]] = []
+        self.cycle_s: dict[str, float] = {}  # channel name -> how long its last full read cycle took (s)
 
     async def open(self) -> "Gateway":
         self.control = await self.writer.call(CostControl, open_store(self.store_url), self.config, self.policy,
@@ -98,7 +99,9 @@ class Gateway:
     async def poll_once(self, channel: Channel) -> None:
         """One read cycle of a channel, committed as one batch (with the relay positions it saw)."""
         readings: list[Reading] = []
+        started = asyncio.get_running_loop().time()
         await channel.cycle(self._timed_sink(channel, readings) if self.reading_hooks else readings.append)
+        self.cycle_s[channel.name] = asyncio.get_running_loop().time() - started
         await self._ingest(readings)
 
     async def read_meter(self, meter_id: str) -> Reading:

@@ -283,6 +283,12 @@ async def _sim_concentrator(args) -> int:
     return EXIT_OK
 
 
+def _sim_fleet(args) -> int:
+    from simulators.fleet import main as fleet_main
+
+    return fleet_main([args.spec] + (["--broker", args.broker] if args.broker else []))
+
+
 async def _sim_billing(args) -> int:
     from decimal import Decimal, InvalidOperation
 
@@ -443,10 +449,20 @@ def _config_check(args) -> int:
 
 
 async def _demo(args) -> int:
-    from gateway.demo import run_demo
+    from gateway.core.config import ConfigError
+    from gateway.demo import Story, fleet_spec, run_demo
+    from simulators.fleet import FleetError
 
-    await run_demo(tcp_meters=args.tcp_meters, pty_meters=args.pty_meters, modbus_meters=args.modbus_meters,
-                   concentrator_meters=args.concentrator_meters, cycles=args.cycles, interval_s=args.interval)
+    try:
+        spec = fleet_spec({"dlt645_tcp": args.tcp_meters, "dlt645_pty": args.pty_meters,
+                          "modbus_tcp": args.modbus_meters, "mqtt_frame": args.concentrator_meters,
+                          "mqtt_json": args.json_meters}, per_line=args.per_line,
+                         stuck_relay=args.stuck_relay, silent_after_trip=args.silent_after_trip,
+                         transient=args.transient, seed=args.seed)
+        await run_demo(spec, Story(seed=args.seed), cycles=args.cycles, interval_s=args.interval,
+                       poll_interval_s=args.poll, control=args.control, fleet_process=args.fleet_process)
+    except (FleetError, ConfigError) as exc:
+        raise CliError(str(exc)) from None
     return EXIT_OK
 
 
@@ -471,15 +487,42 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version="feikong 0.1.0")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="the gateway on embedded defaults (SQLite, a spawned Mosquitto) with simulated "
-                                       "meters and a simulated billing system paying cut-off customers")
-    demo.add_argument("--tcp-meters", type=int, default=6, help="DL/T 645 meters behind a TCP listener")
-    demo.add_argument("--pty-meters", type=int, default=4, help="DL/T 645 meters on a pseudo-terminal")
-    demo.add_argument("--modbus-meters", type=int, default=4, help="Modbus TCP meters (Hiking DDS238 profile)")
-    demo.add_argument("--concentrator-meters", type=int, default=4,
-                      help="DL/T 645 meters behind an MQTT concentrator (transparent mode)")
+    demo = sub.add_parser(
+        "demo", help="the gateway on embedded defaults (SQLite, a spawned Mosquitto) with a simulated fleet, "
+                     "billing, notification system and field crews",
+        description="Customers run out of credit, are warned, tripped once a notice is confirmed, pay and are "
+                    "reconnected with read-back verification; failing meters get field orders. A summary every "
+                    "--interval seconds; Ctrl-C stops everything cleanly.")
+    dflt = " (default: %(default)s)"
+    demo.add_argument("--tcp-meters", type=int, default=600,
+                      help="DL/T 645 meters on buses behind TCP listeners" + dflt)
+    demo.add_argument("--pty-meters", type=int, default=100, help="DL/T 645 meters on pseudo-terminal buses" + dflt)
+    demo.add_argument("--modbus-meters", type=int, default=100, help="Modbus TCP meters (Hiking DDS238 profile)" + dflt)
+    demo.add_argument("--concentrator-meters", type=int, default=150,
+                      help="DL/T 645 meters behind MQTT concentrators in transparent (frame) mode" + dflt)
+    demo.add_argument("--json-meters", type=int, default=50,
+                      help="meters behind MQTT concentrators in JSON mode" + dflt)
+    demo.add_argument("--per-line", type=int, default=75,
+                      help="meters per bus, Modbus line or concentrator (Modbus: at most 247)" + dflt)
+    demo.add_argument("--stuck-relay", type=float, default=0.01,
+                      help="share of meters whose relay does not move" + dflt)
+    demo.add_argument("--silent-after-trip", type=float, default=0.01,
+                      help="share of meters that stop answering once tripped" + dflt)
+    demo.add_argument("--transient", type=float, default=0.002,
+                      help="transient faults per DL/T 645 request (no reply, late, corrupt, wrong address, "
+                           "abnormal)" + dflt)
+    demo.add_argument("--fleet-process", action="store_true",
+                      help="run the simulated fleet in a child process (python -m simulators.fleet), off the "
+                           "gateway's event loop")
+    demo.add_argument("--seed", type=int, default=6, help="seed of the fleet and of the upstream simulators" + dflt)
+    demo.add_argument("--control", default=None, metavar="FILE",
+                      help="the disconnect/reconnect policies (default: config/demo.control.toml: short lead "
+                           "times, no forbidden windows)")
     demo.add_argument("--cycles", type=int, default=None, help="stop after N summaries (default: run until Ctrl-C)")
-    demo.add_argument("--interval", type=float, default=2.0, help="seconds between summaries and between polls")
+    demo.add_argument("--interval", type=float, default=5.0, help="seconds between summaries" + dflt)
+    demo.add_argument("--poll", type=float, default=2.0,
+                      help="seconds from the start of one read cycle of a channel to the next (at least the "
+                           "cycle)" + dflt)
     demo.set_defaults(run=_demo)
 
     dlt = sub.add_parser("dlt645", help="DL/T 645 tools: decode captured hex, read a meter, control a relay")
@@ -561,6 +604,14 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--fault-rate", type=float, default=0.0, help="share of requests that meet a fault (0..1)")
     sc.add_argument("--connect-timeout", type=float, default=30.0, help="seconds to wait for the broker")
     sc.set_defaults(run=_sim_concentrator)
+
+    sf = ssub.add_parser("fleet", help="a whole simulated fleet (every channel kind, faults) from one JSON description; "
+                                       "prints where each line is as one JSON line",
+                         description="See simulators/fleet.py and config/simfleet.example.json. Serves until "
+                                     "Ctrl-C or SIGTERM.")
+    sf.add_argument("spec", metavar="SPEC.json", help="the fleet description ('-': standard input)")
+    sf.add_argument("--broker", metavar="HOST:PORT", help="the MQTT broker its concentrators connect to")
+    sf.set_defaults(run=_sim_fleet)
 
     sb = ssub.add_parser("billing", help="a simulated billing system: sends payments, prints the gateway's events")
     sb.add_argument("--broker", required=True, metavar="HOST:PORT")

@@ -1,182 +1,470 @@
-"""The demo: the whole gateway on embedded defaults against simulated meters and a simulated billing system.
+"""The demo: the whole gateway on embedded defaults against a simulated fleet and simulated upstream systems.
 
-Spawned here, in a temporary directory: a Mosquitto broker (Debian's ``mosquitto``), a SQLite store, and
-simulated meters on four kinds of channel: a DL/T 645 bus over TCP, a DL/T 645 bus on a real
-pseudo-terminal, Modbus TCP meters, and an MQTT concentrator forwarding DL/T 645 frames. Half the customers
-start cut off (relay open, balance zero); a billing simulator pays them one by one over MQTT, and the
-gateway closes each relay and verifies it by reading it back; the verified close comes back to billing as
-an event. One malformed payment shows the dead-letter topic. Ctrl-C stops it cleanly.
+Spawned here, in a temporary directory: a Mosquitto broker (Debian's ``mosquitto``), a SQLite store, and a
+simulated fleet (``simulators.fleet``, 1,000 meters by default) on every kind of channel: DL/T 645 buses over
+TCP, DL/T 645 buses on real pseudo-terminals, Modbus TCP lines, and MQTT concentrators in transparent and JSON
+mode. Upstream, over MQTT, a billing simulator that is also the notification system and the field crews.
+
+The story: every customer starts with a little credit and consumes it within minutes. The gateway warns them
+(``notice_request`` events; the notification system answers with receipts, mostly delivered, some failed,
+empty or never, so notices escalate to the next channel), trips them once a notice is confirmed and every
+gate passes (the demo's policies, ``config/demo.control.toml``: seconds instead of hours, no forbidden window),
+and when billing pays (a share of the tripped customers) closes their relays and verifies each by reading it
+back. Some meters fail: relays that do not move, meters that fall silent once tripped; their commands end in
+field work orders with deadlines, and crews complete some of them over MQTT (``in/field-updates``). A live
+summary every interval; the operator API on a free port with an operator's and a supervisor's token (in files
+beside the store); Ctrl-C stops everything and removes the temporary directory.
 
 This is the one place besides tests and benchmarks that imports ``simulators``.
 """
 from __future__ import annotations
 
 import asyncio
+import logging
+import random
 import signal
+import statistics
 import sys
 import tempfile
 import time
-from dataclasses import replace
-from decimal import Decimal
+from dataclasses import dataclass, field, replace
+from datetime import date, datetime, timedelta
 from pathlib import Path
-from typing import TextIO
+from typing import Awaitable, Callable, TextIO
 
 from gateway.app import Bus, Gateway
-from gateway.clock import SystemClock, local_naive
-from gateway.core.model import Account, Meter
+from gateway.clock import SystemClock
+from gateway.config import load_control_config
+from gateway.core.control import ControlConfig
+from gateway.core.dispatch import OrderState
+from gateway.core.model import Account, Adjustment, Meter
 from gateway.core.tariff import tariffs_from_config
+from gateway.core.thresholds import ThresholdPolicy
 from gateway.northbound.mqtt import BillingBridge, BrokerConfig
+from gateway.ops.api import ApiServer, create_app
+from gateway.ops.auth import Tokens
+from gateway.ops.metrics import GatewayMetrics
 from gateway.southbound.concentrator import ConcentratorHub, HubSettings
 from gateway.southbound.modbus import ModbusChannel, ModbusMeter
-from protocols.dlt645.client import Dlt645Link, LinkSettings
+from gateway.store.entities import COMMANDS, NOTICES, ORDERS
 from protocols.modbus import load_profile
+from protocols.dlt645.client import Dlt645Link, LinkSettings
 from protocols.mqtt import billing as contract
-from simulators.billing import BillingSim
+from simulators.billing import CN, BillingSim
 from simulators.broker import Broker
-from simulators.concentrator import SimConcentrator
-from simulators.dlt645 import Faults, PtyBus, SimBus, SimMeter, serve_tcp
-from simulators.modbus import ModbusSimMeter
-from simulators.modbus import serve_tcp as serve_modbus_tcp
+from simulators.fleet import KINDS, Fleet, FleetProcess, FleetSpec
 
-TARIFFS = {"flat": [{"effective_from": 0, "kind": "flat", "price": "0.5000"}]}
+DEMO_CONTROL = Path(__file__).resolve().parent.parent / "config" / "demo.control.toml"
+TARIFFS = {"flat": [{"effective_from": 0, "kind": "flat", "price": "1.0000"}]}
+#: warnings at 1.50 and 0.80 yuan (the field: days of use), the trip at zero
+THRESHOLDS = ThresholdPolicy(default_warn1_fen=150, default_warn2_fen=80, warn1_min_fen=100, warn2_min_fen=50,
+                             hysteresis_fen=20)
+#: the simulated lines answer at host speed (line-rate emulation off): the timeouts can be short
 LINE = LinkSettings(baud=9600, turnaround_s=0.2, margin_s=0.3, retries=1)
+AnyFleet = Fleet | FleetProcess  # the simulated fleet in this process or in a child process
+KIND_LABEL = {"dlt645_tcp": "DL/T 645 TCP", "dlt645_pty": "DL/T 645 pty", "modbus_tcp": "Modbus TCP",
+              "mqtt_frame": "MQTT frame", "mqtt_json": "MQTT JSON"}
 
 
-class _Fleet:
-    """Every simulated meter, which channel it is on, and whether it starts cut off."""
+@dataclass(frozen=True)
+class Story:
+    """What the upstream simulators do: notice receipts, who pays and when, which field orders crews close."""
 
-    def __init__(self) -> None:
-        self.meters: dict[str, SimMeter] = {}
-        self.channel_of: dict[str, str] = {}
-
-    def add(self, meter: SimMeter, cut_off: bool) -> SimMeter:
-        meter.relay_open = meter.relay_command_open = cut_off
-        self.meters[meter.address] = meter
-        return meter
-
-    @property
-    def cut_off(self) -> list[str]:
-        return [a for a, m in self.meters.items() if m.relay_open]
+    opening_fen: tuple[int, int] = (20, 120)  # each account's opening credit, drawn in this range
+    delivered: float = 0.80  # a notice request's receipt: delivered...
+    failed: float = 0.08  # ...failed, empty, or (the rest) never answered (the channel's timeout escalates)
+    empty: float = 0.06
+    pay_share: float = 0.7  # tripped customers who pay
+    pay_after_s: tuple[float, float] = (2.0, 12.0)
+    pay_amounts: tuple[str, ...] = ("3.00", "5.00", "10.00")
+    crew_share: float = 0.6  # field orders a crew completes
+    crew_after_s: tuple[float, float] = (10.0, 40.0)
+    seed: int = 6
 
 
-async def run_demo(tcp_meters: int = 6, pty_meters: int = 4, modbus_meters: int = 4, concentrator_meters: int = 4,
-                   cycles: int | None = None, interval_s: float = 2.0, out: TextIO = sys.stdout) -> dict:
-    say = lambda text: print(text, file=out, flush=True)  # noqa: E731
-    clock = SystemClock()
-    local = local_naive(clock)
-    fleet = _Fleet()
-    n = 0
+def demo_config(path: Path = DEMO_CONTROL, today: date | None = None) -> ControlConfig:
+    """The demo's policies from ``path``, with today and tomorrow (the utility's days) working days: a statutory
+    holiday would otherwise hold every trip, and the demo must work any day."""
+    cfg = load_control_config(path)
+    today = today or cfg.calendar.calendar().day(int(time.time()))
+    workdays = tuple(cfg.calendar.extra_workdays) + tuple((today + timedelta(days=i)).isoformat() for i in (0, 1))
+    return replace(cfg, calendar=replace(cfg.calendar, extra_workdays=workdays))
 
-    def meter(cls=SimMeter, **kw) -> SimMeter:
-        nonlocal n
-        n += 1
-        return fleet.add(cls(f"{n:012d}", power_kw=3.0, energy=[Decimal("1000.00")] * 5, **kw), cut_off=n % 2 == 0)
 
-    with tempfile.TemporaryDirectory(prefix="feikong-demo-") as tmp, Broker(Path(tmp) / "broker") as broker:
-        tcp = [meter() for _ in range(tcp_meters)]
-        if tcp_meters >= 3:
-            tcp[-1].faults = Faults(corrupt_checksum=0.3)  # a bad line: a third of its replies corrupted
-        pty = [meter() for _ in range(pty_meters)]
-        dds238 = load_profile("hiking_dds238_2_znsr")
-        modbus = [meter(ModbusSimMeter, device_id=i + 1, profile=dds238) for i in range(modbus_meters)]
-        behind = [meter() for _ in range(concentrator_meters)]
+def demo_accounts(layout: dict) -> tuple[list[Account], dict[str, str]]:
+    """One account per meter of the fleet's ``layout`` (``Fleet.describe()``), in an area per line, reachable by
+    SMS, voice call and app; -> (accounts, meter -> account)."""
+    accounts, owner = [], {}
+    for n, line in enumerate(layout["lines"], 1):
+        for address in line["meters"]:
+            i = len(accounts) + 1
+            phone = f"138{i:08d}"
+            accounts.append(Account(f"A{i:05d}", tariff_id="flat", area=f"feeder-{n}", name=f"Customer {i}",
+                                    address=f"{i} Demo Road", lat=31.2 + i / 100_000, lon=121.5,
+                                    channels=("sms", "voice", "app"),
+                                    contacts={"sms": phone, "voice": phone, "app": f"app-{i}"}))
+            owner[address] = accounts[-1].account_id
+    return accounts, owner
 
-        tcp_server = await serve_tcp(SimBus.of(tcp, clock=local))
-        pty_bus = PtyBus(SimBus.of(pty, clock=local))
-        for m in modbus:
-            m.clock = local
-        modbus_server = await serve_modbus_tcp(modbus)
-        concentrator = await SimConcentrator("c1", SimBus.of(behind, clock=local), broker.host, broker.port).start()
-        hub = await ConcentratorHub(HubSettings(broker.host, broker.port, client_id="feikong-demo-south")).start()
 
-        port = tcp_server.sockets[0].getsockname()[1]
-        channels = [Bus(Dlt645Link.tcp("127.0.0.1", port, LINE), [m.address for m in tcp]),
-                    # pseudo-terminals refuse even parity: 8N1 here (real lines: 8E1)
-                    Bus(Dlt645Link.serial(pty_bus.path, replace(LINE, parity="N")), [m.address for m in pty]),
-                    ModbusChannel.tcp("127.0.0.1", modbus_server.port,
-                                      [ModbusMeter(m.address, m.device_id, dds238) for m in modbus], timeout_s=0.5),
-                    hub.frame_channel("c1", [m.address for m in behind])]
-        for channel, group in zip(channels, (tcp, pty, modbus, behind)):
-            for m in group:
-                fleet.channel_of[m.address] = channel.name
+def channels_for(layout: dict, hub: ConcentratorHub) -> list:
+    """The gateway's channel for each line of the fleet's ``layout`` (``Fleet.describe()``)."""
+    out = []
+    for line in layout["lines"]:
+        kind, where, addrs = line["kind"], line["where"], line["meters"]
+        if kind in ("dlt645_tcp", "modbus_tcp"):
+            host, _, port = where.rpartition(":")
+        if kind == "dlt645_tcp":
+            out.append(Bus(Dlt645Link.tcp(host, int(port), LINE), addrs))
+        elif kind == "dlt645_pty":  # pseudo-terminals refuse even parity: 8N1 here (real lines: 8E1)
+            out.append(Bus(Dlt645Link.serial(where, replace(LINE, parity="N")), addrs))
+        elif kind == "modbus_tcp":
+            profile = load_profile(layout["spec"]["modbus_profile"])
+            out.append(ModbusChannel.tcp(host, int(port), [ModbusMeter(a, unit, profile)
+                                                           for a, unit in zip(addrs, line["device_ids"])],
+                                         timeout_s=0.5))
+        elif kind == "mqtt_frame":
+            out.append(hub.frame_channel(where, addrs, replace(LINE, margin_s=1.0)))
+        else:
+            out.append(hub.json_channel(where, addrs, read_timeout_s=3.0, relay_timeout_s=3.0))
+    return out
 
-        gw = await Gateway(f"sqlite://{tmp}/feikong.db", channels, clock=clock, poll_interval_s=interval_s).open()
-        accounts = [Account(f"A{i + 1:04d}", tariff_id="flat", area="demo") for i in range(len(fleet.meters))]
-        owner = {addr: a.account_id for addr, a in zip(fleet.meters, accounts)}
+
+@dataclass
+class Composed:
+    """The running gateway and what it is made of; ``addresses`` are printed for the operator."""
+
+    gateway: Gateway
+    bridge: BillingBridge
+    hub: ConcentratorHub
+    channels: list
+    addresses: dict[str, str] = field(default_factory=dict)
+    tasks: list[asyncio.Task] = field(default_factory=list)
+    answered: dict[str, float] = field(default_factory=dict)  # meter -> when (epoch s) a read last got a value
+    api: ApiServer | None = None
+    metrics: GatewayMetrics | None = None
+
+    def __post_init__(self) -> None:
+        self.gateway.reading_hooks.append(self._heard)
+
+    def _heard(self, channel, reading, seconds: float) -> None:
+        if reading.values:
+            self.answered[reading.meter] = self.gateway.clock.now()
+
+    async def close(self) -> None:
+        if self.api is not None:
+            await self.api.stop()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.metrics is not None:
+            self.metrics.close()
+        await self.gateway.close()
+        await self.hub.close()
+
+
+async def compose(store_url: str, broker: Broker, fleet: AnyFleet, config: ControlConfig, policy: ThresholdPolicy,
+                  stop: asyncio.Event, *, poll_interval_s: float,
+                  provision: Callable[[Gateway], Awaitable[None]] | None = None,
+                  tokens: Tokens | None = None) -> Composed:
+    """The gateway on ``store_url`` with a channel per fleet line, the concentrator hub and the billing bridge
+    on ``broker``, all running until ``stop`` is set, and with ``tokens`` the operator API on a free local port.
+    On an empty store ``provision(gateway)`` runs first, before any loop (accounts, meters, opening balances:
+    the first tick would otherwise see empty accounts).
+
+    The one place the demo composes the gateway (a service built from a config file belongs here too), with
+    its Prometheus metrics on a free local port, and the addresses an operator uses in
+    ``Composed.addresses``."""
+    hub = await ConcentratorHub(HubSettings(broker.host, broker.port, client_id="feikong-demo-south")).start()
+    try:
+        channels = channels_for(fleet.describe(), hub)
+        gw = await Gateway(store_url, channels, config, policy, clock=SystemClock(),
+                           poll_interval_s=poll_interval_s).open()
+    except BaseException:
+        await hub.close()
+        raise
+    composed = Composed(gw, BillingBridge(gw, BrokerConfig(broker.host, broker.port, instance="demo")), hub,
+                        channels, {"broker": f"mqtt://{broker.host}:{broker.port}", "store": store_url})
+    try:
+        if provision is not None and not gw.control.engine.account_ids:
+            await provision(gw)
+        # the metrics before any loop: the first poll and tick count
+        composed.metrics = GatewayMetrics()
+        composed.metrics.attach(gw, composed.bridge, hub)
+        composed.addresses["metrics"] = f"http://127.0.0.1:{composed.metrics.serve('127.0.0.1', 0)}/metrics"
+        await composed.bridge.start()
+        composed.tasks = [asyncio.create_task(gw.run(stop)), asyncio.create_task(composed.bridge.run(stop)),
+                          asyncio.create_task(composed.metrics.run(stop))]
+        await composed.bridge.ready()
+        if tokens is not None:
+            composed.api = ApiServer(create_app(gw, tokens, bridge=composed.bridge), "127.0.0.1", 0)
+            composed.addresses["api"] = f"http://127.0.0.1:{await composed.api.start()}/api/v1"
+    except BaseException:
+        stop.set()
+        await composed.close()
+        raise
+    return composed
+
+
+def provision_demo(fleet: AnyFleet, story: "Story") -> Callable[[Gateway], Awaitable[None]]:
+    """Register an account per fleet meter and give each its small opening credit."""
+    async def provision(gw: Gateway) -> None:
+        accounts, owner = demo_accounts(fleet.describe())
+        channel_of = {a: ch.name for ch in gw.channels for a in ch.meters}
         await gw.writer.call(gw.control.accounting.register, tariffs_from_config(TARIFFS), accounts,
-                             [Meter(addr, owner[addr], channel=fleet.channel_of[addr], max_kw=30)
-                              for addr in fleet.meters])
-        bridge = BillingBridge(gw, BrokerConfig(broker.host, broker.port, instance="demo"))
-        await bridge.start()
-        stop = asyncio.Event()
-        tasks = [asyncio.create_task(gw.run(stop)), asyncio.create_task(bridge.run(stop))]
-        await bridge.ready()
-        billing = await asyncio.to_thread(BillingSim(broker.host, broker.port, client_id="demo-billing").start)
+                             [Meter(a, owner[a], channel=channel_of[a]) for a in channel_of])
+        rng, now = random.Random(story.seed), int(gw.clock.now())
+        await gw.credits([Adjustment(f"OPEN-{a.account_id}", a.account_id, rng.randint(*story.opening_fen), now,
+                                     "demo", "opening credit") for a in accounts])
+    return provision
 
-        say(f"feikong demo: {len(fleet.meters)} simulated meters on {len(channels)} channels:")
-        for channel, group in zip(channels, (tcp, pty, modbus, behind)):
-            say(f"  {channel.name}  ({len(group)} meters)")
-        say(f"broker mqtt://{broker.host}:{broker.port} (spawned; try: mosquitto_sub -p {broker.port} -t "
-            f"'feikong/v1/#' -v), store {tmp}/feikong.db")
-        say(f"{len(fleet.cut_off)} customers start cut off for arrears; billing pays them one by one. Ctrl-C stops.")
 
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+# ------------------------------------------------------------------------------------------- the story
+
+
+class Upstream:
+    """Billing, the notification system and the field crews, driven from the events billing hears."""
+
+    def __init__(self, billing: BillingSim, fleet: AnyFleet, story: Story) -> None:
+        self.billing, self.fleet, self.story = billing, fleet, story
+        self.rng = random.Random(story.seed)
+        self._notice_rng = random.Random(story.seed + 1)  # used in paho's thread
+        self.due: list[tuple[float, str, Callable[[], None]]] = []  # (monotonic time, what, action)
+        self.paid_at: dict[str, float] = {}  # account -> monotonic time of its latest payment
+        self.payments = 0
+        self.latencies: list[float] = []  # payment -> billing hears the verified close (s)
+        self.crew_completed = 0
+        self._seen: set[str] = set()
+        billing.answer_notices(self._receipt)
+
+    def _receipt(self, ev: contract.Event) -> tuple[str, str] | None:
+        s, r = self.story, self._notice_rng.random()
+        if r < s.delivered:
+            return "delivered", f"{ev.data['channel']} delivered"
+        if r < s.delivered + s.failed:
+            return "failed", "number not reachable"
+        if r < s.delivered + s.failed + s.empty:
+            return "empty", ""
+        return None
+
+    def _new(self, kind: str) -> list[contract.Event]:
+        out = [ev for ev in self.billing.of_kind(kind) if ev.id not in self._seen]
+        self._seen.update(ev.id for ev in out)
+        return out
+
+    async def run(self, stop: asyncio.Event, say: Callable[[str], None], every_s: float = 0.2) -> None:
+        while not stop.is_set():
+            for line in self.step():
+                say(line)
+            await _sleep_or_stop(stop, every_s)
+
+    def step(self) -> list[str]:
+        """React to what happened since the last step, do what is due; -> lines worth telling the operator."""
+        s, now, told = self.story, time.monotonic(), []
+        for ev in self._new("relay_confirmed"):
+            account, action = ev.data["account_id"], ev.data["action"]
+            if action == "trip" and self.rng.random() < s.pay_share:
+                amount = self.rng.choice(s.pay_amounts)
+                self.due.append((now + self.rng.uniform(*s.pay_after_s), f"pay {account}",
+                                 lambda a=account, y=amount: self._pay(a, y)))
+            elif action == "close" and account in self.paid_at:
+                self.latencies.append(self.billing.arrived[ev.id] - self.paid_at.pop(account))
+        for ev in self._new("field_order_created"):
+            told.append(f"  field order {ev.data['order_id']} ({ev.data['kind']}) for meter {ev.subject}: "
+                        f"{ev.data['reason']}")
+            if self.rng.random() < s.crew_share:
+                self.due.append((now + self.rng.uniform(*s.crew_after_s), f"crew {ev.data['order_id']}",
+                                 lambda e=ev: self._crew(e)))
+        for ev in self._new("dead_letter"):
+            told.append(f"  dead letter: {ev.data['reason']}")
+        for item in sorted(d for d in self.due if d[0] <= now):
+            self.due.remove(item)
+            item[2]()
+        return told
+
+    def _pay(self, account: str, amount: str) -> None:
+        self.payments += 1
+        self.paid_at[account] = time.monotonic()
+        self.billing.pay(account, amount, f"DEMO-{self.payments:06d}-{account}")
+
+    def _crew(self, ev: contract.Event) -> None:
+        """On site: the meter repaired and its relay set by hand, then the order reported completed."""
+        self.fleet.repair(ev.subject, relay_open=ev.data["kind"] == "disconnect")
+        self.crew_completed += 1
+        self.billing.send(contract.FieldUpdate(f"U-{ev.data['order_id']}", ev.data["order_id"], "completed",
+                                               datetime.now(CN), "crew-7", "meter repaired on site"))
+
+
+def percentile(values: list[float], p: float) -> float | None:
+    if not values:
+        return None
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[min(max(int(p) - 1, 0), 98)]
+
+
+async def snapshot(c: Composed, fleet: AnyFleet, up: Upstream, started: float, reads_before: tuple[float, int]) -> dict:
+    """Every figure of the summary, as numbers (the tests read them too)."""
+    gw, billing = c.gateway, up.billing
+    now = gw.clock.now()
+
+    def in_writer():
+        orders = gw.control.store.load_entities(ORDERS, "1 = 1")
+        return int(gw.control.engine.m_relay_open.sum()), orders
+
+    tripped, orders = await gw.writer.call(in_writer)
+    stale = 3 * max([gw.poll_interval_s, *gw.cycle_s.values()])
+    lines = fleet.describe()["lines"]
+    meters = [a for line in lines for a in line["meters"]]
+    online = sum(1 for m in meters if now - c.answered.get(m, -1e18) <= stale)
+    cycle: dict[str, float] = {}
+    for ch, line in zip(c.channels, lines):
+        if ch.name in gw.cycle_s:
+            cycle[line["kind"]] = max(cycle.get(line["kind"], 0.0), gw.cycle_s[ch.name])
+    t0, n0 = reads_before
+    active = [o for o in orders if OrderState(o.state).active]
+    trips = [e for e in billing.of_kind("relay_confirmed") if e.data["action"] == "trip"]
+    closes = [e for e in billing.of_kind("relay_confirmed") if e.data["action"] == "close"]
+    return {
+        "elapsed_s": time.monotonic() - started, "meters": len(meters), "online": online,
+        "unreachable": len(meters) - online, "tripped": tripped,
+        "reads_per_s": (gw.readings_seen - n0) / max(time.monotonic() - t0, 1e-9), "readings": gw.readings_seen,
+        "cycle_s": cycle,
+        "notices_requested": billing.count("notice_request"), "notices_confirmed": billing.count("notice_delivered"),
+        "notices_escalated": billing.count("notice_escalated"), "receipts": dict(billing.receipts),
+        "trips": len(trips), "trips_deferred": billing.count("trip_deferred"), "payments": up.payments,
+        "closes": len(closes), "close_p50_s": percentile(up.latencies, 50),
+        "close_p99_s": percentile(up.latencies, 99),
+        "orders": len(orders), "orders_open": len(active),
+        "orders_overdue": sum(1 for o in active if o.deadline_at < now),
+        "orders_completed": sum(1 for o in orders if o.state == OrderState.COMPLETED),
+        "crew_completed": up.crew_completed, "dead_letters": c.bridge.stats.dead_letters,
+    }
+
+
+def render(s: dict) -> str:
+    """The summary block: short lines an operator reads at a glance."""
+    lat = "-" if s["close_p50_s"] is None else f"p50 {s['close_p50_s']:.2f} s, p99 {s['close_p99_s']:.2f} s"
+    cycles = ", ".join(f"{KIND_LABEL[k]} {s['cycle_s'][k]:.1f} s" for k in KINDS if k in s["cycle_s"])
+    return "\n".join([
+        f"-- {s['elapsed_s']:6.1f} s " + "-" * 60,
+        f"   meters    {s['meters']}: {s['online']} online, {s['tripped']} tripped, {s['unreachable']} unreachable",
+        f"   reads     {s['reads_per_s']:.0f}/s; last full cycle: {cycles or '-'}",
+        f"   notices   {s['notices_requested']} requested, {s['notices_confirmed']} confirmed, "
+        f"{s['notices_escalated']} escalated",
+        f"   relays    {s['trips']} trips verified, {s['payments']} payments, {s['closes']} closes verified "
+        f"(payment to verified close: {lat})",
+        f"   field     {s['orders']} orders: {s['orders_open']} open, {s['orders_overdue']} overdue, "
+        f"{s['orders_completed']} completed",
+        f"   dead letters {s['dead_letters']}",
+    ])
+
+
+def fleet_spec(meters: dict[str, int], **kw) -> FleetSpec:
+    """The demo's fleet: ``meters`` (channel kind -> count) drawing 20 to 40 kW, so a small credit lasts
+    minutes (the registers count 0.01 kWh: a realistic 1 kW would take an hour to move the balance)."""
+    return FleetSpec(meters, load_kw=(20.0, 40.0), **kw)
+
+
+async def run_demo(spec: FleetSpec, story: Story = Story(), *, cycles: int | None = None,
+                   until: Callable[[dict], bool] | None = None, fleet_process: bool = False,
+                   interval_s: float = 5.0, poll_interval_s: float = 2.0, out: TextIO = sys.stdout,
+                   control: str | Path | None = None) -> dict:
+    """Run until Ctrl-C (SIGINT or SIGTERM), ``cycles`` summaries, or a summary's snapshot satisfies ``until``;
+    -> the last snapshot, with ``fleet`` (what the simulated meters recorded), ``latencies`` and ``store``
+    (table name -> the notices, relay commands and work orders the store holds) added. ``fleet_process``: the simulated fleet runs in a child
+    process (its own core; ``fleet`` is then a :class:`FleetProcess`, without the meters' own records)."""
+    say = lambda text: print(text, file=out, flush=True)  # noqa: E731
+    # pymodbus logs every silent meter as an error with a hex dump; the gateway's own warning says it once
+    quiet, level = logging.getLogger("pymodbus"), logging.getLogger("pymodbus").level
+    quiet.setLevel(logging.CRITICAL)
+    config = demo_config(Path(control) if control else DEMO_CONTROL)
+    spec = replace(spec, utc_offset_s=config.calendar.utc_offset_s)  # the meters keep the utility's time
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    result: dict = {}
+    try:
+        with tempfile.TemporaryDirectory(prefix="feikong-demo-") as tmp, Broker(Path(tmp) / "broker") as broker:
+            fleet = await (FleetProcess(spec, (broker.host, broker.port), workdir=tmp) if fleet_process else
+                           Fleet(spec, (broker.host, broker.port))).start()
             try:
-                loop.add_signal_handler(sig, stop.set)
-            except (NotImplementedError, RuntimeError):
-                pass
-        for addr, account_id in owner.items():  # the others are in credit
-            if not fleet.meters[addr].relay_open:
-                billing.pay(account_id, "100.00", f"OPEN-{account_id}")
-        billing.publish(f"{contract.IN}/payments", b'{"payment_id": "BAD-1", "account": "A0001", "amount": 5.5}')
+                c = await compose(f"sqlite://{tmp}/feikong.db", broker, fleet, config, THRESHOLDS, stop,
+                                  poll_interval_s=poll_interval_s, provision=provision_demo(fleet, story),
+                                  tokens=_demo_tokens(Path(tmp)))
+                try:
+                    result = await _story(c, fleet, story, stop, cycles, until, interval_s, say)
+                finally:
+                    stop.set()
+                    await c.close()
+            finally:
+                await fleet.stop()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        quiet.setLevel(level)
+    say("feikong demo stopped.")
+    return result
 
-        queue = list(fleet.cut_off)
-        paid_at: dict[str, float] = {}
-        reported: set[str] = set()
-        done, started = 0, time.monotonic()
+
+def _demo_tokens(directory: Path) -> Tokens:
+    """An operator's and a supervisor's token for the demo's API, each in a file of its own (for the console's
+    ``--token-file``; a token is never printed)."""
+    tokens = Tokens(path=directory / "tokens.toml")
+    for name, role in (("demo-operator", "operator"), ("demo-supervisor", "supervisor")):
+        token_file = directory / f"{name}.token"
+        token_file.write_text(tokens.add(name, role))
+        token_file.chmod(0o600)
+    return tokens
+
+
+async def _story(c: Composed, fleet: AnyFleet, story: Story, stop: asyncio.Event, cycles: int | None,
+                 until: Callable[[dict], bool] | None, interval_s: float, say) -> dict:
+    gw = c.gateway
+    billing = await asyncio.to_thread(BillingSim(c.bridge.config.host, c.bridge.config.port,
+                                                 client_id="demo-billing").start)
+    try:
+        up = Upstream(billing, fleet, story)
+        lines = fleet.describe()["lines"]
+        say(f"feikong demo: {sum(len(line['meters']) for line in lines)} simulated meters on {len(lines)} channels:")
+        for ch, line in zip(c.channels, lines):
+            say(f"  {ch.name}  ({KIND_LABEL[line['kind']]}, {len(line['meters'])} meters)")
+        for name, address in c.addresses.items():
+            say(f"{name:8} {address}")
+        if "api" in c.addresses:
+            tokens = Path(c.addresses["store"].removeprefix("sqlite://")).parent
+            say(f"console  feikong meters --api {c.addresses['api'].removesuffix('/api/v1')} "
+                f"--token-file {tokens}/demo-operator.token   (a supervisor's: {tokens}/demo-supervisor.token)")
+        say(f"watch the contract: mosquitto_sub -p {c.bridge.config.port} -t 'feikong/v1/#' -v")
+        faults = {f: sum(1 for v in fleet.faulty.values() if v == f) for f in ("stuck_relay", "silent_after_trip")}
+        say(f"every customer starts with {story.opening_fen[0] / 100:.2f}-{story.opening_fen[1] / 100:.2f} yuan of "
+            f"credit and uses it up within minutes; {faults['stuck_relay']} meters have stuck relays, "
+            f"{faults['silent_after_trip']} fall silent once tripped. Ctrl-C stops.")
+        billing.publish(f"{contract.IN}/payments", b'{"payment_id": "BAD-1", "account": "A00001", "amount": 5.5}')
+        started, done = time.monotonic(), 0
+        mark = (started, gw.readings_seen)
+        snap: dict = {}
+        upstream = asyncio.create_task(up.run(stop, say))
         try:
             while not stop.is_set() and (cycles is None or done < cycles):
                 await _sleep_or_stop(stop, interval_s)
+                snap = await snapshot(c, fleet, up, started, mark)
+                mark = (time.monotonic(), gw.readings_seen)
                 done += 1
-                if queue and gw.readings_seen >= len(fleet.meters):  # the gateway has seen the relays open
-                    addr = queue.pop(0)
-                    billing.pay(owner[addr], "50.00", f"DEMO-{addr}")
-                    paid_at[addr] = time.monotonic()
-                    say(f"  billing: {owner[addr]} pays 50.00 yuan (meter {addr})")
-                for ev in billing.of_kind("relay_confirmed"):
-                    if ev.id not in reported and ev.data["action"] == "close":
-                        reported.add(ev.id)
-                        took = billing.arrived[ev.id] - paid_at.get(ev.subject, billing.arrived[ev.id])
-                        say(f"  relay: meter {ev.subject} ({fleet.channel_of[ev.subject]}) closed, verified by "
-                            f"read-back; billing heard it {took:.2f} s after paying")
-                for ev in billing.of_kind("dead_letter"):
-                    if ev.id not in reported:
-                        reported.add(ev.id)
-                        say(f"  dead letter: {ev.data['reason']}")
-                s = bridge.stats
-                off = sum(m.relay_open for m in fleet.meters.values())
-                say(f"-- {time.monotonic() - started:5.1f}s: {gw.readings_seen} readings, {s.committed} messages in "
-                    f"({s.duplicates} duplicates, {s.dead_letters} dead letters), {s.published} events out, "
-                    f"{off} of {len(fleet.meters)} relays open")
+                say(render(snap))
+                if until is not None and until(snap):
+                    break
         finally:
             stop.set()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await asyncio.to_thread(billing.stop)
-            await gw.close()
-            await hub.close()
-            await concentrator.stop()
-            await modbus_server.close()
-            pty_bus.close()
-            tcp_server.close()
-            await tcp_server.wait_closed()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                try:
-                    loop.remove_signal_handler(sig)
-                except (NotImplementedError, RuntimeError):
-                    pass
-    say("feikong demo stopped.")
-    return {"cycles": done, "readings": gw.readings_seen, "closed": len(reported)}
+            await upstream
+        snap["cycles"] = done
+        snap["latencies"] = list(up.latencies)
+        snap["fleet"] = fleet
+        store = gw.control.store
+        snap["store"] = await gw.writer.call(lambda: {t.name: store.load_entities(t, "1 = 1")
+                                                      for t in (NOTICES, COMMANDS, ORDERS)})
+        return snap
+    finally:
+        await asyncio.to_thread(billing.stop)
 
 
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:

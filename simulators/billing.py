@@ -3,7 +3,9 @@
 It publishes payments (and any other inbound message) at QoS 1, pipelined, on a persistent session so
 paho re-sends what the broker had not acknowledged when the connection drops; and it subscribes to
 everything the gateway publishes, keeping events by id (QoS 1 may deliver twice: it counts each once, and
-counts the repeats). Used by the tests, the benchmark and the demo. paho runs its own network thread.
+counts the repeats). With :meth:`BillingSim.answer_notices` it is also the notification system: it answers
+every ``notice_request`` with a receipt (delivered, failed, empty, or none at all, as the caller decides).
+Used by the tests, the benchmark and the demo. paho runs its own network thread.
 """
 from __future__ import annotations
 
@@ -59,6 +61,9 @@ class BillingSim:
         self.undecodable: list[tuple[str, bytes]] = []
         self.connected = threading.Event()
         self.subscribed = threading.Event()
+        #: notice_request event -> (outcome, detail) to answer with, or None for no receipt at all
+        self._notice_answer: Callable[[contract.Event], tuple[str, str] | None] | None = None
+        self.receipts = Counter()  # outcome ("delivered", "failed", "empty", "none") -> notice requests answered
 
     # -- connection -------------------------------------------------------------------------------------------
     def start(self, timeout: float = 10.0) -> "BillingSim":
@@ -122,6 +127,8 @@ class BillingSim:
                 self.events[ev.id] = ev
                 self._by_kind.setdefault(ev.kind, []).append(ev)
                 self.arrived[ev.id] = time.monotonic()
+                if ev.kind == "notice_request" and self._notice_answer is not None:
+                    self._answer_notice(ev)
                 if ev.kind == "payments_applied":
                     for row in msgspec.convert(ev.data, contract.PaymentsApplied).rows:
                         if row.payment_id not in self.applied:
@@ -156,6 +163,25 @@ class BillingSim:
         with self._lock:
             if not self._lock.wait_for(lambda: not self.unacked, timeout):
                 raise TimeoutError(f"{len(self.unacked)} publishes not acknowledged in {timeout}s")
+
+    # -- the notification system -------------------------------------------------------------------------------
+    def answer_notices(self, decide: Callable[[contract.Event], tuple[str, str] | None]) -> None:
+        """Answer every notice_request from now on: ``decide(event)`` gives (outcome, detail) with outcome
+        ``delivered``, ``failed`` or ``empty``, or None to send no receipt (the gateway's timeout escalates)."""
+        with self._lock:
+            self._notice_answer = decide
+
+    def _answer_notice(self, ev: contract.Event) -> None:
+        """Runs in paho's thread with the lock held (publishing from a callback is fine with paho)."""
+        answer = self._notice_answer(ev)
+        if answer is None:
+            self.receipts["none"] += 1
+            return
+        outcome, detail = answer
+        request_id = ev.data["request_id"]
+        receipt = contract.NoticeReceipt(f"R-{request_id}", request_id, outcome, datetime.now(CN), detail)
+        self.publish(f"{contract.IN}/notice-receipts", contract.encode(receipt))  # the lock is re-entrant
+        self.receipts[outcome] += 1
 
     # -- what came back ---------------------------------------------------------------------------------------
     def wait_for(self, predicate: Callable[["BillingSim"], bool], timeout: float = 30.0, what: str = "") -> None:

@@ -152,21 +152,40 @@ def test_sim_on_a_pty_prints_its_path():
         proc.wait(timeout=5)
 
 
-def test_demo_runs_the_gateway_and_every_cut_off_customer_who_pays_is_closed_on_every_kind_of_channel():
-    r = cli("demo", "--cycles", "14", "--interval", "0.5", "--tcp-meters", "2", "--pty-meters", "2",
-            "--modbus-meters", "2", "--concentrator-meters", "2")
+def test_demo_runs_the_gateway_on_every_kind_of_channel_and_prints_a_summary_block():
+    r = subprocess.run([sys.executable, "-m", "gateway.cli", "demo", "--cycles", "3", "--interval", "2",
+                        "--tcp-meters", "4", "--pty-meters", "2", "--modbus-meters", "2", "--concentrator-meters", "2",
+                        "--json-meters", "2", "--per-line", "2", "--stuck-relay", "0", "--silent-after-trip", "0",
+                        "--transient", "0"], capture_output=True, text=True, timeout=90)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert lines[0] == "feikong demo: 8 simulated meters on 4 channels:"
-    kinds = ("tcp://", "serial:///dev/pts/", "modbus+tcp://", "mqtt://c1")
-    assert all(any(line.strip().startswith(k) for line in lines[1:5]) for k in kinds), lines[:5]
-    paid = [line for line in lines if "billing: " in line and " pays 50.00 yuan" in line]
-    closed = [line for line in lines if "closed, verified by read-back" in line]
-    assert len(paid) == 4 and len(closed) == 4, r.stdout
-    assert all(any(k in line for line in closed) for k in kinds)  # one cut-off customer on each channel
+    assert lines[0] == "feikong demo: 12 simulated meters on 6 channels:"
+    kinds = ("tcp://", "serial:///dev/pts/", "modbus+tcp://", "mqtt://c1", "mqtt://j1")
+    assert all(any(line.strip().startswith(k) for line in lines[1:7]) for k in kinds), lines[:7]
+    assert re.match(r"broker +mqtt://127\.0\.0\.1:\d+$", lines[7]) and lines[8].startswith("store    sqlite:///")
     assert any("dead letter: invalid Payment: Expected `str`, got `float` - at `$.amount`" in line for line in lines)
-    assert "0 of 8 relays open" in [line for line in lines if line.startswith("--")][-1]
+    blocks = [i for i, line in enumerate(lines) if line.startswith("-- ")]
+    assert len(blocks) == 3
+    last = "\n".join(lines[blocks[-1]:blocks[-1] + 7])
+    for pattern in (r"meters    12: \d+ online, \d+ tripped, \d+ unreachable", r"reads     \d+/s; last full cycle: ",
+                    r"notices   \d+ requested, \d+ confirmed, \d+ escalated",
+                    r"relays    \d+ trips verified, \d+ payments, \d+ closes verified \(payment to verified close: ",
+                    r"field     \d+ orders: \d+ open, \d+ overdue, \d+ completed", r"dead letters 1"):
+        assert re.search(pattern, last), (pattern, last)
+    assert re.search(r"meters    12: 12 online", last), last  # every meter on every kind of channel answers
     assert lines[-1] == "feikong demo stopped."
+
+
+def test_demo_help_is_true_to_the_options():
+    r = cli("demo", "--help")
+    assert r.returncode == 0
+    for option in ("--tcp-meters", "--pty-meters", "--modbus-meters", "--concentrator-meters", "--json-meters",
+                   "--per-line", "--stuck-relay", "--silent-after-trip", "--transient", "--seed", "--control",
+                   "--cycles", "--interval", "--poll"):
+        assert option in r.stdout
+    assert "(default: 600)" in r.stdout and "config/demo.control.toml" in r.stdout
+    r = cli("demo", "--stuck-relay", "2")
+    assert r.returncode == 1 and "stuck_relay must be a share between 0 and 1" in r.stderr
 
 
 def test_help_lists_the_commands():

@@ -1,6 +1,7 @@
 """The executor on a real clock against simulated meters over TCP: it sleeps when nothing can be done, and an
 unexpected failure on the wire leaves a command in a state that will be read back, never stuck."""
 import asyncio
+from dataclasses import replace
 
 from gateway.app import Bus, Gateway
 from gateway.clock import SystemClock, local_naive
@@ -105,3 +106,43 @@ async def test_a_meter_on_a_bus_without_a_driver_fails_its_command_instead_of_sp
         await gw.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_a_command_on_one_bus_does_not_wait_behind_a_silent_meter_on_another(tmp_path):
+    """Each bus has its own worker: a close on a healthy bus is done while the other bus is still waiting out
+    a silent meter's timeouts (one pass over every bus held the close until the slow bus was done)."""
+    silent, healthy = SimMeter("000000000001", faults=Faults(no_reply=1.0)), SimMeter("000000000002")
+    clock = SystemClock()
+    servers = [await serve_tcp(SimBus.of([m], clock=local_naive(clock), turnaround_s=0.0)) for m in (silent, healthy)]
+    slow = replace(LIVE_LINK, turnaround_s=1.5)  # the silent meter's exchanges take 1.5 s each to give up
+    links = [Dlt645Link.tcp("127.0.0.1", s.sockets[0].getsockname()[1], link)
+             for s, link in zip(servers, (slow, LIVE_LINK))]
+    gw = await Gateway(f"sqlite://{tmp_path / 'g.db'}", [Bus(links[0], [silent.address]),
+                                                          Bus(links[1], [healthy.address])], QUICK, POLICY).open()
+    cc = gw.control
+    stop = asyncio.Event()
+    runner = asyncio.create_task(gw.executor.run(stop, idle_s=0.1))
+    try:
+        await gw.writer.call(cc.accounting.register, tariffs(), [Account("A1", tariff_id="flat"),
+                                                                 Account("A2", tariff_id="flat")],
+                             [Meter(silent.address, "A1", channel=links[0].name),
+                              Meter(healthy.address, "A2", channel=links[1].name)])
+        now = gw.clock.now()
+        await gw.writer.call(cc.manual, silent.address, RelayAction.CLOSE, "li", "operator", "test", "r1", now)
+        gw.executor.wake()
+        await asyncio.sleep(0.2)  # the silent meter's close is on the wire now
+        t0 = asyncio.get_running_loop().time()
+        cmd = await gw.writer.call(cc.manual, healthy.address, RelayAction.CLOSE, "li", "operator", "test", "r2",
+                                   gw.clock.now())
+        gw.executor.wake()
+        while cc.controller.commands[cmd.command_id].state != CommandState.CONFIRMED:
+            assert asyncio.get_running_loop().time() - t0 < 1.2, cc.controller.commands[cmd.command_id]
+            await asyncio.sleep(0.02)
+        assert healthy.relay_log and not silent.relay_log
+    finally:
+        stop.set()
+        await asyncio.wait_for(runner, 10)
+        await gw.close()
+        for s in servers:
+            s.close()
+            await s.wait_closed()

@@ -54,15 +54,16 @@ class CommandExecutor:
                 log.error("bus %s: executor pass failed: %r", bus, result)
         return sum(d for d in done if isinstance(d, int))
 
-    async def _drain_bus(self, bus: str) -> int:
+    async def _drain_bus(self, bus: str, stop: asyncio.Event | None = None) -> int:
         n = 0
-        while True:
+        while stop is None or not stop.is_set():
             # asked afresh before each step: a close made meanwhile goes first
             step = await self.writer.call(self.control.next_step, self.clock.now(), bus)
             if step is None:
                 return n
             await self.perform(step)
             n += 1
+        return n
 
     async def perform(self, step: Step) -> None:
         bus = self.bus_of(step.meter_id)
@@ -111,21 +112,38 @@ class CommandExecutor:
         await self.writer.call(self.control.read_result, step, self.clock.now(), status)
 
     async def run(self, stop: asyncio.Event, idle_s: float = 1.0, min_sleep_s: float = 0.01) -> None:
-        """Real time: drain, then sleep until the next step is due, a wake() or ``idle_s`` (never less than
-        ``min_sleep_s``: a step that cannot be done yet must not spin the loop)."""
-        while not stop.is_set():
-            self._wake.clear()
-            try:
-                await self.drain()
-            except Exception:
-                log.exception("executor pass failed; trying again")
-            nxt = await self.writer.call(self.control.controller.next_step_at)
-            delay = idle_s if nxt is None else min(max(nxt - self.clock.now(), min_sleep_s), idle_s)
-            if delay > 0:
+        """Real time: a worker per bus with steps due, started as soon as its bus has work, so a close on one
+        bus never waits behind another bus's slow exchanges (a silent meter's timeouts); between passes, sleep
+        until the next step is due, a wake(), a worker finishing or ``idle_s`` (never less than
+        ``min_sleep_s``: a step that cannot be done yet must not spin the loop). On ``stop`` each worker
+        finishes the step it is in."""
+        workers: dict[str, asyncio.Task] = {}
+        try:
+            while not stop.is_set():
+                self._wake.clear()
+                nxt = None
+                try:
+                    for bus in sorted(await self.writer.call(self.control.due_buses, self.clock.now())):
+                        if bus not in workers:
+                            workers[bus] = asyncio.create_task(self._drain_bus(bus, stop), name=f"executor {bus}")
+                    nxt = await self.writer.call(self.control.controller.next_step_at)
+                except Exception:
+                    log.exception("executor pass failed; trying again")
+                now = self.clock.now()
+                # a step due now is its bus's worker's to do: wait for that worker, not in a spin
+                delay = idle_s if nxt is None or (nxt <= now and workers) else \
+                    min(max(nxt - now, min_sleep_s), idle_s)
                 waits = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())]
-                await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait([*waits, *workers.values()], timeout=delay, return_when=asyncio.FIRST_COMPLETED)
                 for w in waits:
                     w.cancel()
+                for bus, task in list(workers.items()):
+                    if task.done():
+                        del workers[bus]
+                        if not task.cancelled() and task.exception() is not None:
+                            log.error("bus %s: executor pass failed: %r", bus, task.exception())
+        finally:
+            await asyncio.gather(*workers.values(), return_exceptions=True)
 
 
 class _Unconfigured:
