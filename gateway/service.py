@@ -49,11 +49,12 @@ class OpsComponent(Protocol):
 
 
 def ops_components(config: ServiceConfig) -> list[OpsComponent]:
-    """The ops components ``feikong run`` starts for ``config``: the operator API (``[http]``) and the
-    metrics endpoint (``[metrics]``) are connected here when they are built."""
+    """The ops components ``feikong run`` starts for ``config``: the metrics endpoint (``[metrics]``) and the
+    operator API (``[http]``; without a tokens file it answers only health and readiness)."""
+    from gateway.ops.api import ApiComponent
     from gateway.ops.metrics import MetricsEndpoint
 
-    return [MetricsEndpoint()]
+    return [MetricsEndpoint(), ApiComponent()]
 
 
 def safe_url(url: str) -> str:

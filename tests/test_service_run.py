@@ -4,7 +4,11 @@ cut-off customers pay over MQTT, each relay is closed and verified by read-back,
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import re
+import urllib.error
+import urllib.request
 import signal
 import sys
 from decimal import Decimal
@@ -36,6 +40,14 @@ async def spawn(*args: str) -> asyncio.subprocess.Process:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return await asyncio.create_subprocess_exec(*FEIKONG, *args, cwd=ROOT, env=env,
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+
+
+def _get(url: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
 
 
 class Log:
@@ -112,6 +124,8 @@ port = {broker.port}
 instance = "svc-test"
 [metrics]
 port = 0
+[http]
+port = 0
 [[channels]]
 kind = "dlt645_tcp"
 name = "tcp"
@@ -155,6 +169,10 @@ mode = "json"
                      "channel modbus: modbus_tcp", "channel frame: concentrator", "channel json: concentrator",
                      "fleet: 7 accounts, 7 meters", "billing bridge: mqtt://", "metrics: http://127.0.0.1:"):
             await log.wait_for(what, 30)
+        api = re.search(r"operator API on (http://\S+)/api/v1", await log.wait_for("operator API on", 30)).group(1)
+        # no tokens file: the probes answer, every operator call is refused
+        assert (await asyncio.to_thread(_get, f"{api}/api/v1/health")) == (200, {"status": "ok"})
+        assert (await asyncio.to_thread(_get, f"{api}/api/v1/meters"))[0] == 401
         await log.wait_for("first read cycle: 7 meters", 60)
         owed = [a for a, m in {**{m.address: m for g in (tcp, pty, modbus, frame, json_mode) for m in g}}.items()
                 if m.relay_open]
