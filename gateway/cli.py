@@ -516,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "gateway's event loop")
     demo.add_argument("--seed", type=int, default=6, help="seed of the fleet and of the upstream simulators" + dflt)
     demo.add_argument("--control", default=None, metavar="FILE",
-                      help="the disconnect/reconnect policies (default: config/demo.control.toml: short lead "
+                      help="the disconnect/reconnect policies (default: gateway/demo.control.toml: short lead "
                            "times, no forbidden windows)")
     demo.add_argument("--cycles", type=int, default=None, help="stop after N summaries (default: run until Ctrl-C)")
     demo.add_argument("--interval", type=float, default=5.0, help="seconds between summaries" + dflt)

@@ -8,7 +8,7 @@ mode. Upstream, over MQTT, a billing simulator that is also the notification sys
 The story: every customer starts with a little credit and consumes it within minutes. The gateway warns them
 (``notice_request`` events; the notification system answers with receipts, mostly delivered, some failed,
 empty or never, so notices escalate to the next channel), trips them once a notice is confirmed and every
-gate passes (the demo's policies, ``config/demo.control.toml``: seconds instead of hours, no forbidden window),
+gate passes (the demo's policies, ``gateway/demo.control.toml``: seconds instead of hours, no forbidden window),
 and when billing pays (a share of the tripped customers) closes their relays and verifies each by reading it
 back. Some meters fail: relays that do not move, meters that fall silent once tripped; their commands end in
 field work orders with deadlines, and crews complete some of them over MQTT (``in/field-updates``). A live
@@ -54,7 +54,7 @@ from simulators.billing import CN, BillingSim
 from simulators.broker import Broker
 from simulators.fleet import KINDS, Fleet, FleetProcess, FleetSpec
 
-DEMO_CONTROL = Path(__file__).resolve().parent.parent / "config" / "demo.control.toml"
+DEMO_CONTROL = Path(__file__).resolve().parent / "demo.control.toml"  # package data: the demo runs from a wheel too
 TARIFFS = {"flat": [{"effective_from": 0, "kind": "flat", "price": "1.0000"}]}
 #: warnings at 1.50 and 0.80 yuan (the field: days of use), the trip at zero
 THRESHOLDS = ThresholdPolicy(default_warn1_fen=150, default_warn2_fen=80, warn1_min_fen=100, warn2_min_fen=50,

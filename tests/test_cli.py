@@ -183,7 +183,7 @@ def test_demo_help_is_true_to_the_options():
                    "--per-line", "--stuck-relay", "--silent-after-trip", "--transient", "--seed", "--control",
                    "--cycles", "--interval", "--poll"):
         assert option in r.stdout
-    assert "(default: 600)" in r.stdout and "config/demo.control.toml" in r.stdout
+    assert "(default: 600)" in r.stdout and "gateway/demo.control.toml" in r.stdout
     r = cli("demo", "--stuck-relay", "2")
     assert r.returncode == 1 and "stuck_relay must be a share between 0 and 1" in r.stderr
 
