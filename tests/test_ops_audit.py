@@ -194,3 +194,14 @@ def test_feikong_audit_verify_checks_the_store_offline(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "broken at record 2" in err and "changed" in err
     assert cli.main(["audit", "verify", "--store", "mysql://x"]) == 2
+
+
+def test_feikong_audit_verify_finds_the_store_through_the_gateway_config(tmp_path, capsys):
+    store_with(f"sqlite://{tmp_path / 'g.db'}", 2).close()
+    config = tmp_path / "gateway.toml"
+    config.write_text('[store]\nurl = "sqlite://g.db"\n')  # relative to the config file
+    assert cli.main(["audit", "verify", "--config", str(config)]) == 0
+    assert "intact: 2 records" in capsys.readouterr().out
+    config.write_text('[store]\nurl = 5\n')
+    assert cli.main(["audit", "verify", "--config", str(config)]) == 2
+    assert "url" in capsys.readouterr().err

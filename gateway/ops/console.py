@@ -4,7 +4,7 @@ API.
 It talks to the API over HTTP (stdlib urllib): ``--api URL`` (default ``$FEIKONG_API``, else
 http://127.0.0.1:8080) with the token from ``--token-file`` or ``$FEIKONG_TOKEN``. Lists print as tables
 (rich). An error from the API prints as one line: exit 1 for a refused or bad request (4xx), 2 when the API
-cannot be reached or failed. ``feikong audit verify --store URL`` checks the chain offline against the store,
+cannot be reached or failed. ``feikong audit verify --store URL`` (or ``--config FILE``) checks the chain offline against the store,
 and ``feikong token add`` makes tokens; neither needs the API.
 """
 from __future__ import annotations
@@ -229,10 +229,19 @@ def _audit_verify(args) -> int:
 
     from .audit import verify_chain
 
+    url, where = args.store, "--store"
+    if args.config:
+        from gateway.config import ConfigError, load_service_config
+
+        try:
+            url, where = load_service_config(args.config).store.url, f"{args.config} [store] url"
+        except ConfigError as exc:
+            print(f"feikong: error: {exc}", file=sys.stderr)
+            return EXIT_FAILED
     try:
-        store = open_store(args.store)
+        store = open_store(url)
     except (ValueError, ConnectionError, OSError) as exc:
-        print(f"feikong: error: --store: {exc}", file=sys.stderr)
+        print(f"feikong: error: {where}: {exc}", file=sys.stderr)
         return EXIT_FAILED
     try:
         report = verify_chain(store)
@@ -302,7 +311,7 @@ def add_commands(subparsers) -> None:
 
     api = argparse.ArgumentParser(add_help=False)
     api.add_argument("--api", default=None, help=f"the operator API (default $FEIKONG_API, else {DEFAULT_API})")
-    api.add_argument("--token-file", default=None, help="file holding your token (default $FEIKONG_TOKEN)")
+    api.add_argument("--token-file", default=None, help="file holding your token (else the token itself in $FEIKONG_TOKEN)")
     reason = argparse.ArgumentParser(add_help=False)
     reason.add_argument("--reason", required=True, help="why (recorded in the audit log)")
 
@@ -350,7 +359,9 @@ def add_commands(subparsers) -> None:
     audit = subparsers.add_parser("audit", help="the audit log")
     asub = audit.add_subparsers(dest="audit", required=True)
     p = asub.add_parser("verify", help="check the audit log's hash chain against the store (offline)")
-    p.add_argument("--store", required=True, help="sqlite:///PATH or postgresql://USER@HOST/DB")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--store", help="sqlite:///PATH or postgresql://USER@HOST/DB")
+    where.add_argument("--config", metavar="FILE", help="the gateway config whose [store] to check")
     p.set_defaults(run=_audit_verify)
 
     token = subparsers.add_parser("token", help="operator tokens for the API")
