@@ -266,18 +266,20 @@ class CostControl:
         ``then(store, made)`` last in it (an approval recorded with the commands it makes). Each meter gets its
         command, or the :class:`AuthorityError` that refused it (audited, committed). The same key again, even
         after a restart, gives the same commands."""
-        existing = {m: self.store.command(f"manual:{key}:{m}") for m in meter_ids}
-        if then is None and all(c is not None for c in existing.values()):
+        stored = {m: self.store.command(f"manual:{key}:{m}") for m in meter_ids}
+        existing = {m: c for m, c in stored.items() if c is not None and c.action == action}
+        if then is None and len(existing) == len(meter_ids):
             return list(existing.values())
         made: list = []
 
         def work():
             for m in meter_ids:
-                if existing[m] is not None:
+                if m in existing:
                     made.append(existing[m])
                     continue
-                try:
-                    made.append(self.controller.manual(m, action, operator, role, reason, key, now, mode))
+                try:  # a key the other action used is refused by the controller (audited)
+                    made.append(self.controller.manual(m, action, operator, role, reason, key, now, mode,
+                                                       earlier=stored[m]))
                 except AuthorityError as exc:  # the refusal is audited: commit that, hand it back
                     made.append(exc)
             if then is not None:

@@ -319,6 +319,16 @@ def test_a_payment_while_the_trip_is_in_flight_closes_right_after_it():
     assert sim.relay("M0").open is False and closes[0].deadline_at == closes[0].payment_at + DAY
 
 
+def test_a_key_used_for_a_close_is_refused_for_a_trip_not_taken_as_done():
+    c = controller(utility(1))
+    close = c.manual("M0", RelayAction.CLOSE, "li", "operator", "customer paid at the counter", "req-K", MONDAY)
+    with pytest.raises(AuthorityError, match="already names close command manual:req-K:M0"):
+        c.manual("M0", RelayAction.TRIP, "wang", "supervisor", "tamper found on site", "req-K", MONDAY + 1)
+    assert c.commands["manual:req-K:M0"] is close and close.action == RelayAction.CLOSE
+    refused = [a for a in c.take_effects().audit if a.action == "manual_trip_refused"]
+    assert len(refused) == 1 and "needs a key of its own" in refused[0].detail["problem"]
+
+
 def test_closes_go_before_trips_and_a_close_supersedes_a_queued_trip():
     c = controller(utility(3))
     for m in ("M1", "M2"):

@@ -57,3 +57,16 @@ def test_after_a_restart_the_request_is_there_and_its_approval_trips_once(store_
     assert [c.command_id for c in made] == list(back.command_ids) and trips(again) == list(back.command_ids)
     assert [r.request_id for r in again.store.approval_requests("approved", MONDAY + 200)] == [req.request_id]
     assert again.store.approval_requests("pending", MONDAY + 200) == []
+
+
+def test_a_close_made_earlier_under_the_request_id_does_not_pass_for_the_approved_trip(store_url):
+    """The review's case: an operator's close keyed ``req-K``, then request K approved. The approval must not
+    report the close as its trip: the meter is refused (with the reason), and no trip is claimed."""
+    cc = cost_control(store_url)
+    close = cc.manual("M0", RelayAction.CLOSE, "oscar", "operator", "paid at the counter", "req-K", MONDAY)
+    approvals = Approvals(cc)
+    req = approvals.request(["M0"], "olga", "operator", "tampering", MONDAY + 10, key="K")
+    assert req.request_id == "req-K"
+    done, refused = approvals.approve(req.request_id, "sue", "supervisor", "seen", MONDAY + 60)
+    assert "already names close command" in refused["M0"] and close.command_id not in done.command_ids
+    assert trips(cc) == [] and cc.store.command(close.command_id).action == RelayAction.CLOSE

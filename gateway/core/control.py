@@ -593,9 +593,13 @@ class Controller:
     # ------------------------------------------------------------------ inputs: operators
 
     def manual(self, meter_id: str, action: RelayAction, operator: str, role: str, reason: str, key: str,
-               now: float, mode: ReconnectMode | None = None) -> Command:
+               now: float, mode: ReconnectMode | None = None, earlier: Command | None = None) -> Command:
         """An operator's trip or close. Needs an identity, a role that allows the action and a reason; a
-        refusal is audited and raised. ``key`` is the request's idempotency key."""
+        refusal is audited and raised. ``key`` is the request's idempotency key; ``earlier`` is the command
+        already stored under it (the store keeps commands this controller has pruned): a key used for the
+        other action is refused, never taken as this one done."""
+        cid = f"manual:{key}:{meter_id}"
+        earlier = earlier or self.commands.get(cid)
         meter = self.dir.meter(meter_id)
         acct = self.dir.account(meter.account_id)
         a = self.cfg.authority
@@ -613,11 +617,13 @@ class Controller:
             problem = "a reason is required"
         elif not key.strip():
             problem = "a request id (idempotency key) is required"
+        elif earlier is not None and earlier.action != action:
+            problem = (f"key {key!r} already names {earlier.action.value} command {cid}: "
+                       f"a {action.value} needs a key of its own")
         if problem:
             self._audit(now, operator or "(none)", role, f"manual_{action.value}_refused", meter_id, reason,
                         problem=problem, request=key)
             raise AuthorityError(f"manual {action.value} of meter {meter_id} refused: {problem}")
-        cid = f"manual:{key}:{meter_id}"
         if cid in self.commands:
             return self.commands[cid]
         p = self.cfg.commands.for_action(action)
