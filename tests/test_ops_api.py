@@ -198,11 +198,19 @@ BAD = [  # who, method, path, body (or query), status, the field named
     ("vera", "GET", "/api/v1/audit", None, 403, None),
     ("olga", "DELETE", f"/api/v1/meters/{M1}", None, 405, None),
     ("olga", "GET", "/api/v1/nothing-here", None, 404, None),
+    # a NUL reached PostgreSQL (a 500) before the API refused control characters
+    ("olga", "POST", f"/api/v1/meters/{M1}/disconnect", {"reason": "a\u0000b"}, 422, "body.reason"),
+    ("sam", "GET", "/api/v1/audit", {"subject": "a\u0000b"}, 422, "query.subject"),
+    ("vera", "GET", "/api/v1/commands", {"meter_id": "a\u0000b"}, 422, "query.meter_id"),
+    ("vera", "GET", "/api/v1/meters/a%00b", None, 422, "path.meter_id"),
+    # a key whose request id could not be addressed for approval
+    ("olga", "POST", f"/api/v1/meters/{M1}/disconnect", {"reason": "x", "key": "a/b"}, 422, "body.key"),
+    ("olga", "POST", f"/api/v1/meters/{M1}/disconnect", {"reason": "x", "key": "k" * 125}, 422, "body.key"),
 ]
 
 
-async def test_bad_input_gets_a_4xx_that_says_what_and_where(broker, tmp_path):
-    async with LiveApi(f"sqlite://{tmp_path / 'g.db'}", broker, tmp_path) as api:
+async def test_bad_input_gets_a_4xx_that_says_what_and_where(store_url, broker, tmp_path):
+    async with LiveApi(store_url, broker, tmp_path) as api:
         for who, method, path, body, status, field in BAD:
             query = body if method == "GET" else None
             got, data = await api.call(who, method, path, None if method == "GET" else body, query)
@@ -222,6 +230,15 @@ async def test_a_body_too_large_is_refused_before_it_is_read(broker, tmp_path):
         await writer.drain()
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)  # answered without the 3 MB
         assert head.startswith(b"HTTP/1.1 413")
+        writer.close()
+        # a chunked body has no size to check before reading it: refused as such
+        reader, writer = await asyncio.open_connection("127.0.0.1", api.port)
+        writer.write(f"POST /api/v1/disconnect-plans HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                     f"{api.token['olga']}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+                     f"\r\n100000\r\n[".encode())
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 411")
         writer.close()
 
 

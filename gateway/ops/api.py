@@ -33,6 +33,7 @@ from gateway.core.control import AuthorityError
 from gateway.core.model import Adjustment, MoneyError
 from gateway.core.policy import AreaFlag
 from gateway.core.thresholds import BAND_NAMES
+from protocols.mqtt.billing import ID_CHAR, TEXT_CHAR
 
 from .approvals import Approvals
 from .audit import ChainWalk
@@ -58,9 +59,14 @@ ACTIONS = {
 MAX_BODY = 2 * 1024 * 1024  # a plan of 10,000 meter ids fits
 READINGS_WINDOW_S = 7 * 86400  # "last readings": from the last week (readings are clustered by time)
 
-Reason = Annotated[str, Field(min_length=1, max_length=500, pattern=r"\S",
-                              description="why: required, not blank; recorded in the audit log")]
-Id = Annotated[str, Field(min_length=1, max_length=128)]
+# the MQTT contract's characters: a NUL or other control character is a 422 naming the field, not a 500 from
+# PostgreSQL; ids are path segments too, so no "/" in them
+Reason = Annotated[str, Field(min_length=1, max_length=500, pattern=f"^{TEXT_CHAR}*{ID_CHAR}{TEXT_CHAR}*$",
+                              description="why: required, not blank, no control characters; recorded in the "
+                                          "audit log")]
+_ID_PATTERN = r"^[^\s/\x00-\x1f\x7f]+$"
+Id = Annotated[str, Field(min_length=1, max_length=120, pattern=_ID_PATTERN,
+                          description="1 to 120 characters, no spaces, slashes or control characters")]
 Limit = Annotated[int, Query(ge=1, le=1000, description="page size")]
 Offset = Annotated[int, Query(ge=0, le=1_000_000_000, description="items to skip")]
 
@@ -96,7 +102,7 @@ class AdjustmentBody(_Body):
 
 
 class AreaFlagBody(_Body):
-    area: Annotated[str, Field(min_length=1, max_length=64, pattern=r"\S")]
+    area: Annotated[str, Field(min_length=1, max_length=64, pattern=f"^{TEXT_CHAR}*{ID_CHAR}{TEXT_CHAR}*$")]
     flag: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z0-9_]+$")]
     active: bool
     until: int | None = Field(None, strict=True, ge=0, le=2**40, description="epoch seconds; none: until cleared")
@@ -193,6 +199,8 @@ def create_app(gateway, tokens: Tokens, *, clock=None, bridge=None, request_ttl_
     @app.middleware("http")
     async def _bounded(request: Request, call_next):
         """A body larger than any request here needs is refused before it is read."""
+        if "transfer-encoding" in request.headers and "content-length" not in request.headers:
+            return _error(411, "a request body needs a Content-Length (chunked bodies are refused)")
         size = request.headers.get("content-length", "0")
         if not size.isdigit() or int(size) > MAX_BODY:
             return _error(413 if size.isdigit() else 400,
@@ -271,11 +279,11 @@ def create_app(gateway, tokens: Tokens, *, clock=None, bridge=None, request_ttl_
 
     @app.get(f"{PREFIX}/meters/{{meter_id}}", tags=["meters"],
              summary="one meter: account, balance, last readings, relay state and why it is open")
-    async def meter(meter_id: Annotated[str, Path(max_length=128)], who: Identity = role("view")):
+    async def meter(meter_id: Annotated[str, Path(max_length=128, pattern=f"^{ID_CHAR}+$")], who: Identity = role("view")):
         return await on_writer(_meter_detail, meter_id, clock.now())
 
     @app.get(f"{PREFIX}/meters/{{meter_id}}/why", tags=["meters"], summary="why is this meter off (or on)?")
-    async def meter_why(meter_id: Annotated[str, Path(max_length=128)], who: Identity = role("view")):
+    async def meter_why(meter_id: Annotated[str, Path(max_length=128, pattern=f"^{ID_CHAR}+$")], who: Identity = role("view")):
         def why():
             _known_meter(meter_id)
             return _plain(gateway.control.why(meter_id))
@@ -283,7 +291,7 @@ def create_app(gateway, tokens: Tokens, *, clock=None, bridge=None, request_ttl_
 
     @app.post(f"{PREFIX}/meters/{{meter_id}}/read", tags=["meters"],
               summary="read the meter now on its line; the reading is committed like a poll's")
-    async def meter_read(meter_id: Annotated[str, Path(max_length=128)], who: Identity = role("read_meter")):
+    async def meter_read(meter_id: Annotated[str, Path(max_length=128, pattern=f"^{ID_CHAR}+$")], who: Identity = role("read_meter")):
         await on_writer(_known_meter, meter_id)
         try:
             reading = await gateway.read_meter(meter_id)
@@ -298,7 +306,7 @@ def create_app(gateway, tokens: Tokens, *, clock=None, bridge=None, request_ttl_
 
     @app.post(f"{PREFIX}/meters/{{meter_id}}/close", tags=["relay"], status_code=202,
               summary="reconnect (close) now: a relay command, audited; no second person needed")
-    async def meter_close(meter_id: Annotated[str, Path(max_length=128)], body: CloseBody,
+    async def meter_close(meter_id: Annotated[str, Path(max_length=128, pattern=f"^{ID_CHAR}+$")], body: CloseBody,
                           who: Identity = role("close")):
         def close(now):
             _known_meter(meter_id)
@@ -313,7 +321,7 @@ def create_app(gateway, tokens: Tokens, *, clock=None, bridge=None, request_ttl_
 
     @app.post(f"{PREFIX}/meters/{{meter_id}}/disconnect", tags=["relay"], status_code=202,
               summary="request a manual disconnect: a supervisor who is not you approves it")
-    async def meter_disconnect(meter_id: Annotated[str, Path(max_length=128)], body: DisconnectBody,
+    async def meter_disconnect(meter_id: Annotated[str, Path(max_length=128, pattern=f"^{ID_CHAR}+$")], body: DisconnectBody,
                                who: Identity = role("request_disconnect")):
         return await _request([meter_id], body, who, "path.meter_id")
 
@@ -348,7 +356,7 @@ def create_app(gateway, tokens: Tokens, *, clock=None, bridge=None, request_ttl_
         return _page([_request_view(r, now) for r in found], limit, offset)
 
     @app.get(f"{PREFIX}/requests/{{request_id}}", tags=["relay"])
-    async def request_one(request_id: Annotated[str, Path(max_length=128)], who: Identity = role("view")):
+    async def request_one(request_id: Annotated[str, Path(max_length=128, pattern=f"^{ID_CHAR}+$")], who: Identity = role("view")):
         req = await _get_request(request_id)
         return _request_view(req, clock.now())
 
@@ -360,14 +368,14 @@ def create_app(gateway, tokens: Tokens, *, clock=None, bridge=None, request_ttl_
 
     @app.post(f"{PREFIX}/requests/{{request_id}}/approve", tags=["relay"],
               summary="approve someone else's disconnect request: the trip commands are made with the approval")
-    async def approve(request_id: Annotated[str, Path(max_length=128)], body: ReasonBody,
+    async def approve(request_id: Annotated[str, Path(max_length=128, pattern=f"^{ID_CHAR}+$")], body: ReasonBody,
                       who: Identity = role("decide")):
         req, refused = await _decide(approvals().approve, request_id, who, body.reason)
         gateway.executor.wake()
         return {**_request_view(req, clock.now()), "refused": refused}
 
     @app.post(f"{PREFIX}/requests/{{request_id}}/reject", tags=["relay"])
-    async def reject(request_id: Annotated[str, Path(max_length=128)], body: ReasonBody,
+    async def reject(request_id: Annotated[str, Path(max_length=128, pattern=f"^{ID_CHAR}+$")], body: ReasonBody,
                      who: Identity = role("decide")):
         req = await _decide(approvals().reject, request_id, who, body.reason)
         return _request_view(req, clock.now())
@@ -398,12 +406,12 @@ def create_app(gateway, tokens: Tokens, *, clock=None, bridge=None, request_ttl_
                 "meters": [m.meter_id for m in e.meters_of_account(account_id)]}
 
     @app.get(f"{PREFIX}/accounts/{{account_id}}", tags=["accounts"], summary="an account: balance, band, meters")
-    async def account(account_id: Annotated[str, Path(max_length=128)], who: Identity = role("view")):
+    async def account(account_id: Annotated[str, Path(max_length=128, pattern=f"^{ID_CHAR}+$")], who: Identity = role("view")):
         return await on_writer(_account, account_id)
 
     @app.get(f"{PREFIX}/accounts/{{account_id}}/statement", tags=["accounts"],
              summary="charges and credits from `since` on, with what settled what")
-    async def statement(account_id: Annotated[str, Path(max_length=128)], who: Identity = role("view"),
+    async def statement(account_id: Annotated[str, Path(max_length=128, pattern=f"^{ID_CHAR}+$")], who: Identity = role("view"),
                         since: Annotated[int, Query(ge=0, le=2**40, description="epoch seconds")] = 0):
         def run():
             _account(account_id)
@@ -412,7 +420,7 @@ def create_app(gateway, tokens: Tokens, *, clock=None, bridge=None, request_ttl_
 
     @app.post(f"{PREFIX}/accounts/{{account_id}}/adjustments", tags=["accounts"], status_code=201,
               summary="credit (or, admin only, refund) an account; the adjustment id makes it idempotent")
-    async def adjustment(account_id: Annotated[str, Path(max_length=128)], body: AdjustmentBody,
+    async def adjustment(account_id: Annotated[str, Path(max_length=128, pattern=f"^{ID_CHAR}+$")], body: AdjustmentBody,
                          who: Identity = role("adjustment")):
         kind = "refund" if body.amount_fen < 0 else "adjustment"
         if kind == "refund" and not who.at_least(ACTIONS["refund"]):
@@ -440,7 +448,7 @@ def create_app(gateway, tokens: Tokens, *, clock=None, bridge=None, request_ttl_
     async def commands(who: Identity = role("view"),
                        state: Annotated[Literal["queued", "sending", "verifying", "confirmed", "retry_wait", "failed",
                                                 "dispatched", "cancelled", "blocked"] | None, Query()] = None,
-                       meter_id: Annotated[str | None, Query(max_length=128)] = None,
+                       meter_id: Annotated[str | None, Query(max_length=128, pattern=f"^{ID_CHAR}+$")] = None,
                        limit: Limit = 100, offset: Offset = 0):
         found = await on_writer(gateway.control.store.commands_page, state, meter_id, limit, offset)
         return _page([_plain(c) for c in found], limit, offset)
@@ -452,12 +460,12 @@ def create_app(gateway, tokens: Tokens, *, clock=None, bridge=None, request_ttl_
         return found
 
     @app.get(f"{PREFIX}/commands/{{command_id}}", tags=["relay"])
-    async def command(command_id: Annotated[str, Path(max_length=300)], who: Identity = role("view")):
+    async def command(command_id: Annotated[str, Path(max_length=300, pattern=f"^{ID_CHAR}+$")], who: Identity = role("view")):
         return _plain(await _command(command_id))
 
     @app.post(f"{PREFIX}/commands/{{command_id}}/cancel", tags=["relay"],
               summary="stop a relay command that is not on the wire yet")
-    async def cancel(command_id: Annotated[str, Path(max_length=300)], body: ReasonBody,
+    async def cancel(command_id: Annotated[str, Path(max_length=300, pattern=f"^{ID_CHAR}+$")], body: ReasonBody,
                      who: Identity = role("cancel")):
         try:
             c = await on_writer(gateway.control.cancel, command_id, who.name, who.role, body.reason, clock.now())
@@ -473,7 +481,7 @@ def create_app(gateway, tokens: Tokens, *, clock=None, bridge=None, request_ttl_
         return _page([_plain(o) for o in found[offset:offset + limit]], limit, offset)
 
     @app.get(f"{PREFIX}/orders/{{order_id}}", tags=["field"])
-    async def order(order_id: Annotated[str, Path(max_length=300)], who: Identity = role("view")):
+    async def order(order_id: Annotated[str, Path(max_length=300, pattern=f"^{ID_CHAR}+$")], who: Identity = role("view")):
         found = await on_writer(gateway.control.store.order, order_id)
         if found is None:
             raise ApiError(404, f"unknown order {order_id!r}", "path.order_id")
@@ -499,8 +507,8 @@ def create_app(gateway, tokens: Tokens, *, clock=None, bridge=None, request_ttl_
     # -- audit -----------------------------------------------------------------------------------------
     @app.get(f"{PREFIX}/audit", tags=["audit"], summary="audit records, newest first")
     async def audit(who: Identity = role("audit"),
-                    subject: Annotated[str | None, Query(max_length=300)] = None,
-                    action: Annotated[str | None, Query(max_length=100)] = None,
+                    subject: Annotated[str | None, Query(max_length=300, pattern=f"^{ID_CHAR}+$")] = None,
+                    action: Annotated[str | None, Query(max_length=100, pattern=f"^{ID_CHAR}+$")] = None,
                     before: Annotated[int | None, Query(ge=0, le=2**62, description="records before this seq")] = None,
                     limit: Limit = 100):
         rows = await on_writer(gateway.control.store.audit_page, subject, action, before, limit)

@@ -41,7 +41,12 @@ OUT = f"{ROOT}/out"
 DEAD_LETTER = f"{ROOT}/dead-letter"
 STATUS = f"{ROOT}/status"
 
-Id = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[^\s\x00-\x1f\x7f]+$",
+#: a character of an identifier: no whitespace, no control character (a NUL cannot be stored in PostgreSQL text)
+ID_CHAR = r"[^\s\x00-\x1f\x7f]"
+#: a character of free text: no control character but tab and newlines
+TEXT_CHAR = r"[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"
+
+Id = Annotated[str, Meta(min_length=1, max_length=128, pattern=f"^{ID_CHAR}+$",
                          description="an identifier: 1 to 128 characters, no spaces or control characters")]
 #: money as a decimal string in yuan, never a float: at most two decimals (fen)
 Yuan = Annotated[str, Meta(pattern=r"^[0-9]{1,10}(\.[0-9]{1,2})?$", examples=["50.00"],
@@ -50,7 +55,7 @@ Price = Annotated[str, Meta(pattern=r"^[0-9]{1,4}(\.[0-9]{1,5})?$", examples=["0
                             description="yuan per kWh as a decimal string, at most five decimals")]
 Instant = Annotated[datetime, Meta(tz=True, description="RFC 3339 date-time with its offset")]
 #: free text: no control characters but tab and newlines (a NUL cannot be stored in PostgreSQL text)
-Text = Annotated[str, Meta(max_length=500, pattern=r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*$")]
+Text = Annotated[str, Meta(max_length=500, pattern=f"^{TEXT_CHAR}*$")]
 Name = Annotated[str, Meta(max_length=64, pattern=r"^[^\x00-\x1f\x7f]*$")]
 
 
