@@ -94,9 +94,11 @@ async def test_a_payment_to_a_verified_close_is_counted_once_with_its_latency(br
         assert v(after, "feikong_queue_depth", queue="bridge_inbound") == 0
 
 
-#: closes fail fast and go to a crew after the first failure; the reconnect deadline is seconds away
+#: closes fail fast, go to a crew after the first failure and end failed after three attempts; the reconnect
+#: deadline is seconds away
 FAILING = replace(QUICK, commands=CommandPolicy(
-    close=replace(QUICK.commands.close, dispatch_after_failures=1, backoff_s=0.3, backoff_max_s=0.5),
+    close=replace(QUICK.commands.close, dispatch_after_failures=1, backoff_s=0.3, backoff_max_s=0.5, max_attempts=3,
+                  dispatched_retry_s=0.5),
     trip=QUICK.commands.trip), dispatch=DispatchPolicy(reconnect_deadline_s=4, escalate_before_s=2))
 
 
@@ -136,6 +138,22 @@ async def test_a_meter_that_will_not_close_gets_a_field_order_and_a_silent_one_b
         assert v(s, "feikong_reconnects_pending", deadline="passed") == 1
         assert v(s, "feikong_reconnect_duration_seconds_count", via="remote") == 0
         assert v(s, "feikong_relay_commands_finished_total", action="close", outcome="confirmed") == 0
+        # the remote budget runs out (the command ends failed), then a crew repairs the meter and closes it:
+        # the command ended once, failed; the crew's close is counted apart
+        with BillingSim(broker.host, broker.port) as billing:
+            await online(billing)
+            await live.until(lambda: any(c.state.value == "failed" for c in live.gw.control.controller.commands.values()
+                                         if c.meter_id == stuck.address), what="the close failed", timeout=30)
+            stuck.faults, stuck.relay_open, stuck.relay_command_open = Faults(), False, False
+            billing.send(contract.FieldUpdate("U1", orders[0].order_id, "completed", datetime.now(timezone.utc),
+                                              "crew-7"))
+            await asyncio.to_thread(billing.wait_for, lambda b: any(
+                e.data["outcome"] == "closed_by_field" for e in b.of_kind("relay_confirmed")), 30, "field close")
+        s = scrape(m, port)
+        assert v(s, "feikong_relay_commands_finished_total", action="close", outcome="failed") == 1
+        assert v(s, "feikong_relay_commands_finished_total", action="close", outcome="field") == 0
+        assert v(s, "feikong_relay_failed_then_closed_by_field_total", action="close") == 1
+        assert v(s, "feikong_relay_commands_requested_total", action="close", actor="engine") == 1
 
 
 async def test_a_trip_held_by_the_notice_gate_and_a_failed_receipt_are_counted_as_committed(broker, tmp_path):

@@ -133,6 +133,11 @@ class GatewayMetrics:
                       "closed by a crew; failed: remote budget spent; cancelled; blocked by keep-power)",
                       ["action", "outcome"], registry=r)
         self._fin = {(a, o): fin.labels(a, o) for a in actions for o in RELAY_OUTCOMES}
+        # a command ends once: one that failed remotely and a crew closed later is not finished a second time
+        rescued = Counter("feikong_relay_failed_then_closed_by_field_total", "Relay commands that had ended "
+                          "failed (counted so in feikong_relay_commands_finished_total) and a field crew then "
+                          "closed, verified by a read", ["action"], registry=r)
+        self._rescued = {a: rescued.labels(a) for a in actions}
         retries = Counter("feikong_relay_retries_total", "Failed attempts of relay commands that will be "
                           "tried again", ["action"], registry=r)
         self._retries = {a: retries.labels(a) for a in actions}
@@ -331,10 +336,13 @@ class GatewayMetrics:
         p = e.payload
         outcome = p["outcome"]
         via = "field" if outcome == "closed_by_field" else "remote"
-        self._fin[p["action"], "field" if via == "field" else
-                  "already" if outcome.startswith("already_") else "confirmed"].inc()
+        cmd = fx.commands.get(p["command_id"])
+        if via == "field" and cmd is not None and any(h["event"] == "failed" for h in cmd.history):
+            self._rescued[p["action"]].inc()
+        else:
+            self._fin[p["action"], "field" if via == "field" else
+                      "already" if outcome.startswith("already_") else "confirmed"].inc()
         if p["action"] == RelayAction.CLOSE.value:
-            cmd = fx.commands.get(p["command_id"])
             if cmd is not None and cmd.actor == ENGINE and cmd.payment_at is not None and cmd.confirmed_at is not None:
                 self._reconnect[via].observe(max(cmd.confirmed_at - cmd.payment_at, 0.0))
 
