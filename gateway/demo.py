@@ -170,9 +170,9 @@ async def compose(store_url: str, broker: Broker, fleet: AnyFleet, config: Contr
     On an empty store ``provision(gateway)`` runs first, before any loop (accounts, meters, opening balances:
     the first tick would otherwise see empty accounts).
 
-    The one place the demo composes the gateway (a service built from a config file belongs here too), with
-    its Prometheus metrics on a free local port, and the addresses an operator uses in
-    ``Composed.addresses``."""
+    The demo's own composition, with its Prometheus metrics on a free local port and the addresses an operator
+    uses in ``Composed.addresses``. It repeats part of :class:`gateway.service.Service` (which composes from a
+    config file); moving the demo onto Service is open work (issue 6's note)."""
     hub = await ConcentratorHub(HubSettings(broker.host, broker.port, client_id="feikong-demo-south")).start()
     try:
         channels = channels_for(fleet.describe(), hub)
