@@ -154,19 +154,26 @@ async def _relay(args) -> int:
     return EXIT_OK
 
 
-async def _until_signalled() -> None:
-    """Until SIGINT or SIGTERM (a simulator's or the service's clean stop)."""
-    import signal
+class _Signals:
+    """SIGINT and SIGTERM stop the command cleanly from the moment this is made. A simulator makes it before it
+    says where it listens: a signal right after that line is a clean stop, not a kill (a test stopping a
+    simulator as soon as it had its address saw exit -15)."""
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+    def __init__(self) -> None:
+        import signal
+
+        self._sigs = (signal.SIGINT, signal.SIGTERM)
+        self.stop = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        for sig in self._sigs:
+            self._loop.add_signal_handler(sig, self.stop.set)
+
+    async def wait(self) -> None:
+        try:
+            await self.stop.wait()
+        finally:
+            for sig in self._sigs:
+                self._loop.remove_signal_handler(sig)
 
 
 def _host_port(text: str, option: str) -> tuple[str, int]:
@@ -219,6 +226,7 @@ def _sim_dlt645_meters(args):
 async def _sim(args) -> int:
     from simulators.dlt645 import PtyBus, SimBus, serve_tcp
 
+    signals = _Signals()
     meters = _sim_dlt645_meters(args)
     bus = SimBus.of(meters, baud=args.line_baud)
     if args.pty:
@@ -230,7 +238,7 @@ async def _sim(args) -> int:
         where = "tcp://%s:%d" % server.sockets[0].getsockname()[:2]
     _print_meters(meters, f"{len(meters)} simulated DL/T 645 meters on {where}"
                   + (f", line rate {args.line_baud} baud" if args.line_baud else ""))
-    await _until_signalled()
+    await signals.wait()
     return EXIT_OK
 
 
@@ -239,6 +247,7 @@ async def _sim_modbus(args) -> int:
     from protocols.modbus.profile import ProfileError
     from simulators.modbus import ModbusSimMeter, serve_rtu, serve_tcp
 
+    signals = _Signals()
     try:
         profile = load_profile(args.profile)
     except ProfileError as exc:
@@ -258,7 +267,7 @@ async def _sim_modbus(args) -> int:
         where = f"tcp://{host}:{server.port}"
     _print_meters(meters, f"{len(meters)} simulated Modbus meters ({args.profile}) on {where}")
     try:
-        await _until_signalled()
+        await signals.wait()
     finally:
         await server.close()
     return EXIT_OK
@@ -267,6 +276,7 @@ async def _sim_modbus(args) -> int:
 async def _sim_concentrator(args) -> int:
     from simulators.concentrator import SimConcentrator
 
+    signals = _Signals()
     meters = _sim_dlt645_meters(args)
     host, port = _host_port(args.broker, "--broker")
     try:
@@ -277,7 +287,7 @@ async def _sim_concentrator(args) -> int:
     _print_meters(meters, f"simulated concentrator {args.id} ({args.mode} mode) on mqtt://{host}:{port} with "
                           f"{len(meters)} DL/T 645 meters")
     try:
-        await _until_signalled()
+        await signals.wait()
     finally:
         await sim.stop()
     return EXIT_OK
@@ -294,6 +304,7 @@ async def _sim_billing(args) -> int:
 
     from simulators.billing import BillingSim
 
+    signals = _Signals()
     payments = []
     for item in args.pay:
         account, sep, amount = item.partition("=")
@@ -327,7 +338,7 @@ async def _sim_billing(args) -> int:
 
     printer = asyncio.create_task(show_events())
     try:
-        await _until_signalled()
+        await signals.wait()
     finally:
         printer.cancel()
         await asyncio.to_thread(billing.stop)
@@ -394,7 +405,7 @@ async def _run_service(args) -> int:
     bars = _Bars(console)
     service = Service(config, ops=ops_components(config), progress=bars)
     stop = asyncio.Event()
-    waiter = asyncio.create_task(_until_signalled())
+    waiter = asyncio.create_task(_Signals().wait())
     waiter.add_done_callback(lambda _: stop.set())
     log = logging.getLogger("gateway.service")
     try:
