@@ -9,15 +9,17 @@ are on it.
 
 Faults, drawn once per meter from the spec's seed: a share of meters whose relay acknowledges but does not
 move (``stuck_relay``), a share that stop answering a few seconds after they were tripped (a dead
-communication module, ``silent_after_trip``), and per-request transient faults on the DL/T 645 lines
-(``transient``, the serial simulator's mix). :meth:`Fleet.repair` is the field crew on site: the fault gone, the relay set by hand.
+communication module, ``silent_after_trip``), a share of DL/T 645 meters whose replies come back corrupted
+(bad checksum) half the time (``corrupt_frames``: a failing line driver), and per-request transient faults on
+the DL/T 645 lines (``transient``, the serial simulator's mix). :meth:`Fleet.repair` is the field crew on site: the fault gone, the relay set by hand.
 
 In-process (tests, the demo): ``fleet = await Fleet(spec, broker=(host, port)).start()`` ...
 ``await fleet.stop()``. As a child process, so the simulators do not share a core with the gateway:
 ``python -m simulators.fleet SPEC.json [--broker HOST:PORT] [--commands]`` prints :meth:`Fleet.describe` as
 one JSON line on standard output once everything listens, and serves until SIGINT or SIGTERM (with
 ``--commands``: it also takes one JSON command a line on standard input, ``{"repair": ADDRESS, "relay_open":
-false}``, and stops when standard input closes, so it never outlives its parent). :class:`FleetProcess` is that
+false}`` or ``{"records": PATH}`` (write :meth:`Fleet.records` to PATH as JSON, then print ``{"records": PATH}``),
+and stops when standard input closes, so it never outlives its parent). :class:`FleetProcess` is that
 child seen from the parent, with the same ``describe``, ``faulty``, ``repair`` and ``stop``.
 """
 from __future__ import annotations
@@ -46,6 +48,8 @@ from simulators.modbus import serve_tcp as serve_modbus_tcp
 KINDS = ("dlt645_tcp", "dlt645_pty", "modbus_tcp", "mqtt_frame", "mqtt_json")
 MQTT_KINDS = ("mqtt_frame", "mqtt_json")
 MODBUS_MAX_DEVICES = 247
+#: a ``corrupt_frames`` meter's replies: this share of them has a bad checksum
+CORRUPT_REPLY_RATE = 0.5
 
 
 class FleetError(ValueError):
@@ -61,6 +65,7 @@ class FleetSpec:
     stuck_relay: float = 0.0  # share of meters whose relay does not move
     silent_after_trip: float = 0.0  # share of meters that stop answering once tripped...
     silent_delay_s: float = 3.0  # ...this long after the relay opened (so the trip itself is verified)
+    corrupt_frames: float = 0.0  # share of DL/T 645 meters whose replies are often corrupted (CORRUPT_REPLY_RATE)
     transient: float = 0.0  # per-request transient faults on DL/T 645 meters (Faults.uniform)
     turnaround_s: float = 0.005  # DL/T 645 meters answer this long after the request (the line: host speed)
     modbus_profile: str = "hiking_dds238_2_znsr"
@@ -81,11 +86,11 @@ class FleetSpec:
         lo, hi = self.load_kw
         if not 0 < lo <= hi:
             raise FleetError(f"load_kw must be (low, high) with 0 < low <= high, got {self.load_kw!r}")
-        for name in ("stuck_relay", "silent_after_trip", "transient"):
+        for name in ("stuck_relay", "silent_after_trip", "corrupt_frames", "transient"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise FleetError(f"{name} must be a share between 0 and 1, got {getattr(self, name)!r}")
-        if self.stuck_relay + self.silent_after_trip > 1.0:
-            raise FleetError("stuck_relay + silent_after_trip must not exceed 1")
+        if self.stuck_relay + self.silent_after_trip + self.corrupt_frames > 1.0:
+            raise FleetError("stuck_relay + silent_after_trip + corrupt_frames must not exceed 1")
         if self.silent_delay_s < 0:
             raise FleetError(f"silent_delay_s must not be negative, got {self.silent_delay_s!r}")
         if self.turnaround_s < 0:
@@ -136,7 +141,7 @@ class Fleet:
     clock: Callable[[], datetime] | None = None  # the meters' (local, naive) time; None: by spec.utc_offset_s
     lines: list[Line] = field(default_factory=list)
     meters: dict[str, SimMeter] = field(default_factory=dict)
-    #: address -> the fault the meter was built with ("stuck_relay" or "silent_after_trip")
+    #: address -> the fault the meter was built with ("stuck_relay", "silent_after_trip" or "corrupt_frames")
     faulty: dict[str, str] = field(default_factory=dict)
     #: addresses of the silent-after-trip meters that have gone silent
     silenced: set[str] = field(default_factory=set)
@@ -168,7 +173,9 @@ class Fleet:
                     lines.append([])
                 draw = rng.random()
                 fault = ("stuck_relay" if draw < s.stuck_relay else
-                         "silent_after_trip" if draw < s.stuck_relay + s.silent_after_trip else "")
+                         "silent_after_trip" if draw < s.stuck_relay + s.silent_after_trip else
+                         "corrupt_frames" if draw < s.stuck_relay + s.silent_after_trip + s.corrupt_frames and
+                         kind != "modbus_tcp" else "")
                 common = dict(power_kw=round(rng.uniform(*s.load_kw) / hour_factor, 3),
                               energy=_registers(rng), seed=s.seed * 1_000_003 + address)
                 addr = f"{address:012d}"
@@ -178,6 +185,8 @@ class Fleet:
                 else:
                     faults = Faults.uniform(s.transient) if s.transient else Faults()
                     faults.stuck_relay = fault == "stuck_relay"
+                    if fault == "corrupt_frames":
+                        faults.corrupt_checksum = max(faults.corrupt_checksum, CORRUPT_REPLY_RATE)
                     meter = SimMeter(addr, faults=faults, **common)
                 if fault:
                     self.faulty[addr] = fault
@@ -269,6 +278,14 @@ class Fleet:
         return {"spec": self.spec.to_dict(), "lines": [line.describe() for line in self.lines],
                 "faulty": dict(self.faulty)}
 
+    def records(self) -> dict:
+        """Each meter's own record, as JSON-ready data: address -> its relay contact now (``relay_open``) and
+        every relay action it applied, in order (``log``: [ISO local time, action, operator]; a crew's repair
+        is logged with the operator ``field-crew``)."""
+        return {addr: {"relay_open": m.relay_open,
+                       "log": [[when.isoformat(), action, operator] for when, action, operator in m.relay_log]}
+                for addr, m in self.meters.items()}
+
 
 def _registers(rng: random.Random) -> list[Decimal]:
     per_tariff = [Decimal(rng.randrange(0, 500_000)) / 100 for _ in range(4)]
@@ -318,6 +335,18 @@ class FleetProcess:
         self.faulty.pop(address, None)
         self.proc.stdin.write(json.dumps({"repair": address, "relay_open": relay_open}).encode() + b"\n")
 
+    async def records(self, timeout: float = 60.0) -> dict:
+        """:meth:`Fleet.records` of the child's fleet (through a file beside the spec)."""
+        path = self.path.with_name("records.json")
+        self.proc.stdin.write(json.dumps({"records": str(path)}).encode() + b"\n")
+        await self.proc.stdin.drain()
+        while True:
+            line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+            if not line:
+                raise RuntimeError(f"the fleet process ended (exit {await self.proc.wait()}) before its records")
+            if json.loads(line).get("records") == str(path):
+                return json.loads(path.read_text())
+
     async def stop(self, timeout: float = 10.0) -> None:
         if self.proc is None or self.proc.returncode is not None:
             return
@@ -357,8 +386,12 @@ async def _obey(fleet: Fleet, stop: asyncio.Event) -> None:
             return
         try:
             command = json.loads(line)
-            fleet.repair(command["repair"], bool(command["relay_open"]))
-        except (ValueError, KeyError, TypeError) as exc:
+            if "records" in command:
+                Path(command["records"]).write_text(json.dumps(fleet.records()))
+                print(json.dumps({"records": command["records"]}), flush=True)
+            else:
+                fleet.repair(command["repair"], bool(command["relay_open"]))
+        except (ValueError, KeyError, TypeError, OSError) as exc:
             print(f"fleet: bad command {line!r}: {exc!r}", file=sys.stderr, flush=True)
 
 
@@ -368,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--broker", metavar="HOST:PORT", help="the MQTT broker the concentrators connect to")
     p.add_argument("--commands", action="store_true",
                    help='take commands on standard input, one JSON object a line ({"repair": ADDRESS, '
-                        '"relay_open": false}), and stop when it closes')
+                        '"relay_open": false} or {"records": PATH}), and stop when it closes')
     args = p.parse_args(argv)
     try:
         text = sys.stdin.read() if args.spec == "-" else open(args.spec, encoding="utf-8").read()
