@@ -1,4 +1,4 @@
-"""`./run soak [--minutes N] [--instances N] [--seed S] [--meters N]`: the full soak (docs/chaos.md).
+"""The full chaos soak, `./run soak [--minutes N] [--instances N] [--seed S] [--meters N]` (docs/chaos.md).
 
 Progress goes to standard error; the last line of standard output is one JSON object: the schedule, the
 events applied, the counts and every check with its failures. Exit 0 when every check passed, 1 otherwise.
@@ -15,7 +15,9 @@ from .harness import SoakSpec, Soak
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="./run soak", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="./run soak", description="The chaos soak: a simulated fleet, billing and crews "
+                                "against feikong gateways while they, the broker and PostgreSQL are killed and "
+                                "restarted; then the end checks (docs/chaos.md).")
     p.add_argument("--minutes", type=float, default=10.0, help="length of the chaos phase (default 10)")
     p.add_argument("--settle-minutes", type=float, default=2.0,
                    help="the quiet phase after it, before the end checks (default 2)")

@@ -77,6 +77,7 @@ class Evidence:
     faulty: dict[str, str]  # meter -> the fault it was built with
     account_of: dict[str, str]  # meter -> account
     classes: dict[str, str]  # account -> customer class (the store's)
+    decisions: list[tuple[str, str]]  # (account, kind) of every engine decision
     policies: dict[str, float]
     ended_at: float
 
@@ -93,6 +94,8 @@ class Evidence:
                 "SELECT l.entry_id, a.account_id, l.kind, l.amount_fen FROM ledger l "
                 "JOIN accounts a ON a.account_no = l.account_no")]
             classes = dict(store._query("SELECT account_id, customer_class FROM accounts"))
+            decisions = [tuple(r) for r in store._query(
+                "SELECT a.account_id, d.kind FROM decisions d JOIN accounts a ON a.account_no = d.account_no")]
             commands = store.load_entities(COMMANDS, "1 = 1 ORDER BY created_at")
             cases = {c.case_id: c for c in store.load_entities(CASES, "1 = 1")}
             notices = store.load_entities(NOTICES, "1 = 1")
@@ -109,7 +112,8 @@ class Evidence:
                     "final_reminder_confirmed": cfg.trips.final_reminder_confirmed,
                     "reconnect_deadline_s": cfg.dispatch.reconnect_deadline_s}
         return cls(sent, cleared, confirmations, ledger, commands, cases, notices, orders, audit, records,
-                   dict(layout["faulty"]), {m: a for a, m in meter_of.items()}, classes, policies, ended_at)
+                   dict(layout["faulty"]), {m: a for a, m in meter_of.items()}, classes, decisions, policies,
+                   ended_at)
 
     def counts(self) -> dict:
         frames = [e for r in self.records.values() for e in r["log"] if e[2] != CREW]
@@ -120,8 +124,9 @@ class Evidence:
                 "crew_actions": sum(1 for r in self.records.values() for e in r["log"] if e[2] == CREW),
                 "work_orders": len(self.orders),
                 "protected_accounts": sum(1 for c in self.classes.values() if c in NOT_AUTO),
-                "protected_trip_cases": sum(1 for c in self.cases.values()
-                                            if self.classes.get(c.account_id) in NOT_AUTO),
+                # protected accounts that ran out (the engine raised an account manager's task instead of a trip)
+                "protected_ran_out": len({a for a, kind in self.decisions
+                                          if kind == "account_manager_task" and self.classes.get(a) in NOT_AUTO}),
                 "faulty_meters": len(self.faulty)}
 
 
