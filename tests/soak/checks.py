@@ -12,8 +12,9 @@ The checks, precisely:
 ``trips_gated``
     Every trip frame a meter applied (its own log; a crew's hand is not a frame) follows a ``relay_trip_sent``
     audit record of the gateway for that meter (each record accounts for one frame at most), and every such
-    record passed the gates: an automatic (engine) command, of an account whose class may be tripped
-    automatically, with a disconnect notice (warning 1, 2 or disconnect) confirmed at least ``notice_lead_s``
+    record passed the gates: an automatic (engine) command, sent before any clearing payment of its account
+    was committed (the fresh balance at the send sees every committed payment), of an account whose class may
+    be tripped automatically, with a disconnect notice (warning 1, 2 or disconnect) confirmed at least ``notice_lead_s``
     before the send and not older than ``notice_max_age_s``, and the case's final reminder confirmed at least
     ``final_reminder_s`` before it (where the policies ask for one).
 ``protected_never_tripped``
@@ -67,7 +68,7 @@ class Evidence:
     sent: dict[str, tuple[str, int, float]]  # payment id -> (account, amount fen, paid at epoch s)
     cleared: dict[str, float]  # account -> paid_at of the payment that cleared it
     confirmations: list[tuple[str, str, str, int]]  # (event id, payment id, account, amount fen)
-    ledger: list[tuple[str, str, str, int]]  # (entry id, account, kind, amount fen)
+    ledger: list[tuple[str, str, str, int, int]]  # (entry id, account, kind, amount fen, recorded at epoch s)
     commands: list
     cases: dict
     notices: list
@@ -91,7 +92,7 @@ class Evidence:
         store = open_store(dsn)
         try:
             ledger = [tuple(r) for r in store._query(
-                "SELECT l.entry_id, a.account_id, l.kind, l.amount_fen FROM ledger l "
+                "SELECT l.entry_id, a.account_id, l.kind, l.amount_fen, l.recorded_at FROM ledger l "
                 "JOIN accounts a ON a.account_no = l.account_no")]
             classes = dict(store._query("SELECT account_id, customer_class FROM accounts"))
             decisions = [tuple(r) for r in store._query(
@@ -150,8 +151,8 @@ def payments_exactly_once(ev: Evidence) -> CheckResult:
             r.failures.append(f"payment {pid} ({account}, {fen} fen): not in the ledger (lost)")
         elif len(rows) > 1:
             r.failures.append(f"payment {pid}: {len(rows)} ledger rows (counted more than once)")
-        elif rows[0][1:] != (account, "payment", fen):
-            r.failures.append(f"payment {pid}: ledger has {rows[0][1:]}, billing sent ({account}, payment, {fen})")
+        elif rows[0][1:4] != (account, "payment", fen):
+            r.failures.append(f"payment {pid}: ledger has {rows[0][1:4]}, billing sent ({account}, payment, {fen})")
     for eid, rows in ledger.items():
         if rows[0][2] == "payment" and eid not in ev.sent:
             r.failures.append(f"ledger payment {eid} ({rows[0][1]}, {rows[0][3]} fen): billing never sent it")
@@ -206,6 +207,7 @@ def trips_gated(ev: Evidence) -> CheckResult:
         notices_of.setdefault(n.account_id, []).append(n)
     by_id = {n.notice_id: n for n in ev.notices}
     p = ev.policies
+    committed_clearing = {row[1]: row[4] for row in ev.ledger if row[0].startswith("CLEAR-")}
     for a in (x for x in ev.audit if x["action"] == "relay_trip_sent"):
         r.checked += 1
         cid, at = a["detail"].get("command_id", ""), a["at"]
@@ -216,6 +218,10 @@ def trips_gated(ev: Evidence) -> CheckResult:
             continue
         if c.actor != "engine":
             continue  # an operator's trip: their role and approval are the API's checks (none in the soak)
+        cleared_at = committed_clearing.get(c.account_id)
+        if cleared_at is not None and cleared_at + SLACK_S < at:
+            r.failures.append(f"{where}: account {c.account_id}'s clearing payment was committed at {cleared_at}: the "
+                              f"balance checked at the send did not see it")
         cls = ev.classes.get(c.account_id)
         if cls in NOT_AUTO:
             r.failures.append(f"{where}: account {c.account_id} is {cls}: never tripped automatically")

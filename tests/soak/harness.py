@@ -41,8 +41,8 @@ ROOT = Path(__file__).resolve().parents[2]
 SOAK_CONTROL = Path(__file__).with_name("soak.control.toml")
 #: every kind of chaos event; the schedule has each at least once
 EVENT_KINDS = ("gateway_kill", "broker_restart", "broker_kill", "pg_restart", "pg_crash")
-PRICE_YUAN = "10.0000"  # per kWh: with 20-40 kW a small credit lasts seconds, a clearing payment hours
-CLEARING_YUAN = "500.00"
+PRICE_YUAN = "10.0000"  # per kWh: with 20-40 kW a small credit lasts seconds, a clearing payment days
+CLEARING_YUAN = "50000.00"  # far more than any arrears, and more than a run can use up
 
 
 @dataclass(frozen=True)
