@@ -219,7 +219,7 @@ async def compose(directory: Path, broker: Broker, fleet: AnyFleet, config: Cont
     service_config = replace(load_service_config(path), policies=config)
     metrics, api = MetricsEndpoint(), ApiComponent()
     service = await Service(service_config, ops=[metrics, api]).start()
-    composed = Composed(service, {"broker": f"mqtt://{broker.host}:{broker.port}",
+    composed = Composed(service, {"config": str(path), "broker": f"mqtt://{broker.host}:{broker.port}",
                                   "store": service_config.store.url,
                                   "metrics": f"http://127.0.0.1:{metrics.port}/metrics",
                                   "api": f"http://127.0.0.1:{api.port}/api/v1"})
