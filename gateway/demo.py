@@ -115,6 +115,10 @@ CHANNEL = {
 }
 
 
+NAME = {"dlt645_tcp": "tcp://", "dlt645_pty": "serial://", "modbus_tcp": "modbus+tcp://", "mqtt_frame": "mqtt://",
+        "mqtt_json": "mqtt://"}
+
+
 def write_gateway_config(directory: Path, layout: dict, broker: Broker, *, poll_interval_s: float,
                          control: Path = DEMO_CONTROL) -> Path:
     """The demo as ``feikong run`` would run it: ``gateway.toml`` for the fleet's ``layout``
@@ -124,9 +128,9 @@ def write_gateway_config(directory: Path, layout: dict, broker: Broker, *, poll_
     accounts, owner = demo_accounts(layout)
     by_id = {a.account_id: a for a in accounts}
     channels, rows = [], []
-    for n, line in enumerate(layout["lines"], 1):
+    for line in layout["lines"]:
         kind = line["kind"]
-        name = f"{kind.replace('_', '-')}-{n}"
+        name = NAME[kind] + line["where"]  # where it is, as the gateway's own links name themselves
         table = {"name": name, **CHANNEL[kind]}
         if kind in ("dlt645_tcp", "modbus_tcp"):
             host, _, port = line["where"].rpartition(":")
@@ -219,10 +223,10 @@ async def compose(directory: Path, broker: Broker, fleet: AnyFleet, config: Cont
     service_config = replace(load_service_config(path), policies=config)
     metrics, api = MetricsEndpoint(), ApiComponent()
     service = await Service(service_config, ops=[metrics, api]).start()
-    composed = Composed(service, {"config": str(path), "broker": f"mqtt://{broker.host}:{broker.port}",
+    composed = Composed(service, {"broker": f"mqtt://{broker.host}:{broker.port}",
                                   "store": service_config.store.url,
                                   "metrics": f"http://127.0.0.1:{metrics.port}/metrics",
-                                  "api": f"http://127.0.0.1:{api.port}/api/v1"})
+                                  "api": f"http://127.0.0.1:{api.port}/api/v1", "config": str(path)})
     try:
         gw = service.gateway
         rng, now = random.Random(story.seed), int(gw.clock.now())
