@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -34,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     extra = args.events if args.events is not None else max(0, int(chaos_s // 30) - 5)
     spec = SoakSpec(meters=args.meters, instances=args.instances, seed=args.seed, chaos_s=chaos_s,
                     settle_s=args.settle_minutes * 60, extra_events=extra)
+    # billing's and the fleet's MQTT clients say when the broker goes away (it does, on purpose): tagged, not bare
+    logging.basicConfig(level=logging.WARNING, format="[soak] %(name)s %(levelname)s: %(message)s")
     summary = asyncio.run(Soak(spec, workdir=args.workdir).run())
     print(json.dumps(summary), flush=True)
     return 0 if summary["passed"] else 1

@@ -126,7 +126,12 @@ class GatewayProcess:
             await asyncio.sleep(self.restart_s)
 
     async def kill(self, down_s: float) -> None:
-        """SIGKILL; restarted ``down_s`` later."""
+        """SIGKILL; restarted ``down_s`` later. One between restarts (it exited: the store was away at its
+        start, say) is killed once it runs again, so that every kill lands on a running gateway."""
+        for _ in range(200):
+            if self.running:
+                break
+            await asyncio.sleep(0.05)
         self.held = True
         if self.proc is not None and self.proc.returncode is None:
             self._killing = True
@@ -527,6 +532,7 @@ class Soak:
             "counts": evidence.counts(),
             "checks": {r.name: {"passed": r.passed, "checked": r.checked, "failures": r.failures[:20]}
                        for r in results},
+            "checks_passed": sum(r.passed for r in results), "checks_total": len(results),
             "passed": all(r.passed for r in results),
             "wall_s": round(wall_s, 1),
         }
