@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1, help="draws the schedule, the fleet's faults and billing's story")
     p.add_argument("--meters", type=int, default=200, help="simulated meters (default 200)")
     p.add_argument("--events", type=int, default=None,
-                   help="chaos events beyond one of each kind (default: one per 30 s of chaos)")
+                   help="chaos events beyond one of each kind (default: enough for one event per 30 s of chaos "
+                        "in all)")
     p.add_argument("--workdir", type=Path, default=None, help="keep logs, configs and the broker's files here")
     args = p.parse_args(argv)
     if args.minutes <= 0 or args.settle_minutes <= 0 or args.instances < 1 or args.meters < 4:
