@@ -136,3 +136,18 @@ def test_a_paid_up_meter_left_open_needs_a_reconnect_order_whose_deadline_holds(
     assert "later than payment + 180 s" in only_failure(late_deadline, "paid_reconnected")
     completed_late = replace(opened, orders=[replace(order, state=OrderState.COMPLETED, closed_at=T0 + 290)])
     assert "after its deadline" in only_failure(completed_late, "paid_reconnected")
+
+
+def test_a_remote_retry_that_races_a_crew_is_allowed_until_the_crew_is_reported(story):
+    """M1's close went unanswered, a crew closed it by hand; the gateway's remote retry finds it closed."""
+    log = story.records["M1"]["log"]
+    raced = {**story.records, "M1": {"relay_open": False, "log": [
+        log[0], [local(T0 + 100), "close", "field-crew"], [local(T0 + 102.3), "direct_close", GW]]}}
+    order = WorkOrder("O1", OrderKind.RECONNECT, "K1", "M1", "A1", "residential", "1 Soak Road", None, None,
+                      "no answer", created_at=T0 + 90, deadline_at=T0 + 280, state=OrderState.COMPLETED,
+                      closed_at=T0 + 105)
+    ev = replace(story, records=raced, orders=[order])
+    assert failures(ev) == {}
+    assert next(r for r in run_checks(ev) if r.name == "no_action_twice").raced_crew == 1
+    reported = replace(ev, orders=[replace(order, closed_at=T0 + 101)])
+    assert "after the gateway had recorded the order completed" in only_failure(reported, "no_action_twice")

@@ -26,10 +26,12 @@ The checks, precisely:
     plus ``reconnect_deadline_s`` and holds: completed by then, or still open and not yet due.
 ``no_action_twice``
     A relay action is applied twice when a meter applies an operate frame of the gateway that finds its contact
-    already where the frame would put it after an earlier action (a re-send without reading back first: what
-    invariant 4 forbids). Walking each meter's log from its start position (closed): a gateway frame must move
-    the contact; a crew sets it by hand. Meters with a stuck relay (until a crew repairs them) cannot move:
-    their repeats are retries of an action that did not happen, and like every frame each must follow a
+    already where an earlier frame of the gateway put it (a re-send without reading back first: what invariant
+    4 forbids). Walking each meter's log from its start position (closed): a gateway frame must move the
+    contact. A crew sets it by hand: a gateway frame that then finds it already there raced the crew (a remote
+    retry while the order is open, the crew's report not yet in), which is allowed only until the gateway has
+    recorded the order completed. Meters with a stuck relay (until a crew repairs them) cannot move: their
+    repeats are retries of an action that did not happen, and like every frame each must follow a
     ``relay_*_sent`` audit record of its own (so a retry the gateway did not record is still caught).
 """
 from __future__ import annotations
@@ -57,6 +59,7 @@ class CheckResult:
     name: str
     checked: int = 0
     failures: list[str] = field(default_factory=list)
+    raced_crew: int = 0  # no_action_twice: gateway frames that found the relay where a crew had just set it
 
     @property
     def passed(self) -> bool:
@@ -289,22 +292,32 @@ def paid_reconnected(ev: Evidence) -> CheckResult:
 def no_action_twice(ev: Evidence) -> CheckResult:
     r = CheckResult("no_action_twice", len(ev.records))
     _match_frames(ev, r, GATEWAY_CLOSES, "relay_close_sent")
+    completed: dict[str, list[float]] = {}  # meter -> when the gateway recorded its field orders completed
+    for o in ev.orders:
+        if o.state.value == "completed" and o.closed_at is not None:
+            completed.setdefault(o.meter_id, []).append(o.closed_at)
     for meter, rec in sorted(ev.records.items()):
-        is_open, since = False, "the start"
+        is_open, since, by_crew = False, "the start", False
         stuck = ev.faulty.get(meter) == "stuck_relay"
         for when, action, operator in rec["log"]:
             if operator == CREW:
-                is_open, since, stuck = action == GATEWAY_TRIP, f"a crew at {when}", False
+                is_open, since, stuck, by_crew = action == GATEWAY_TRIP, f"a crew at {when}", False, True
                 continue
             if action not in (GATEWAY_TRIP, *GATEWAY_CLOSES):
                 continue
-            to_open = action == GATEWAY_TRIP
+            to_open, t = action == GATEWAY_TRIP, meter_time(when)
             if stuck:
                 continue  # the contact does not move: a repeat is a retry (each matched to its own sent record)
             if is_open == to_open:
-                r.failures.append(f"meter {meter} ({ev.account_of.get(meter)}): {action} at {when} found the "
-                                  f"relay already {'open' if is_open else 'closed'} since {since}: applied twice")
-            is_open, since = to_open, f"{action} at {when}"
+                where = f"meter {meter} ({ev.account_of.get(meter)}): {action} at {when} found the relay already " \
+                        f"{'open' if is_open else 'closed'} since {since}"
+                if not by_crew:
+                    r.failures.append(f"{where}: applied twice")
+                elif any(c + SLACK_S < t for c in completed.get(meter, ())):
+                    r.failures.append(f"{where}, after the gateway had recorded the order completed")
+                else:
+                    r.raced_crew += 1
+            is_open, since, by_crew = to_open, f"{action} at {when}", False
         if not stuck and is_open != rec["relay_open"]:
             r.failures.append(f"meter {meter}: its log ends {'open' if is_open else 'closed'} but its relay is "
                               f"{'open' if rec['relay_open'] else 'closed'} (the record is incomplete)")

@@ -446,6 +446,8 @@ class Soak:
             evidence = Evidence.collect(pg.dsn, up, billing, records, layout, protected, meter_of, work / "control.toml",
                                         ended_at)
             results = run_checks(evidence)
+            if keep:  # with the logs, configs and the meters' records.json: all a failure needs looking into
+                await asyncio.to_thread(pg.dump, work / "feikong.sql")
             summary = self._summary(up, billing, gateways, codes, evidence, results, time.monotonic() - started)
             for r in results:
                 self.say(f"check {r.name}: {'passed' if r.passed else 'FAILED'} ({r.checked} checked)"
@@ -530,8 +532,8 @@ class Soak:
             "field_orders": billing.count("field_order_created"),
             "notice_receipts": dict(billing.receipts),
             "counts": evidence.counts(),
-            "checks": {r.name: {"passed": r.passed, "checked": r.checked, "failures": r.failures[:20]}
-                       for r in results},
+            "checks": {r.name: {"passed": r.passed, "checked": r.checked, "failures": r.failures[:20],
+                                **({"raced_crew": r.raced_crew} if r.raced_crew else {})} for r in results},
             "checks_passed": sum(r.passed for r in results), "checks_total": len(results),
             "passed": all(r.passed for r in results),
             "wall_s": round(wall_s, 1),

@@ -102,6 +102,10 @@ class PrivatePostgres:
         self.stop(mode)
         self.start()
 
+    def dump(self, path: Path) -> None:
+        """The database as SQL (pg_dump) into ``path``: what a failed soak leaves behind to look at."""
+        Path(path).write_text(self._run("pg_dump", "--no-owner", "-d", self.dsn).stdout)
+
     def log(self) -> str:
         path = self.dir / "postgres.log"
         return path.read_text(errors="replace") if path.exists() else ""
