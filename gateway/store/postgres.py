@@ -57,6 +57,10 @@ class PostgresStore(Store):
         if self.conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
             self.conn.execute("ROLLBACK")
 
+    def notify_inbox(self, channels: list[str]) -> None:
+        for channel in channels:
+            self.conn.execute("SELECT pg_notify('feikong_inbox', %s)", (channel,))
+
     def _has_table(self, name: str) -> bool:
         return self.conn.execute("SELECT to_regclass(%s) IS NOT NULL", (name,)).fetchone()[0]
 
