@@ -652,8 +652,11 @@ class Store(ABC):
     def save_request(self, request) -> None:
         self.save_entities(REQUESTS, [request])
 
-    def approval_request(self, request_id: str):
-        found = self.load_entities(REQUESTS, "request_id = ?", (request_id,))
+    def approval_request(self, request_id: str, for_update: bool = False):
+        """``for_update`` (inside a transaction): the row locked until the commit (PostgreSQL; SQLite has one
+        writer)."""
+        lock = " FOR UPDATE" if for_update and self.dialect == "postgresql" else ""
+        found = self.load_entities(REQUESTS, f"request_id = ?{lock}", (request_id,))
         return found[0] if found else None
 
     def approval_requests(self, state: str | None, now: float, limit: int = 100, offset: int = 0) -> list:
