@@ -18,6 +18,7 @@ from typing import Callable
 
 import numpy as np
 
+from gateway.cluster import log_failure
 from gateway.core.engine import Decision, Engine, Outcome, ReadingBatch
 from gateway.core.model import Account, Adjustment, Meter, MeterReplaced, Payment, RelayStateChanged
 from gateway.core.tariff import Tariff
@@ -146,7 +147,7 @@ class Accounting:
                 if then is not None:
                     then(outcome, result)
         except BaseException:
-            log.exception("transaction failed; rebuilding the engine from the store")
+            log_failure(log, "transaction failed; rebuilding the engine from the store")
             self._stale = True
             try:
                 self.reload()

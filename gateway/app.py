@@ -13,6 +13,7 @@ import time
 from typing import Callable
 
 from gateway.clock import Clock, SystemClock, local_naive
+from gateway.cluster import log_failure
 from gateway.core.control import ControlConfig, NoticeReceiptIn
 from gateway.core.dispatch import FieldUpdate
 from gateway.core.model import Adjustment, Payment
@@ -165,7 +166,7 @@ class Gateway:
             try:
                 await self.poll_once(channel)
             except Exception:
-                log.exception("poll cycle on %s failed", channel.name)
+                log_failure(log, "poll cycle on %s failed", channel.name)
             rest = self.poll_interval_s - (asyncio.get_running_loop().time() - started)
             await _sleep_or_stop(stop, max(rest, 0.0))
 
@@ -176,7 +177,7 @@ class Gateway:
                 if fx.commands:
                     self.executor.wake()
             except Exception:
-                log.exception("tick failed")
+                log_failure(log, "tick failed")
             await _sleep_or_stop(stop, self.tick_s)
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -218,7 +219,7 @@ class Gateway:
                         if await self.writer.call(self.control.drain_inbox, self.clock.now()):
                             self.executor.wake()
                     except Exception:
-                        log.exception("draining the inbox failed; trying again")
+                        log_failure(log, "draining the inbox failed; trying again")
                 waits = [asyncio.ensure_future(e.wait()) for e in (changed, inbox, stop)]
                 done, _ = await asyncio.wait(waits, timeout=self.inbox_every_s, return_when=asyncio.FIRST_COMPLETED)
                 for w in waits:

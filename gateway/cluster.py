@@ -48,6 +48,18 @@ class LeaseLost(Exception):
                          f"nothing was committed for them")
 
 
+def log_failure(logger: logging.Logger, message: str, *args) -> None:
+    """From an ``except`` block: a lost lease is an expected turn of events (a warning, no traceback);
+    anything else is logged with its traceback."""
+    import sys
+
+    exc = sys.exc_info()[1]
+    if isinstance(exc, LeaseLost):
+        logger.warning(message + ": %s", *args, exc)
+    else:
+        logger.exception(message, *args)
+
+
 class NotHeld(LookupError):
     """A meter on a channel another instance holds (an operator's command goes to that instance)."""
 

@@ -24,6 +24,7 @@ from typing import Callable
 import numpy as np
 
 from gateway.accounting import Accounting, IngestResult
+from gateway.cluster import log_failure
 from gateway.core.commands import RelayAction, RelayExplanation, RelayStatus, ReconnectMode, explain
 from gateway.core.control import (
     AuditRecord,
@@ -245,7 +246,7 @@ class CostControl:
                 if also is not None:
                     also()
         except BaseException:
-            log.exception("control transaction failed; rebuilding from the store")
+            log_failure(log, "control transaction failed; rebuilding from the store")
             self._rebuild_after_failure(now)
             raise
         self._committed(what, fx, None, size, started, now)

@@ -305,7 +305,7 @@ async def test_two_instances_share_the_buses_and_a_killed_ones_share_is_taken_ov
         await logs["gw1"].wait_for("fleet: 12 accounts, 12 meters", 60)
         await start("gw2", cfg2)
         # a fair share each (the first hands two buses over when the second joins)
-        await until(lambda: sorted(_holders(pg_dsn).values()) == ["gw1", "gw1", "gw2", "gw2"], 30,
+        await until(lambda: sorted(map(str, _holders(pg_dsn).values())) == ["gw1", "gw1", "gw2", "gw2"], 30,
                     "two buses each")
         await until(relays_read, 30, "every relay read open")
         first = [m.address for group in meters.values() for m in group[:1]]
@@ -330,17 +330,33 @@ async def test_two_instances_share_the_buses_and_a_killed_ones_share_is_taken_ov
         await logs[survivor].wait_for("took bus1", 10)
         await start(victim, cfg1 if victim == "gw1" else cfg2)
         await until(lambda: closed(every), 60, "every paid meter closed")
-        await until(lambda: sorted(_holders(pg_dsn).values()) == ["gw1", "gw1", "gw2", "gw2"], 30,
+        await until(lambda: sorted(map(str, _holders(pg_dsn).values())) == ["gw1", "gw1", "gw2", "gw2"], 30,
                     "the returned instance's share handed back")
 
         ledger = _query(pg_dsn, "SELECT entry_id, amount_fen FROM ledger ORDER BY entry_id")
         assert ledger == sorted((f"PAY-{a}", 5000) for a in every)  # every payment once, none lost
         assert _query(pg_dsn, "SELECT COUNT(*) FROM inbox")[0][0] == 0
         for a, m in every.items():  # each meter's own log: one close, nothing applied twice
-            assert [action for _, action, _ in m.relay_log] == ["close"], (a, m.relay_log)
-        confirmed = _query(pg_dsn, "SELECT meter_id, COUNT(*) FROM relay_commands WHERE state = 'confirmed' "
-                                   "AND action = 'close' GROUP BY meter_id")
-        assert sorted(confirmed) == sorted((a, 1) for a in every)
+            assert [action for _, action, _ in m.relay_log] == ["direct_close"], (a, m.relay_log)
+        def confirmed() -> list[tuple]:
+            return sorted(_query(pg_dsn, "SELECT meter_id, COUNT(*) FROM relay_commands WHERE state = 'confirmed' "
+                                         "AND action = 'close' GROUP BY meter_id"))
+
+        await until(lambda: len(confirmed()) == len(every), 30, "every close verified by read-back")
+        assert confirmed() == sorted((a, 1) for a in every)  # one close command per meter, whoever sent it
+
+        # paused past its leases (a long GC, a frozen VM), then resumed: it finds them gone and stops acting
+        paused = _holders(pg_dsn)["bus3"]
+        other = "gw2" if paused == "gw1" else "gw1"
+        procs[paused].send_signal(signal.SIGSTOP)
+        await until(lambda: set(_holders(pg_dsn).values()) == {other}, ttl + 10, "the takeover from a paused one")
+        procs[paused].send_signal(signal.SIGCONT)
+        await logs[paused].wait_for("lost", 10)
+        await until(lambda: sorted(map(str, _holders(pg_dsn).values())) == ["gw1", "gw1", "gw2", "gw2"], 30,
+                    "the resumed instance's share back")
+        await asyncio.sleep(2 * ttl)  # polls and ticks on both meanwhile
+        for a, m in every.items():
+            assert [action for _, action, _ in m.relay_log] == ["direct_close"], (a, m.relay_log)
         for name in list(procs):
             procs[name].send_signal(signal.SIGTERM)
         for name, p in procs.items():
