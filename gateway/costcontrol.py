@@ -389,8 +389,7 @@ class CostControl:
             return None
         if nid in self.controller.notices:
             return self.controller.notices[nid].account_id
-        rows = self.store._query("SELECT account_id FROM notices WHERE notice_id = ?", (nid,))
-        return rows[0][0] if rows else None
+        return self.store.notice_account(nid)
 
     def _order_account(self, u: FieldUpdate) -> str | None:
         if u.order_id in self.controller.orders:

@@ -190,16 +190,6 @@ def test_an_acquirer_waits_for_a_fenced_transaction_of_the_holder(pg_dsn):
 # --------------------------------------------------------------------------- instances as child processes
 
 
-async def _spawn_gateway(config: Path):
-    import os
-    import sys
-
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return await asyncio.create_subprocess_exec(sys.executable, "-m", "gateway.cli", "run", "--config",
-                                                str(config), cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.PIPE)
-
-
 def _config(tmp_path: Path, instance: str, dsn: str, broker, buses: dict[str, int], ttl: float) -> Path:
     channels = "".join(f"""
 [[channels]]
@@ -256,7 +246,7 @@ async def test_two_instances_share_the_buses_and_a_killed_ones_share_is_taken_ov
     from simulators.billing import BillingSim
     from simulators.dlt645 import SimBus, SimMeter, serve_tcp
 
-    from .test_service_run import Log
+    from .test_service_run import Log, spawn
 
     ttl = 2.0
     local = local_naive(SystemClock())
@@ -283,7 +273,7 @@ async def test_two_instances_share_the_buses_and_a_killed_ones_share_is_taken_ov
     loop = asyncio.get_running_loop()
 
     async def start(name: str, cfg: Path) -> None:
-        procs[name] = await _spawn_gateway(cfg)
+        procs[name] = await spawn("run", "--config", str(cfg))
         logs[name] = Log(procs[name].stderr)
 
     async def until(predicate, timeout: float, what: str):
@@ -374,3 +364,81 @@ async def test_two_instances_share_the_buses_and_a_killed_ones_share_is_taken_ov
         for s in servers.values():
             s.close()
             await s.wait_closed()
+
+
+# --------------------------------------------------------------------------- two shells on one database
+
+
+def _two_shells(dsn: str):
+    """Two cost-control shells on one database: gw1 acting for bus1 (A0, A1), gw2 for bus2 (A2)."""
+    from gateway.core.model import Meter
+    from gateway.costcontrol import CostControl
+
+    from .control_fixtures import MONDAY, Ids, account
+    from .core_fixtures import POLICY, tariffs
+
+    shells = {}
+    for me in ("gw1", "gw2"):
+        cc = CostControl(open_store(dsn), policy=POLICY, now=MONDAY, new_id=Ids())
+        cc.accounting.register(tariffs(), [account(i) for i in range(3)],
+                               [Meter(f"M{i}", f"A{i}", channel="bus1" if i < 2 else "bus2", max_kw=20)
+                                for i in range(3)])
+        cluster = Cluster(dsn, me, ["bus1", "bus2"], 5.0)
+        cluster.db = LeaseDb(dsn, me, 5.0)
+        cluster.db.ensure(["bus1", "bus2"])
+        bus = "bus1" if me == "gw1" else "bus2"
+        cluster.held = {bus: cluster.db.acquire(bus)}
+        cc.attach(cluster, MONDAY)
+        cc.rescope(cluster.held, MONDAY)
+        shells[me] = cc
+    return shells, MONDAY
+
+
+def test_a_payment_for_another_instances_account_goes_through_the_inbox_once(pg_dsn):
+    from gateway.core.model import Payment
+
+    shells, now = _two_shells(pg_dsn)
+    gw1, gw2 = shells["gw1"], shells["gw2"]
+    try:
+        pay = Payment("p-A2", "A2", 700, now - 60)
+        gw1.ingest_credits([pay, Payment("p-A0", "A0", 300, now - 60)], now)  # gw1 received both
+        assert [r[0] for r in gw1.store._query("SELECT entry_id FROM ledger")] == ["p-A0"]  # its own, directly
+        assert gw1.store.inbox_pending() == 1
+        assert gw2.engine.balance_of("A2") == 0  # not yet: the owner has not drained
+        assert gw2.drain_inbox(now) == 1
+        assert gw2.engine.balance_of("A2") == 700 and gw2.store.inbox_pending() == 0
+        # a re-delivery reaching the other instance again: queued again, then a duplicate for the ledger
+        gw1.ingest_credits([pay], now + 1)
+        gw2.drain_inbox(now + 1)
+        assert gw2.engine.balance_of("A2") == 700
+        assert gw2.store._query("SELECT COUNT(*) FROM ledger WHERE entry_id = 'p-A2'")[0][0] == 1
+        # the same id with another amount: the owner refuses it, as a dead letter naming the conflict
+        gw1.ingest_credits([Payment("p-A2", "A2", 9999, now - 60)], now + 2)
+        gw2.drain_inbox(now + 2)
+        letters = [p for _, _, kind, _, _, p in gw2.store.outbox() if kind == "dead_letter"]
+        assert len(letters) == 1 and "already used" in letters[0]["reason"]
+        assert gw2.engine.balance_of("A2") == 700 and gw2.store.inbox_pending() == 0
+    finally:
+        for cc in shells.values():
+            cc.cluster.db.close()
+            cc.store.close()
+
+
+def test_an_operator_command_for_a_meter_held_elsewhere_is_refused_naming_the_holder(pg_dsn):
+    from gateway.cluster import NotHeld
+    from gateway.core.commands import RelayAction
+
+    shells, now = _two_shells(pg_dsn)
+    try:
+        with pytest.raises(NotHeld, match="meter M2 is on channel 'bus2', held by instance 'gw2'"):
+            shells["gw1"].manual("M2", RelayAction.CLOSE, "olga", "operator", "test", "k1", now)
+        made = shells["gw2"].manual("M2", RelayAction.CLOSE, "olga", "operator", "test", "k1", now)
+        assert made.meter_id == "M2"
+        # the controller of each holds only its own accounts' commands
+        assert "M2" not in {c.meter_id for c in shells["gw1"].controller.commands.values()}
+        shells["gw1"].reload(now)
+        assert "M2" not in {c.meter_id for c in shells["gw1"].controller.commands.values()}
+    finally:
+        for cc in shells.values():
+            cc.cluster.db.close()
+            cc.store.close()

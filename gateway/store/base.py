@@ -604,6 +604,10 @@ class Store(ABC):
                 "SELECT area, day, min_c, max_c, received_at FROM forecasts WHERE day >= ?", (today,))],
         }
 
+    def notice_account(self, notice_id: str) -> str | None:
+        rows = self._query("SELECT account_id FROM notices WHERE notice_id = ?", (notice_id,))
+        return rows[0][0] if rows else None
+
     def field_update_seen(self, update_id: str) -> bool:
         return bool(self._query("SELECT 1 FROM field_updates WHERE update_id = ?", (update_id,)))
 
