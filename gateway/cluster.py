@@ -347,7 +347,10 @@ class Cluster:
                         self.deadline.pop(c, None)
             log.warning("lease on channel(s) %s lost (found in a transaction): stopped acting for them",
                         ", ".join(sorted(lost)))
-            self.on_change()
+            try:
+                self.on_change()
+            except Exception:  # (the gateway's loop closing at a stop): the rollback matters, not the news
+                log.debug("lease change not announced", exc_info=True)
             raise LeaseLost(lost)
 
     def acting_meters(self, engine) -> np.ndarray:

@@ -329,6 +329,16 @@ class CostControl:
 
         return step
 
+    def _inbox_paid(self, account_id: str) -> int:
+        """Payments for the account waiting in the inbox whose ids the ledger does not have yet (fen)."""
+        if self.cluster is None:
+            return 0
+        waiting = [p for p in (_from_inbox("credit", body) for _, body in
+                               self.store.inbox([self._account_channel(account_id)], "credit", 10_000))
+                   if p.account_id == account_id]
+        known = self.store.ledger_ids([p.payment_id for p in waiting])
+        return sum({p.payment_id: p.amount_fen for p in waiting if p.payment_id not in known}.values())
+
     def drain_inbox(self, now: float, limit: int = 500) -> int:
         """The inbox rows for the channels this instance acts for, ingested through the normal paths, each
         batch in the transaction that deletes its rows; what the domain refuses becomes a dead letter."""
@@ -473,15 +483,16 @@ class CostControl:
 
     def authorize(self, command_id: str, now: float) -> Permit | Block:
         """Commit SENDING (or the block that stops the command) before any frame goes out. Automatic trips
-        see a fresh balance: the store's credits for the account, so every committed payment counts."""
+        see a fresh balance: the store's credits for the account, so every committed payment counts (with
+        several instances, also those another instance received and put in the inbox, not drained yet)."""
         c = self.controller.commands[command_id]
         result: list = []
 
         def work():
             balance = trip = None
             if c.action == RelayAction.TRIP:
-                balance, trip = self.engine.fresh_balance(
-                    c.account_id, self.store.account_credits_fen(self.engine.account_no[c.account_id]))
+                credits = self.store.account_credits_fen(self.engine.account_no[c.account_id])
+                balance, trip = self.engine.fresh_balance(c.account_id, credits + self._inbox_paid(c.account_id))
             result.append(self.controller.authorize(command_id, now, balance, trip))
 
         self._control(work, now, "authorize")

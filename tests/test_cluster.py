@@ -442,3 +442,25 @@ def test_an_operator_command_for_a_meter_held_elsewhere_is_refused_naming_the_ho
         for cc in shells.values():
             cc.cluster.db.close()
             cc.store.close()
+
+
+def test_a_trip_check_counts_a_payment_waiting_in_the_inbox(pg_dsn):
+    """The fresh balance before a trip sees every acknowledged payment, also one another instance received
+    and queued for the owner that has not drained it yet."""
+    from gateway.core.model import Payment
+
+    shells, now = _two_shells(pg_dsn)
+    gw1, gw2 = shells["gw1"], shells["gw2"]
+    try:
+        assert gw2._inbox_paid("A2") == 0
+        gw1.ingest_credits([Payment("p1", "A2", 700, now - 60), Payment("p2", "A1", 50, now - 60)], now)
+        gw1.ingest_credits([Payment("p1", "A2", 700, now - 60)], now)  # a re-delivery, queued once
+        assert gw2._inbox_paid("A2") == 700
+        gw2.drain_inbox(now)
+        assert gw2._inbox_paid("A2") == 0  # in the ledger now, counted there
+        gw1.ingest_credits([Payment("p1", "A2", 700, now - 60)], now + 1)  # again: the ledger has the id
+        assert gw2._inbox_paid("A2") == 0
+    finally:
+        for cc in shells.values():
+            cc.cluster.db.close()
+            cc.store.close()
