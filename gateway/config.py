@@ -170,6 +170,8 @@ def _check_channel(c) -> None:
         raise ValueError(f"retries must be 0 or more, got {c.retries}")
     if getattr(c, "baud", 1) <= 0:
         raise ValueError(f"baud must be positive, got {c.baud}")
+    if getattr(c, "unreachable_after", 1) < 1:
+        raise ValueError(f"unreachable_after must be 1 or more (failed cycles), got {c.unreachable_after}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -387,6 +389,7 @@ def check_service_config(path: str | Path) -> tuple[ServiceConfig | None, list[s
     check.problems += [f"{path}: {e}" for e in errors]
     tables.update(check.files(tables, channels))
     passwords = check.channels(raw if isinstance(raw, list) else [], channels)
+    check.listeners(tables["http"], tables["metrics"])
     policies = check.policies(tables["control"])
     tariffs, accounts, meters, devices = check.fleet(tables["fleet"], raw if isinstance(raw, list) else [],
                                                      channels, policies)
@@ -455,6 +458,7 @@ class _Check:
                                                   f"must be unique")
             if name is not None:
                 seen.setdefault(name, i)
+        self._one_channel_per_line(channels)
         passwords = {}
         for i, c in enumerate(channels):
             if c is not None and getattr(c, "password_file", ""):
@@ -479,6 +483,30 @@ class _Check:
                     self.error(f"channels[{i}].profile", f"{exc}{known}")
                 channels[i] = dataclasses.replace(c, profile=profile)
         return passwords
+
+    def _one_channel_per_line(self, channels: list) -> None:
+        """Two channels on one line (a TCP endpoint, a serial device, a concentrator id) would poll it twice,
+        their frames colliding on a half-duplex bus: an error naming both."""
+        seen: dict[tuple, int] = {}
+        for i, c in enumerate(channels):
+            if c is None:
+                continue
+            if hasattr(c, "host"):
+                line, key, shown = ("tcp", c.host.lower(), c.port), f"channels[{i}].port", f"{c.host}:{c.port}"
+            elif hasattr(c, "device"):
+                line, key, shown = ("device", os.path.normpath(c.device)), f"channels[{i}].device", c.device
+            else:
+                line, key, shown = ("concentrator", c.id), f"channels[{i}].id", f"concentrator id {c.id!r}"
+            if line in seen:
+                self.error(key, f"{shown} is also channels[{seen[line]}]'s line; one channel per line (a bus "
+                                f"answers one request at a time)")
+            seen.setdefault(line, i)
+
+    def listeners(self, http: HttpSettings | None, metrics: MetricsSettings | None) -> None:
+        if http is not None and metrics is not None and http.port and http.port == metrics.port and \
+                (http.host == metrics.host or "0.0.0.0" in (http.host, metrics.host)):
+            self.error("metrics.port", f"{metrics.port} is also [http]'s port on {http.host}; the operator API "
+                                       f"and the metrics need a port each")
 
     def policies(self, control: ControlSettings | None) -> ControlConfig:
         """The policies file's, every error in it reported (the built-in defaults when none is named)."""

@@ -308,3 +308,66 @@ def test_feikong_run_that_cannot_open_its_store_says_so_in_one_line(tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2, r.stderr
     assert "cannot start:" in r.stderr and "Traceback" not in r.stderr and "stopped" in r.stderr
+
+
+CLASHES = """
+[http]
+port = 9108
+[metrics]
+port = 9108
+[[channels]]
+kind = "dlt645_tcp"
+name = "a"
+host = "10.0.0.1"
+port = 6001
+[[channels]]
+kind = "modbus_tcp"
+name = "b"
+host = "10.0.0.1"
+port = 6001
+[[channels]]
+kind = "dlt645_serial"
+name = "c"
+device = "/dev/ttyUSB0"
+[[channels]]
+kind = "modbus_rtu"
+name = "d"
+device = "/dev/../dev/ttyUSB0"
+[[channels]]
+kind = "concentrator"
+name = "e"
+id = "c7"
+[[channels]]
+kind = "concentrator"
+name = "f"
+id = "c7"
+mode = "json"
+[[channels]]
+kind = "dlt645_tcp"
+name = "g"
+host = "10.0.0.1"
+port = 6002
+[[channels]]
+kind = "modbus_tcp"
+name = "h"
+host = "10.0.0.1"
+port = 502
+unreachable_after = 0
+"""
+
+
+def test_two_channels_on_one_line_or_one_port_for_two_listeners_are_refused(tmp_path):
+    path = tmp_path / "gw.toml"
+    path.write_text(CLASHES)
+    config, errors = check_service_config(path)
+    assert config is None
+    expected = [
+        "metrics.port: 9108 is also [http]'s port on 127.0.0.1",
+        "channels[1].port: 10.0.0.1:6001 is also channels[0]'s line",
+        "channels[3].device: /dev/../dev/ttyUSB0 is also channels[2]'s line",
+        "channels[7]: unreachable_after must be 1 or more (failed cycles), got 0",
+        "channels[5].id: concentrator id 'c7' is also channels[4]'s line",
+    ]
+    for text in expected:
+        assert any(text in e for e in errors), f"{text!r} not among:\n" + "\n".join(errors)
+    assert len(errors) == len(expected), "\n".join(errors)

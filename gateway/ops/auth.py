@@ -59,14 +59,31 @@ def redact(text: str) -> str:
 
 
 class RedactTokens(logging.Filter):
-    """On a logger: token-shaped text masked in its records' message and arguments."""
+    """On a logger: token-shaped text masked in its records: the message with its arguments of any type (an
+    exception's repr included), the traceback and the stack. The record is rendered here, once, so every
+    handler and formatter after this sees only the masked text."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.msg, str):
-            record.msg = redact(record.msg)
-        if isinstance(record.args, tuple):
-            record.args = tuple(redact(a) if isinstance(a, str) else a for a in record.args)
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed call: leave it for the handler to report, but mask what is shown
+            message = f"{record.msg} {record.args}"
+        record.msg, record.args = redact(message), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info)
         return True
+
+
+def mask_tokens_on_handlers(logger: logging.Logger | None = None) -> None:
+    """Every handler of ``logger`` (the root by default) masks tokens in whatever reaches it, from any
+    logger below (a filter on a handler sees propagated records; one on a logger would not)."""
+    for handler in (logger or logging.getLogger()).handlers:
+        if not any(isinstance(f, RedactTokens) for f in handler.filters):
+            handler.addFilter(RedactTokens())
 
 
 class Tokens:
