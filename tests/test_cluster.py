@@ -464,3 +464,37 @@ def test_a_trip_check_counts_a_payment_waiting_in_the_inbox(pg_dsn):
         for cc in shells.values():
             cc.cluster.db.close()
             cc.store.close()
+
+
+def test_a_paused_holder_cannot_commit_sending_after_a_takeover(pg_dsn):
+    """The duplicate-relay guarantee: the old holder's authorisation (SENDING, before any frame) is fenced
+    off; the new holder, reloaded after taking the lease, has the command and sends it once."""
+    from gateway.core.commands import RelayAction
+    from gateway.core.control import Permit
+
+    shells, now = _two_shells(pg_dsn)
+    gw1, gw2 = shells["gw1"], shells["gw2"]
+    try:
+        cmd = gw2.manual("M2", RelayAction.CLOSE, "olga", "operator", "test", "k1", now)
+        # gw2 pauses past its lease: expired at the database, and gw1 takes bus2 over
+        gw1.store._execute("UPDATE leases SET expires_at = now() - interval '1 second' WHERE channel = 'bus2'")
+        epoch = gw1.cluster.db.acquire("bus2")
+        gw1.cluster.held["bus2"] = epoch
+        gw1.rescope(gw1.cluster.held, now)
+        assert cmd.command_id in gw1.controller.commands  # the new holder sees what the old one committed
+        with pytest.raises(LeaseLost, match="bus2"):
+            gw2.authorize(cmd.command_id, now + 1)
+        assert gw2.store.command(cmd.command_id).state.value == "queued"  # nothing committed: nothing sent
+        assert "bus2" not in gw2.cluster.acting and cmd.command_id not in gw2.controller.commands
+        assert isinstance(gw1.authorize(cmd.command_id, now + 2), Permit)
+        assert gw1.store.command(cmd.command_id).state.value == "sending"
+        # gw2's readings of bus2 no longer count, and its payments for A2 go to the inbox for gw1
+        from gateway.core.model import Payment
+
+        gw2.ingest_credits([Payment("p9", "A2", 100, now)], now + 3)
+        assert gw2.store.inbox_pending() == 1 and gw1.drain_inbox(now + 3) == 1
+        assert gw1.engine.balance_of("A2") == 100
+    finally:
+        for cc in shells.values():
+            cc.cluster.db.close()
+            cc.store.close()
