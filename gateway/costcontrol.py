@@ -416,7 +416,19 @@ class CostControl:
     def tick(self, now: float) -> Effects:
         """Time passing: recalibration when due (its decisions handled with it), then notices, gates, dispatch."""
         self._with_engine(self.accounting.tick, now, int(now), what="tick")
-        return self._control(lambda: self.controller.tick(now), now, "tick", 0)
+
+        def work():
+            self._adopt_conditions(now)
+            self.controller.tick(now)
+
+        return self._control(work, now, "tick", 0)
+
+    def _adopt_conditions(self, now: float) -> None:
+        """Several instances: area flags and forecasts another instance recorded (an operator's flag through
+        its API) count here too, at every tick and before every trip."""
+        if self.cluster is not None:
+            flags, forecasts = self.store.area_conditions(self.controller.calendar.day(int(now)).isoformat())
+            self.controller.adopt_conditions(flags, forecasts, now)
 
     def manual(self, meter_id: str, action: RelayAction, operator: str, role: str, reason: str, key: str,
                now: float, mode: ReconnectMode | None = None):
@@ -491,6 +503,7 @@ class CostControl:
         def work():
             balance = trip = None
             if c.action == RelayAction.TRIP:
+                self._adopt_conditions(now)
                 credits = self.store.account_credits_fen(self.engine.account_no[c.account_id])
                 balance, trip = self.engine.fresh_balance(c.account_id, credits + self._inbox_paid(c.account_id))
             result.append(self.controller.authorize(command_id, now, balance, trip))

@@ -498,3 +498,25 @@ def test_a_paused_holder_cannot_commit_sending_after_a_takeover(pg_dsn):
         for cc in shells.values():
             cc.cluster.db.close()
             cc.store.close()
+
+
+def test_an_area_flag_set_through_one_instance_counts_on_the_others(pg_dsn):
+    from gateway.core.policy import AreaFlag
+
+    shells, now = _two_shells(pg_dsn)
+    gw1, gw2 = shells["gw1"], shells["gw2"]
+    try:
+        flag = AreaFlag("north", "extreme_weather", True, int(now) - 60, None, "olga", "storm")
+        gw1.set_area_flag(flag, now, role="supervisor")
+        assert ("north", "extreme_weather") not in gw2.controller.conditions.flags
+        gw2.tick(now + 1)
+        assert gw2.controller.conditions.flags[("north", "extreme_weather")] == flag
+        # the same flag again changes nothing, an older one does not replace it
+        gw2.tick(now + 2)
+        gw1.store._execute("UPDATE area_flags SET since = since - 3600, active = 0")
+        gw2.tick(now + 3)
+        assert gw2.controller.conditions.flags[("north", "extreme_weather")] == flag
+    finally:
+        for cc in shells.values():
+            cc.cluster.db.close()
+            cc.store.close()

@@ -602,11 +602,15 @@ class Store(ABC):
                                                  "NULL OR updated_at >= ?", (now - keep_s,)),
             "relays": relays,
             "relay_seen_at": seen_at,
-            "flags": [AreaFlag(a, f, bool(act), s, u, actor, r) for a, f, act, s, u, actor, r in self._query(
-                "SELECT area, flag, active, since, until, actor, reason FROM area_flags")],
-            "forecasts": [Forecast(*r) for r in self._query(
-                "SELECT area, day, min_c, max_c, received_at FROM forecasts WHERE day >= ?", (today,))],
+            **dict(zip(("flags", "forecasts"), self.area_conditions(today))),
         }
+
+    def area_conditions(self, today: str) -> tuple[list[AreaFlag], list[Forecast]]:
+        """The area flags, and the forecasts from ``today`` on (ISO date)."""
+        return ([AreaFlag(a, f, bool(act), s, u, actor, r) for a, f, act, s, u, actor, r in self._query(
+                    "SELECT area, flag, active, since, until, actor, reason FROM area_flags")],
+                [Forecast(*r) for r in self._query(
+                    "SELECT area, day, min_c, max_c, received_at FROM forecasts WHERE day >= ?", (today,))])
 
     def notice_account(self, notice_id: str) -> str | None:
         rows = self._query("SELECT account_id FROM notices WHERE notice_id = ?", (notice_id,))
