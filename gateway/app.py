@@ -22,7 +22,7 @@ from gateway.core.readings import Reading
 from gateway.core.thresholds import ThresholdPolicy
 from gateway.costcontrol import CostControl
 from gateway.southbound.channel import Channel
-from gateway.southbound.dlt645 import Bus  # noqa: F401  (the DL/T 645 channel, named here for callers)
+from gateway.southbound.dlt645 import Bus  # (the DL/T 645 channel, also named here for callers)
 from gateway.southbound.executor import CommandExecutor
 from gateway.southbound.readings import to_batch
 from gateway.store import open_store
@@ -237,10 +237,12 @@ class Gateway:
         cluster = self.cluster
         wanted, acting = cluster.wanted(), dict(cluster.acting)
         gone = set(acting) - set(wanted)
+        by_name = {c.name: c for c in self.channels}
         for name in gone:  # their readings would be dropped anyway: stop reading
             task = polls.pop(name, None)
             if task is not None:
                 task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         gained = {c for c, e in wanted.items() if acting.get(c) != e}
         if wanted != acting:
             started = time.perf_counter()
@@ -258,7 +260,12 @@ class Gateway:
                     await asyncio.to_thread(cluster.release, name)
             else:
                 await asyncio.to_thread(cluster.release, name)
-        by_name = {c.name: c for c in self.channels}
+        for name in gone:
+            channel = by_name.get(name)
+            if isinstance(channel, Bus):
+                # a TCP serial server often takes one connection at a time: leave the line to its new holder
+                # (the link opens again by itself if this instance takes the channel back)
+                await channel.close()
         for name in cluster.acting:
             task = polls.get(name)
             if (task is None or task.done()) and name in by_name:
