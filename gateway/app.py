@@ -13,7 +13,7 @@ import time
 from typing import Callable
 
 from gateway.clock import Clock, SystemClock, local_naive
-from gateway.cluster import log_failure
+from gateway.cluster import NotHeld, log_failure
 from gateway.core.control import ControlConfig, NoticeReceiptIn
 from gateway.core.dispatch import FieldUpdate
 from gateway.core.model import Adjustment, Payment
@@ -120,8 +120,6 @@ class Gateway:
         if channel is None:
             raise LookupError(f"meter {meter_id} is on channel {bus!r}, which this gateway does not run")
         if not self.control.owns_channel(bus):
-            from gateway.cluster import NotHeld
-
             raise NotHeld(meter_id, bus, await asyncio.to_thread(self.cluster.holder, bus))
         async with self.executor.drivers[bus].reserved():
             started = time.perf_counter()

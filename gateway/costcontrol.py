@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 
 from gateway.accounting import Accounting, IngestResult
-from gateway.cluster import log_failure
+from gateway.cluster import NotHeld, log_failure
 from gateway.core.commands import RelayAction, RelayExplanation, RelayStatus, ReconnectMode, explain
 from gateway.core.control import (
     AuditRecord,
@@ -292,8 +292,6 @@ class CostControl:
         (:class:`~gateway.cluster.NotHeld`, the API's 409, names the channel and its holder)."""
         if self.cluster is None:
             return
-        from gateway.cluster import NotHeld
-
         for m in meter_ids:
             if m in self.engine.meter_no and not self.owns_channel(channel := self.engine.meter(m).channel):
                 raise NotHeld(m, channel, self.cluster.holder(channel))
