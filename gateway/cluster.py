@@ -31,10 +31,10 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import psycopg
 
+from gateway.store.base import INBOX_NOTIFY
+
 log = logging.getLogger(__name__)
 
-#: NOTIFY channel: the payload is the (meter) channel an inbox row was queued for
-INBOX_NOTIFY = "feikong_inbox"
 #: a lease renewed at local monotonic time t is trusted locally until t + ttl * SAFETY (DB expiry: now() + ttl)
 SAFETY = 0.8
 
@@ -179,8 +179,8 @@ def fence_sql(store, me: str, acting: dict[str, int]) -> set[str]:
     """Inside the caller's transaction: the channels of ``acting`` this instance no longer holds (another
     holder or epoch, or expired). The rows still held are locked FOR SHARE until the commit."""
     chans = list(acting)
-    ok = {(c, e) for c, e in store.conn.execute(
-        "SELECT channel, epoch FROM leases WHERE channel = ANY(%s) AND holder = %s AND expires_at > now() "
+    ok = {(c, e) for c, e in store._query(
+        "SELECT channel, epoch FROM leases WHERE channel = ANY(?) AND holder = ? AND expires_at > now() "
         "FOR SHARE", (chans, me))}
     return {c for c in chans if (c, acting[c]) not in ok}
 

@@ -520,3 +520,44 @@ def test_an_area_flag_set_through_one_instance_counts_on_the_others(pg_dsn):
         for cc in shells.values():
             cc.cluster.db.close()
             cc.store.close()
+
+
+def test_the_keeper_thread_shares_out_hands_over_takes_over_and_hears_the_inbox(pg_dsn):
+    store = _migrated(pg_dsn)
+    chans = ["bus1", "bus2", "bus3", "bus4"]
+    heard: list[str] = []
+    a = Cluster(pg_dsn, "gw1", chans, 1.0)
+    b = Cluster(pg_dsn, "gw2", chans, 1.0, on_inbox=heard.append)
+
+    def until(predicate, timeout: float, what: str) -> float:
+        started = time.monotonic()
+        while not predicate():
+            assert time.monotonic() - started < timeout, f"{what}: a {a.wanted()}, b {b.wanted()}"
+            time.sleep(0.02)
+        return time.monotonic() - started
+
+    try:
+        a.start()
+        assert sorted(a.wanted()) == chans  # alone: every channel, before start() returns
+        b.start()
+        until(lambda: len(a.releasing) == 2, 3, "the first one marks its excess")
+        for c in sorted(a.releasing):  # (the gateway does this once no exchange is in progress on the bus)
+            a.release(c)
+        until(lambda: len(b.wanted()) == 2, 3, "the newcomer takes its share")
+        assert set(a.wanted()) | set(b.wanted()) == set(chans) and not set(a.wanted()) & set(b.wanted())
+        mine = sorted(b.wanted())[0]
+        with store.transaction():
+            store.put_inbox([("k1", mine, "credit", "{}", 1.0)])
+        until(lambda: mine in heard, 2, "the inbox notification")
+        a.stop(leave=False)  # dies: its leases expire
+        took = until(lambda: sorted(b.wanted()) == chans, 3, "the takeover")
+        assert took < 1.0 + 1.0 / 5 + 0.5, took
+        assert all(b.may_send(c) is False for c in chans)  # not acting until the gateway reloaded for them
+        b.acting = b.wanted()
+        assert all(b.may_send(c) for c in chans)
+    finally:
+        a.stop(leave=False)
+        b.stop()
+        store.close()
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:  # a clean stop hands the leases back
+        assert conn.execute("SELECT COUNT(*) FROM leases WHERE holder IS NOT NULL").fetchone()[0] == 0

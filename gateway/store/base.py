@@ -161,6 +161,9 @@ MIGRATIONS: list[list[str]] = [
     ],
 ]
 
+#: PostgreSQL NOTIFY channel of the inbox: the payload is the (meter) channel a row was queued for
+INBOX_NOTIFY = "feikong_inbox"
+
 READING_COLUMNS = ("t", "meter_no", "account_no", "total_wh", "sharp_wh", "peak_wh", "flat_wh", "valley_wh",
                    "delta_wh", "cost_ufen", "ytd_wh", "tier_year", "balance_fen", "credits_fen")
 

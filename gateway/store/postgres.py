@@ -5,7 +5,7 @@ import re
 
 import psycopg
 
-from .base import READING_COLUMNS, Store
+from .base import INBOX_NOTIFY, READING_COLUMNS, Store
 
 _PLACEHOLDER = re.compile(r"\?")
 
@@ -57,10 +57,6 @@ class PostgresStore(Store):
         if self.conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
             self.conn.execute("ROLLBACK")
 
-    def notify_inbox(self, channels: list[str]) -> None:
-        for channel in channels:
-            self.conn.execute("SELECT pg_notify('feikong_inbox', %s)", (channel,))
-
     def _has_table(self, name: str) -> bool:
         return self.conn.execute("SELECT to_regclass(%s) IS NOT NULL", (name,)).fetchone()[0]
 
@@ -74,6 +70,10 @@ class PostgresStore(Store):
 
     def close(self) -> None:
         self.conn.close()
+
+    def notify_inbox(self, channels: list[str]) -> None:
+        for channel in channels:
+            self._execute("SELECT pg_notify(?, ?)", (INBOX_NOTIFY, channel))
 
 
 def _redact(dsn: str) -> str:
