@@ -8,6 +8,7 @@ once: its close does not wait for the next tick.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Callable
@@ -242,21 +243,20 @@ class Gateway:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
         gained = {c for c, e in wanted.items() if acting.get(c) != e}
-        if wanted != acting:
-            started = time.perf_counter()
-            await self.writer.call(self.control.rescope, wanted, self.clock.now())
-            log.info("acting for channel(s) %s (%s); reloaded in %.2f s", ", ".join(sorted(wanted)) or "none",
-                     "; ".join(x for x in (f"took {', '.join(sorted(gained))}" if gained else "",
-                                            f"gave up {', '.join(sorted(gone))}" if gone else "") if x),
-                     time.perf_counter() - started)
-        for name in sorted(cluster.releasing):
-            if name in cluster.acting:
-                continue
-            driver = self.executor.drivers.get(name)
-            if driver is not None:
-                async with driver.reserved():  # a relay exchange in progress ends first
-                    await asyncio.to_thread(cluster.release, name)
-            else:
+        async with contextlib.AsyncExitStack() as held:
+            # the buses given up are held first: a relay exchange in progress, and the result it commits, end
+            # before the reload forgets its command and before the lease is handed over
+            for name in sorted(gone):
+                if name in self.executor.drivers:
+                    await held.enter_async_context(self.executor.drivers[name].reserved())
+            if wanted != acting:
+                started = time.perf_counter()
+                await self.writer.call(self.control.rescope, wanted, self.clock.now())
+                log.info("acting for channel(s) %s (%s); reloaded in %.2f s", ", ".join(sorted(wanted)) or "none",
+                         "; ".join(x for x in (f"took {', '.join(sorted(gained))}" if gained else "",
+                                                f"gave up {', '.join(sorted(gone))}" if gone else "") if x),
+                         time.perf_counter() - started)
+            for name in sorted(cluster.releasing - set(cluster.acting)):
                 await asyncio.to_thread(cluster.release, name)
         for name in gone:
             channel = by_name.get(name)
