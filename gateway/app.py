@@ -121,7 +121,7 @@ class Gateway:
         if channel is None:
             raise LookupError(f"meter {meter_id} is on channel {bus!r}, which this gateway does not run")
         if not self.control.owns_channel(bus):
-            raise NotHeld(meter_id, bus, await asyncio.to_thread(self.cluster.holder, bus))
+            raise NotHeld(meter_id, bus, await asyncio.to_thread(self.control.cluster.holder, bus))
         async with self.executor.drivers[bus].reserved():
             started = time.perf_counter()
             reading = await channel.read_meter(meter_id)

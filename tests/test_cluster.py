@@ -561,3 +561,29 @@ def test_the_keeper_thread_shares_out_hands_over_takes_over_and_hears_the_inbox(
         store.close()
     with psycopg.connect(pg_dsn, autocommit=True) as conn:  # a clean stop hands the leases back
         assert conn.execute("SELECT COUNT(*) FROM leases WHERE holder IS NOT NULL").fetchone()[0] == 0
+
+
+async def test_the_api_refuses_a_relay_command_for_a_meter_another_instance_holds(pg_dsn, broker, tmp_path):
+    from .api_fixtures import LiveApi, meter_address
+
+    async with LiveApi(pg_dsn, broker, tmp_path, meters=1) as api:
+        gw = api.gw
+        channel = gw.control.engine.meter(meter_address(0)).channel
+        other = LeaseDb(pg_dsn, "gw9", 30.0)
+        try:
+            other.ensure([channel])
+            other.acquire(channel)
+            cluster = Cluster(pg_dsn, "gw1", [channel], 30.0)
+            cluster.db = LeaseDb(pg_dsn, "gw1", 30.0)
+            await gw.writer.call(gw.control.attach, cluster, gw.clock.now())
+            status, body = await api.call("olga", "POST", f"/api/v1/meters/{meter_address(0)}/close",
+                                          {"reason": "customer called", "key": "k1"})
+            assert status == 409, body
+            assert f"is on channel {channel!r}, held by instance 'gw9'" in body["error"]
+            status, body = await api.call("olga", "POST", f"/api/v1/meters/{meter_address(0)}/read")
+            assert status == 409 and "held by instance 'gw9'" in body["error"], body
+            # nothing was made for it here
+            assert gw.control.store.meter_commands(meter_address(0)) == []
+        finally:
+            other.close()
+            cluster.db.close()
