@@ -329,8 +329,13 @@ class Cluster:
             return channel in self.acting and self.deadline.get(channel, 0.0) > self.monotonic()
 
     def holder(self, channel: str) -> str | None:
-        with self._db:
-            return self.db.holder(channel) if self.db is not None else None
+        """Who holds the channel now (for an operator's error message), on a connection of its own: the
+        keeper's may be waiting for a row lock of the very transaction that asks."""
+        db = LeaseDb(self.dsn, self.me, self.ttl_s)
+        try:
+            return db.holder(channel)
+        finally:
+            db.close()
 
     def fence(self, store) -> None:
         """In the transaction that just began: raise :class:`LeaseLost` (and stop acting for them) when a
