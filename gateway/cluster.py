@@ -228,13 +228,16 @@ class Cluster:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(self.ttl_s)
-        try:
-            if leave and self.db is not None:
-                with self._db:
-                    self.db.leave()
+        # (a keeper stuck in a call to an unreachable database keeps _db: then the leases simply expire)
+        if leave and self.db is not None and self._db.acquire(timeout=self.ttl_s):
+            try:
+                self.db.leave()
+                with self._lock:
                     self.held.clear()
-        except psycopg.Error:
-            log.exception("handing the leases back failed: they expire within %.0f s", self.ttl_s)
+            except psycopg.Error as exc:
+                log.warning("handing the leases back failed (%s): they expire within %.0f s", exc, self.ttl_s)
+            finally:
+                self._db.release()
         for conn in (self.db and self.db.conn, getattr(self, "_listen", None)):
             if conn is not None:
                 conn.close()
