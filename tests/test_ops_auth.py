@@ -1,8 +1,10 @@
-"""Tokens never reach a log: not in a message, not in an exception's repr, not in a traceback."""
+"""Tokens never reach a log (not in a message, an exception's repr or a traceback); token names are people."""
 import io
 import logging
 
-from gateway.ops.auth import mask_tokens_on_handlers, new_token
+import pytest
+
+from gateway.ops.auth import TokenFileError, Tokens, mask_tokens_on_handlers, new_token
 
 
 def _logged(emit) -> str:
@@ -51,3 +53,16 @@ def test_masking_twice_adds_one_filter():
         assert len(handler.filters) == 1
     finally:
         logger.removeHandler(handler)
+
+
+def test_token_names_differing_only_in_case_are_refused(tmp_path):
+    tokens = Tokens(path=tmp_path / "tokens.toml")
+    tokens.add("sam", "supervisor")
+    with pytest.raises(TokenFileError, match="only in case"):
+        tokens.add("Sam", "operator")
+    tokens.add("sam", "operator")  # the same name again replaces its token
+    digest = "0" * 64
+    (tmp_path / "two.toml").write_text(f'[tokens.sam]\nrole = "operator"\nsha256 = "{digest}"\n'
+                                       f'[tokens.SAM]\nrole = "supervisor"\nsha256 = "{digest}"\n')
+    with pytest.raises(TokenFileError, match="tokens.SAM: differs from tokens.sam only in case"):
+        Tokens.load(tmp_path / "two.toml")

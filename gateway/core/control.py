@@ -667,6 +667,9 @@ class Controller:
         if c.state.in_flight:
             return (f"command {command_id} is {c.state.value}: its frame may have reached the meter, so it "
                     f"cannot be recalled, only followed")
+        if c.readback_first:  # waiting to retry after no answer: the last frame may have acted
+            return (f"command {command_id} is waiting to read the relay back: its last frame got no answer and "
+                    f"may have reached the meter; cancel it once the read-back has shown where the relay is")
         if not operator.strip() or not reason.strip():
             return "an operator identity and a reason are required"
         self.machine.cancel(c, now, f"cancelled by {operator}: {reason}")

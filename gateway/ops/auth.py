@@ -126,6 +126,11 @@ class Tokens:
     def add(self, name: str, role: str) -> str:
         """A new token for ``name`` (replacing any it had), saved to the file; returns the token (shown once)."""
         _check(name, role, "0" * 64, "the new token")
+        # names are people: one that differs from another only in case would pass for a second person
+        same = [n for n in self._entries if n.casefold() == name.casefold() and n != name]
+        if same:
+            raise TokenFileError(f"the name {name!r} differs from the existing {same[0]!r} only in case; "
+                                 f"use that name or another")
         token = new_token()
         self._entries[name] = (role, token_hash(token))
         self.save()
@@ -198,5 +203,9 @@ def _parse(path: Path) -> dict[str, tuple[str, str]]:
         if not isinstance(role, str) or not isinstance(digest, str):
             raise TokenFileError(f"{where}: role and sha256 are both required strings")
         _check(name, role, digest, where)
+        same = [n for n in out if n.casefold() == name.casefold()]
+        if same:
+            raise TokenFileError(f"{where}: differs from tokens.{same[0]} only in case: names are people, and "
+                                 f"the two would pass for two people")
         out[name] = (role, digest)
     return out

@@ -380,7 +380,7 @@ class GatewayMetrics:
 
     def _notice_receipt(self, e, fx) -> None:
         p = e.payload
-        if "channel" in p:
+        if "channel" in p and not p.get("late"):  # a late delivery: its attempt's end (timeout) was counted
             self._notice_children(p["channel"])
             self._rcpt_of[p["channel"], p["outcome"]].inc()
 
