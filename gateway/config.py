@@ -130,6 +130,20 @@ class GatewaySettings:
 
 
 @dataclass(frozen=True)
+class ClusterSettings:
+    """``[cluster]``: present = this instance shares the channels with other instances on the same PostgreSQL
+    database through leases (docs/scaling.md)."""
+
+    #: a lease not renewed within this is free for another instance to take: the takeover time after a crash
+    lease_ttl_s: float = 15.0
+
+    def __post_init__(self) -> None:
+        if not 1.0 <= self.lease_ttl_s <= 600.0:
+            raise ValueError(f"lease_ttl_s {self.lease_ttl_s} is out of bounds; allowed: 1..600 seconds "
+                             f"(renewed every lease_ttl_s / 5)")
+
+
+@dataclass(frozen=True)
 class FleetSettings:
     """``[fleet]``: the accounts and meters (CSV, see docs/deployment.md) and the tariffs (JSON, as
     config/tariffs.example.json)."""
@@ -297,7 +311,7 @@ def channel_protocol(channel: ChannelConfig) -> str:
 
 
 #: the tables of a gateway config file
-TABLES = ("store", "control", "mqtt", "http", "metrics", "gateway", "thresholds", "fleet", "channels")
+TABLES = ("store", "control", "mqtt", "http", "metrics", "gateway", "thresholds", "fleet", "cluster", "channels")
 
 
 @dataclass(frozen=True)
@@ -315,6 +329,8 @@ class ServiceConfig:
     thresholds: ThresholdPolicy = ThresholdPolicy()
     fleet: FleetSettings = FleetSettings()
     channels: tuple[ChannelConfig, ...] = ()
+    #: None: a single instance (the table is absent)
+    cluster: ClusterSettings | None = None
     policies: ControlConfig = field(default_factory=ControlConfig)
     tariffs: dict = field(default_factory=dict)  # as config/tariffs.example.json (tariff id -> versions)
     accounts: tuple[Account, ...] = ()
@@ -361,6 +377,13 @@ def check_service_config(path: str | Path) -> tuple[ServiceConfig | None, list[s
               (("store", StoreSettings), ("control", ControlSettings), ("mqtt", BrokerConfig),
                ("http", HttpSettings), ("metrics", MetricsSettings), ("gateway", GatewaySettings),
                ("thresholds", ThresholdPolicy), ("fleet", FleetSettings))}
+    if "cluster" in data:
+        tables["cluster"] = build_all(ClusterSettings, data["cluster"], "cluster", errors)
+        store = tables["store"]
+        if store is not None and not store.url.startswith(("postgresql://", "postgres://")):
+            errors.append(ConfigError("cluster: several instances share a PostgreSQL database: [store] url must "
+                                      "be postgresql://USER@HOST/DB with [cluster] (SQLite: one instance, "
+                                      "remove [cluster])"))
     raw = data.get("channels", [])
     channels = _channels(raw, errors)
     check.problems += [f"{path}: {e}" for e in errors]

@@ -122,7 +122,8 @@ def test_every_error_is_reported_with_its_key_and_the_allowed_values(tmp_path):
     config, errors = check_service_config(path)
     assert config is None
     expected = [
-        "colour: unknown table; allowed: store, control, mqtt, http, metrics, gateway, thresholds, fleet, channels",
+        "colour: unknown table; allowed: store, control, mqtt, http, metrics, gateway, thresholds, fleet, cluster, "
+        "channels",
         "store: url 'mysql://db': allowed: sqlite://PATH, postgresql://USER@HOST/DB",
         "http: port 70000 is not a TCP port; allowed: 1..65535",
         "metrics: host must not be empty",

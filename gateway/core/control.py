@@ -574,6 +574,23 @@ class Controller:
                     flag.area, flag.reason, flag=flag.flag, until=flag.until)
         self._reevaluate_area(flag.area, now)
 
+    def adopt_conditions(self, flags: list[AreaFlag], forecasts: list[Forecast], now: float) -> None:
+        """Flags and forecasts another instance recorded (several instances on one store): taken as they are
+        (the one that set them audited them), newer ones only, and the cases of the areas they change
+        evaluated again."""
+        areas = set()
+        for f in flags:
+            current = self.conditions.flags.get((f.area, f.flag))
+            if current != f and (current is None or f.since >= current.since):
+                self.conditions.flags[(f.area, f.flag)] = f
+                areas.add(f.area)
+        for fc in forecasts:
+            if self.conditions.forecasts.get((fc.area, fc.day)) != fc:
+                self.conditions.forecasts[(fc.area, fc.day)] = fc
+                areas.add(fc.area)
+        for area in sorted(areas):
+            self._reevaluate_area(area, now)
+
     def set_forecast(self, forecast: Forecast, now: float) -> None:
         self.conditions.forecasts[(forecast.area, forecast.day)] = forecast
         self._fx.forecasts.append(forecast)

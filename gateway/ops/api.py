@@ -27,6 +27,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gateway.cluster import NotHeld
 from gateway.core.approvals import DEFAULT_TTL_S, ApprovalError, KeyInUse, NotPending, NotPermitted
 from gateway.core.commands import ReconnectMode, RelayAction
 from gateway.core.control import AuthorityError
@@ -181,6 +182,11 @@ def create_app(gateway, tokens: Tokens, *, clock=None, bridge=None, request_ttl_
         if exc.status == 401:
             response.headers["WWW-Authenticate"] = "Bearer"
         return response
+
+    @app.exception_handler(NotHeld)
+    async def _not_held(request: Request, exc: NotHeld):
+        # several instances: the meter's channel is another's (docs/scaling.md)
+        return _error(409, str(exc), [{"field": "channel", "message": f"held by {exc.holder or 'nobody'}"}])
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
