@@ -1,9 +1,8 @@
-"""The soak's short form (tests/soak): 40 simulated meters, 20% of them misbehaving, one gateway as a
-`feikong run --config` child process on a private PostgreSQL server, a Mosquitto broker, billing that pays with
+"""The soak's short form (tests/soak): 40 simulated meters, 20% of them misbehaving, one gateway (and then two,
+sharing the channels through leases) as `feikong run --config` child processes on a private PostgreSQL server, a Mosquitto broker, billing that pays with
 duplicates, replays and out-of-order payments; every kind of chaos event at least once (gateway SIGKILL, broker
 restart and SIGKILL, PostgreSQL restart and crash), then a quiet phase, then every end check. The full run is
 `./run soak` (docs/chaos.md)."""
-import importlib.util
 from dataclasses import replace
 
 import pytest
@@ -29,9 +28,7 @@ async def test_short_soak_under_chaos_loses_no_payment_and_breaks_no_relay_rule(
     await short_soak(SHORT, tmp_path)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("gateway.cluster") is None,
-                    reason="several instances need the [cluster] leases (issue 7's cluster work)")
-async def test_short_soak_with_two_instances_sharing_the_channels(tmp_path):
+async def test_short_soak_with_two_instances_sharing_the_channels_through_leases(tmp_path):
     await short_soak(replace(SHORT, instances=2, seed=11), tmp_path)
 
 
