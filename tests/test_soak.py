@@ -1,8 +1,8 @@
 """The soak's short form (tests/soak): 40 simulated meters, 20% of them misbehaving, one gateway (and then two,
-sharing the channels through leases) as `feikong run --config` child processes on a private PostgreSQL server, a Mosquitto broker, billing that pays with
-duplicates, replays and out-of-order payments; every kind of chaos event at least once (gateway SIGKILL, broker
-restart and SIGKILL, PostgreSQL restart and crash), then a quiet phase, then every end check. The full run is
-`./run soak` (docs/chaos.md)."""
+sharing the channels through leases) as `feikong run --config` child processes on a private PostgreSQL
+server, a Mosquitto broker, billing that pays with duplicates, replays and out-of-order payments; every kind of
+chaos event at least once (gateway SIGKILL, broker restart and SIGKILL, PostgreSQL restart and crash), then a
+quiet phase, then every end check. The full run is `./run soak` (docs/chaos.md)."""
 from dataclasses import replace
 
 import pytest

@@ -185,7 +185,6 @@ class Upstream:
 
     def __init__(self, billing: BillingSim, fleet: FleetProcess, meter_of: dict[str, str], seed: int) -> None:
         self.billing, self.fleet, self.meter_of = billing, fleet, meter_of
-        self.account_of = {m: a for a, m in meter_of.items()}
         self.rng = random.Random(seed * 7 + 1)
         notice_rng = random.Random(seed * 7 + 2)  # used in paho's thread only
         self.sent: dict[str, Sent] = {}
@@ -232,7 +231,7 @@ class Upstream:
             self.pay(a, f"{self.rng.randint(100, 300) / 100:.2f}", "OPEN")
 
     def clear_all(self) -> None:
-        """The settling phase's start: every account not yet cleared pays enough to be closed for hours."""
+        """The settling phase's start: every account not yet cleared pays enough to stay closed for days."""
         self.paying = False
         if not self.counts["replays"]:  # every run replays an old payment and sends one out of order at least once
             self.publish(next(iter(self.sent.values())))
@@ -443,8 +442,8 @@ class Soak:
             ended_at = time.time()
             codes = {g.name: await g.stop() for g in gateways}
             records = await fleet.records()
-            evidence = Evidence.collect(pg.dsn, up, billing, records, layout, protected, meter_of, work / "control.toml",
-                                        ended_at)
+            evidence = Evidence.collect(pg.dsn, up, billing, records, layout, protected, meter_of,
+                                        work / "control.toml", ended_at)
             results = run_checks(evidence)
             if keep:  # with the logs, configs and the meters' records.json: all a failure needs looking into
                 await asyncio.to_thread(pg.dump, work / "feikong.sql")
