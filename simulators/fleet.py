@@ -282,6 +282,10 @@ async def _close_server(server: asyncio.Server) -> None:
 
 # ------------------------------------------------------------------------------------------- child process
 
+#: the child's description is one JSON line: 100,000 meters' addresses are some 2 MB (asyncio's default: 64 KiB)
+_LINE_LIMIT = 256 * 1024 * 1024
+
+
 class FleetProcess:
     """A fleet served by a child process (``python -m simulators.fleet --commands``), seen from the parent."""
 
@@ -299,7 +303,8 @@ class FleetProcess:
             args += ["--broker", f"{self.broker[0]}:{self.broker[1]}"]
         # a session of its own: Ctrl-C reaches the parent, which stops the fleet after the gateway
         self.proc = await asyncio.create_subprocess_exec(*args, stdin=asyncio.subprocess.PIPE,
-                                                         stdout=asyncio.subprocess.PIPE, start_new_session=True)
+                                                         stdout=asyncio.subprocess.PIPE, start_new_session=True,
+                                                         limit=_LINE_LIMIT)
         try:
             line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
             if not line:
