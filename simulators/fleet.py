@@ -409,7 +409,7 @@ async def _serve_until_signalled(spec: FleetSpec, broker: tuple[str, int] | None
 
 async def _obey(fleet: Fleet, stop: asyncio.Event) -> None:
     """Commands a line on standard input until it closes (the parent went away: stop)."""
-    reader = asyncio.StreamReader()
+    reader = asyncio.StreamReader(limit=_LINE_LIMIT)  # a report names thousands of meters
     await asyncio.get_running_loop().connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     while True:
         line = await reader.readline()

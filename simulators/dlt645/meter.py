@@ -91,7 +91,7 @@ class SimMeter:
         self._fractional_kwh = 0.0
         self._followups: dict[int, list[bytes]] = {}  # DI -> remaining chunks of a multi-frame reply
         self._relay_moves: tuple[datetime, bool] | None = None  # (when, to open?) of a contact still moving
-        self._encoded: dict[int, tuple[object, bytes]] = {}  # DI -> (the value's key, its encoded payload)
+        self._payload_cache: dict[int, tuple[object, bytes]] = {}  # DI -> (the value's key, its encoded payload)
 
     # -- physics ------------------------------------------------------------
 
@@ -178,11 +178,11 @@ class SimMeter:
                     _SHARED_PAYLOADS.clear()
                 payload = _SHARED_PAYLOADS[key] = encode_value(di, value, E07)
             return payload
-        cached = self._encoded.get(di)
+        cached = self._payload_cache.get(di)
         if cached is not None and cached[0] == value:
             return cached[1]
         payload = encode_value(di, value, E07)
-        self._encoded[di] = (value, payload)
+        self._payload_cache[di] = (value, payload)
         return payload
 
     def handle(self, request: m.Message, now: datetime) -> ReplyPlan:
