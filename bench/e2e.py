@@ -20,7 +20,8 @@ Timeline: the fleet is registered and every account except the tripped ones gets
 ``Gateway.credits``, as an operator's adjustment). Every channel then reads every meter once per
 ``--interval`` (the config's ``poll_interval_s``): the first cycle is the baseline (energy registers, relays
 seen open); at the start of the second, ``--payments`` payments (10,000 by default) for tripped, healthy
-meters arrive at random over ``--window`` seconds. Each one closes its meter's relay, verified by reading
+meters arrive at random over ``--window`` seconds (default: as long as the first cycle took, so they arrive
+during the read cycle). Each one closes its meter's relay, verified by reading
 status word 3 back.
 
 Figures (the last stdout line, and ``bench/results/e2e.json``):
@@ -211,6 +212,38 @@ class CycleLog:
 
         control.ingest_readings = timed
 
+    def wrap_writer(self, writer) -> None:
+        """Each writer call's time in the writer thread and its wait in the queue, by what was called."""
+        call = writer.call
+        self.writer_calls: dict[str, list[float]] = {}  # name -> [calls, seconds running, seconds queued]
+
+        async def timed(fn, *args, **kwargs):
+            name = getattr(fn, "__name__", type(fn).__name__)
+            entry = self.writer_calls.setdefault(name, [0, 0.0, 0.0])
+            asked = time.perf_counter()
+            ran = []
+
+            def run(*a, **k):
+                ran.append(time.perf_counter())
+                try:
+                    return fn(*a, **k)
+                finally:
+                    ran.append(time.perf_counter())
+
+            try:
+                return await call(run, *args, **kwargs)
+            finally:
+                entry[0] += 1
+                if len(ran) == 2:
+                    entry[1] += ran[1] - ran[0]
+                    entry[2] += ran[0] - asked
+
+        writer.call = timed
+
+    def writer_summary(self) -> dict:
+        return {name: {"calls": n, "running_s": round(run, 2), "queued_mean_ms": round(1000 * queued / n, 1)}
+                for name, (n, run, queued) in sorted(self.writer_calls.items(), key=lambda kv: -kv[1][1])}
+
     def done(self, k: int) -> bool:
         return all(len(c) >= k and "end" in c[k - 1] for c in self.cycles.values())
 
@@ -271,21 +304,24 @@ async def run(args, spec_dict: dict, workdir: Path) -> dict:
         healthy_tripped = sorted(a for a in tripped if a not in layout["faulty"])
         rng = random.Random(spec.seed)
         payers = rng.sample(healthy_tripped, min(args.payments, len(healthy_tripped)))
-        delays = sorted(rng.uniform(0, args.window) for _ in payers)
-        plan = [[d, f"E2E-{m}", f"A{m}"] for d, m in zip(delays, payers)]
         publisher = subprocess.Popen([sys.executable, __file__, "--publisher", "--host", broker.host, "--port",
                                       str(broker.port)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         _unpin(publisher.pid)
 
         log = CycleLog(gw.channels)
         log.wrap_ingest(gw.control)
+        log.wrap_writer(gw.writer)
         stop = asyncio.Event()
         t_run = time.time()
         runner = asyncio.create_task(service.run(stop))
         await _until(lambda: log.second_started.is_set(), args.interval * 3 + 600, runner, "the second cycle")
         first_cycle_s = max(c[0]["end"] for c in log.cycles.values()) - t_run
+        # "during a read cycle": at random over the time the first one took, unless told otherwise
+        window_s = args.window if args.window is not None else first_cycle_s
+        delays = sorted(rng.uniform(0, window_s) for _ in payers)
+        plan = [[d, f"E2E-{m}", f"A{m}"] for d, m in zip(delays, payers)]
         print(f"first cycle (baseline): {first_cycle_s:.1f} s; second cycle started: "
-              f"{len(payers):,} payments over {args.window:g} s", flush=True)
+              f"{len(payers):,} payments over {window_s:.1f} s", flush=True)
         publisher.stdin.write(json.dumps({"start": time.time(), "payments": plan}) + "\n")
         publisher.stdin.flush()
         await _until(lambda: log.done(2), args.interval + 900, runner, "the second cycle's end")
@@ -294,13 +330,14 @@ async def run(args, spec_dict: dict, workdir: Path) -> dict:
             print(f"  second cycle, {k}: {max(c['end'] for c in cycle) - min(c['start'] for c in cycle):.1f} s, "
                   f"{sum(c['answered'] for c in cycle):,} of {sum(c['readings'] for c in cycle):,} answered",
                   flush=True)
-        deadline = time.monotonic() + 120 + args.window
+        deadline = time.monotonic() + 120 + window_s
         while True:
             closes = await gw.writer.call(gw.control.store.load_entities, COMMANDS, "action = 'close'")
             confirmed = {c.meter_id: c for c in closes if c.state == CommandState.CONFIRMED}
             if all(m in confirmed for m in payers) or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.5)
+        writer_after_cycle = log.writer_summary()
         published_out, _ = await asyncio.get_running_loop().run_in_executor(None, publisher.communicate)
         publisher = None
         pub = json.loads(published_out.strip().splitlines()[-1])
@@ -385,6 +422,7 @@ async def run(args, spec_dict: dict, workdir: Path) -> dict:
         "payments_arrived_within_the_cycle": arrived_in_cycle,
         "publisher_max_late_s": round(pub["max_late_s"], 3),
         "engine": {"readings": log.ingested, "writer_s": round(log.ingest_s, 2)},
+        "writer_calls_until_the_closes_confirmed": writer_after_cycle,
         "fleet_up_s": round(fleet_up_s, 1), "register_s": round(register_s, 1),
         "verified": {"payments_in_ledger_once": len(ledger), "closes_confirmed": len(payers),
                      "relays_closed_by_one_close_in_the_simulators": len(report["meters"]),
@@ -393,7 +431,7 @@ async def run(args, spec_dict: dict, workdir: Path) -> dict:
         "load_average_end": [round(x, 2) for x in os.getloadavg()],
     }
     return {"summary": summary, "details": details, "spec": spec.to_dict(), "store": store_url.split(":")[0],
-            "items": list(ITEMS), "interval_s": args.interval, "window_s": args.window}
+            "items": list(ITEMS), "interval_s": args.interval, "window_s": round(window_s, 2)}
 
 
 def _kind(channel, emulated: set[str]) -> str:
@@ -436,7 +474,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="5,000 meters, 500 payments (a smoke test)")
     ap.add_argument("--spec", default=None, help="fleet description (default config/simfleet.100k.json)")
     ap.add_argument("--payments", type=int, default=None, help="payments during the second cycle (10,000)")
-    ap.add_argument("--window", type=float, default=None, help="seconds over which they arrive (20; quick 3)")
+    ap.add_argument("--window", type=float, default=None,
+                    help="seconds over which they arrive (default: as long as the first read cycle took)")
     ap.add_argument("--interval", type=float, default=None, help="poll interval, s (90; quick 15)")
     ap.add_argument("--store", default=None, help="store URL (default: SQLite in a temporary directory)")
     ap.add_argument("--out", default=None)
@@ -454,7 +493,6 @@ def main() -> int:
     else:
         spec = json.loads((ROOT / "config" / "simfleet.100k.json").read_text())
     args.payments = args.payments if args.payments is not None else (500 if args.quick else 10_000)
-    args.window = args.window if args.window is not None else (3.0 if args.quick else 20.0)
     args.interval = args.interval if args.interval is not None else (15.0 if args.quick else 90.0)
     out = Path(args.out or ROOT / "bench" / "results" / ("e2e-quick.json" if args.quick else "e2e.json"))
     cpu = pin_to_one_cpu()
