@@ -57,6 +57,7 @@ class FleetError(ValueError):
 class FleetSpec:
     meters: dict[str, int]  # kind (one of KINDS) -> how many meters
     per_line: int = 100  # meters sharing one bus, listener, Modbus line or concentrator
+    per_line_by_kind: dict = field(default_factory=dict)  # kind -> meters per line, where not per_line
     first_address: int = 1
     load_kw: tuple[float, float] = (0.4, 3.0)  # mean load of each meter at the hour the fleet starts
     stuck_relay: float = 0.0  # share of meters whose relay does not move
@@ -85,6 +86,11 @@ class FleetSpec:
             raise FleetError("meters: the fleet has no meters")
         if not isinstance(self.per_line, int) or self.per_line < 1:
             raise FleetError(f"per_line must be a whole number >= 1, got {self.per_line!r}")
+        for kind, n in self.per_line_by_kind.items():
+            if kind not in KINDS:
+                raise FleetError(f"per_line_by_kind: unknown channel kind {kind!r}; allowed: {', '.join(KINDS)}")
+            if not isinstance(n, int) or n < 1:
+                raise FleetError(f"per_line_by_kind.{kind} must be a whole number >= 1, got {n!r}")
         lo, hi = self.load_kw
         if not 0 < lo <= hi:
             raise FleetError(f"load_kw must be (low, high) with 0 < low <= high, got {self.load_kw!r}")
@@ -194,7 +200,8 @@ class Fleet:
         groups: dict[str, list[list[SimMeter]]] = {}
         for kind in KINDS:
             count = s.meters.get(kind, 0)
-            per = min(s.per_line, MODBUS_MAX_DEVICES) if kind == "modbus_tcp" else s.per_line
+            per = s.per_line_by_kind.get(kind, s.per_line)
+            per = min(per, MODBUS_MAX_DEVICES) if kind == "modbus_tcp" else per
             lines = groups.setdefault(kind, [])
             emulated = s.line_rate_lines * s.line_rate_per_line if kind == "dlt645_tcp" else 0
             for i in range(count):
