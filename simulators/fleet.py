@@ -7,6 +7,11 @@ Modbus TCP server per line (device ids 1..247), and one MQTT connection per conc
 ``frame`` mode or ``json`` mode). :attr:`Fleet.lines` tells a head-end where each line is and which meters
 are on it.
 
+Some DL/T 645 TCP buses may emulate their RS-485 line (``line_rate_lines`` of ``line_rate_per_line`` meters at
+``line_rate_baud``: every byte takes its time, and each line's statistics say how long it carried bytes); a
+share of meters may start tripped (``tripped``: relay open, as customers in arrears); ``per_line_by_kind``
+sizes each kind's lines apart (a 100,000-meter fleet: config/simfleet.100k.json).
+
 Faults, drawn once per meter from the spec's seed: a share of meters whose relay acknowledges but does not
 move (``stuck_relay``), a share that stop answering a few seconds after they were tripped (a dead
 communication module, ``silent_after_trip``), and per-request transient faults on the DL/T 645 lines

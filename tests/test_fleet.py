@@ -176,6 +176,17 @@ async def test_line_rate_buses_take_their_wire_time_and_tripped_meters_start_ope
         await fleet.stop()
     with pytest.raises(FleetError, match="line_rate_lines x line_rate_per_line"):
         FleetSpec({"dlt645_tcp": 6}, line_rate_lines=2, line_rate_per_line=4)
+    with pytest.raises(FleetError, match="per_line_by_kind: unknown channel kind 'zigbee'"):
+        FleetSpec({"dlt645_tcp": 6}, per_line_by_kind={"zigbee": 4})
+
+
+async def test_each_kind_of_line_may_have_its_own_size_and_the_100k_fleet_is_valid():
+    spec = FleetSpec({"dlt645_tcp": 7, "modbus_tcp": 3}, per_line=2, per_line_by_kind={"dlt645_tcp": 4})
+    async with Fleet(spec) as fleet:
+        assert [(line.kind, len(line.meters)) for line in fleet.lines] == [
+            ("dlt645_tcp", 4), ("dlt645_tcp", 3), ("modbus_tcp", 2), ("modbus_tcp", 1)]
+    big = Path(__file__).resolve().parent.parent / "config" / "simfleet.100k.json"
+    assert FleetSpec.from_dict(json.loads(big.read_text())).total == 100_000
 
 
 def test_the_example_description_is_valid_and_feikong_sim_fleet_serves_one(tmp_path, broker):
