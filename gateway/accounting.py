@@ -18,6 +18,7 @@ from typing import Callable
 
 import numpy as np
 
+from gateway.cluster import log_failure
 from gateway.core.engine import Decision, Engine, Outcome, ReadingBatch
 from gateway.core.model import Account, Adjustment, Meter, MeterReplaced, Payment, RelayStateChanged
 from gateway.core.tariff import Tariff
@@ -45,6 +46,10 @@ class Accounting:
         self.store = store
         self.policy = policy or ThresholdPolicy()
         self._stale = False
+        #: several instances (gateway/cluster.py): ``owned()`` says, per account number, whether this instance
+        #: acts for the account; the others' decisions and band states are neither written nor handed on
+        #: (their owner's engine makes them). None: every account is ours.
+        self.owned: Callable[[], np.ndarray] | None = None
         store.migrate()
         self.engine = self._load()
 
@@ -136,11 +141,13 @@ class Accounting:
         try:
             with self.store.transaction():
                 outcome: Outcome = work()
+                if self.owned is not None:
+                    self._keep_owned(outcome)
                 self.store.write_outcome(outcome, now)
                 if then is not None:
                     then(outcome, result)
         except BaseException:
-            log.exception("transaction failed; rebuilding the engine from the store")
+            log_failure(log, "transaction failed; rebuilding the engine from the store")
             self._stale = True
             try:
                 self.reload()
@@ -154,6 +161,15 @@ class Accounting:
         result.duplicates = outcome.duplicates + duplicates
         result.rejected = outcome.rejected
         return result
+
+    def _keep_owned(self, outcome: Outcome) -> None:
+        mask = self.owned()
+
+        def ours(no: int) -> bool:
+            return no < len(mask) and bool(mask[no])
+
+        outcome.decisions = [d for d in outcome.decisions if ours(d.account_no)]
+        outcome.state_rows = [r for r in outcome.state_rows if ours(r[0])]
 
     def _drop_redelivered(self, batch: ReadingBatch) -> tuple[ReadingBatch, int]:
         """Readings before a meter's last accepted one may be re-deliveries of recorded (or held) readings.

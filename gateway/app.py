@@ -8,11 +8,13 @@ once: its close does not wait for the next tick.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Callable
 
 from gateway.clock import Clock, SystemClock, local_naive
+from gateway.cluster import NotHeld, log_failure
 from gateway.core.control import ControlConfig, NoticeReceiptIn
 from gateway.core.dispatch import FieldUpdate
 from gateway.core.model import Adjustment, Payment
@@ -21,7 +23,7 @@ from gateway.core.readings import Reading
 from gateway.core.thresholds import ThresholdPolicy
 from gateway.costcontrol import CostControl
 from gateway.southbound.channel import Channel
-from gateway.southbound.dlt645 import Bus  # noqa: F401  (the DL/T 645 channel, named here for callers)
+from gateway.southbound.dlt645 import Bus  # (the DL/T 645 channel, also named here for callers)
 from gateway.southbound.executor import CommandExecutor
 from gateway.southbound.readings import to_batch
 from gateway.store import open_store
@@ -33,7 +35,7 @@ log = logging.getLogger(__name__)
 class Gateway:
     def __init__(self, store_url: str, channels: list[Channel], config: ControlConfig | None = None,
                  policy: ThresholdPolicy | None = None, clock: Clock | None = None, poll_interval_s: float = 900.0,
-                 tick_s: float = 1.0) -> None:
+                 tick_s: float = 1.0, cluster=None) -> None:
         self.clock = clock or SystemClock()
         self.config = config or ControlConfig()
         self.store_url = store_url
@@ -42,6 +44,10 @@ class Gateway:
         self.poll_interval_s = poll_interval_s
         self.tick_s = tick_s
         self.writer = Writer()
+        #: several instances (gateway/cluster.py): the leases say which channels this one polls and acts for
+        self.cluster = cluster
+        #: with leases, how often the inbox is looked at without a notification (and the channels re-checked)
+        self.inbox_every_s = 5.0
         self.control: CostControl | None = None
         self.executor: CommandExecutor | None = None
         self.readings_seen = 0
@@ -57,9 +63,11 @@ class Gateway:
         offset = self.config.calendar.utc_offset_s
         local = local_naive(self.clock, offset)
         drivers = {channel.name: channel.bind(local, offset) for channel in self.channels}
-        engine = self.control.engine
-        self.executor = CommandExecutor(self.control, self.writer, drivers, lambda m: engine.meter(m).channel,
-                                        self.clock)
+        if self.cluster is not None:
+            await self.writer.call(self.control.attach, self.cluster, self.clock.now())
+        self.executor = CommandExecutor(self.control, self.writer, drivers,
+                                        lambda m: self.control.engine.meter(m).channel, self.clock,
+                                        may_send=self.cluster.may_send if self.cluster is not None else None)
         return self
 
     async def close(self) -> None:
@@ -112,6 +120,8 @@ class Gateway:
         channel = next((c for c in self.channels if c.name == bus), None)
         if channel is None:
             raise LookupError(f"meter {meter_id} is on channel {bus!r}, which this gateway does not run")
+        if not self.control.owns_channel(bus):
+            raise NotHeld(meter_id, bus, await asyncio.to_thread(self.control.cluster.holder, bus))
         async with self.executor.drivers[bus].reserved():
             started = time.perf_counter()
             reading = await channel.read_meter(meter_id)
@@ -155,7 +165,7 @@ class Gateway:
             try:
                 await self.poll_once(channel)
             except Exception:
-                log.exception("poll cycle on %s failed", channel.name)
+                log_failure(log, "poll cycle on %s failed", channel.name)
             rest = self.poll_interval_s - (asyncio.get_running_loop().time() - started)
             await _sleep_or_stop(stop, max(rest, 0.0))
 
@@ -166,13 +176,101 @@ class Gateway:
                 if fx.commands:
                     self.executor.wake()
             except Exception:
-                log.exception("tick failed")
+                log_failure(log, "tick failed")
             await _sleep_or_stop(stop, self.tick_s)
 
     async def run(self, stop: asyncio.Event) -> None:
         tasks = [asyncio.create_task(self.executor.run(stop)), asyncio.create_task(self._tick(stop))]
-        tasks += [asyncio.create_task(self._poll(c, stop)) for c in self.channels]
+        if self.cluster is None:
+            tasks += [asyncio.create_task(self._poll(c, stop)) for c in self.channels]
+        else:
+            tasks.append(asyncio.create_task(self._leases(stop)))
         await asyncio.gather(*tasks)
+
+    # -- several instances ------------------------------------------------------------------------------
+    async def _leases(self, stop: asyncio.Event) -> None:
+        """The lease keeper started; whenever the leases change, the gateway rescoped (engine and controller
+        reloaded after the takeover, polls started and stopped, excess handed over); the inbox drained when
+        notified, after every change and every ``inbox_every_s``. On stop the leases are handed back."""
+        loop = asyncio.get_running_loop()
+        changed, inbox = asyncio.Event(), asyncio.Event()
+        cluster = self.cluster
+        cluster.on_change = lambda: loop.call_soon_threadsafe(changed.set)
+        cluster.on_inbox = lambda channel: loop.call_soon_threadsafe(inbox.set)
+        await asyncio.to_thread(cluster.start)
+        polls: dict[str, asyncio.Task] = {}
+        changed.set()
+        try:
+            while not stop.is_set():
+                if changed.is_set():
+                    changed.clear()
+                    try:
+                        if await self._rescope(polls, stop):
+                            inbox.set()
+                    except Exception:
+                        log.exception("taking up the leases' channels failed; trying again")
+                        await _sleep_or_stop(stop, 0.5)
+                        changed.set()
+                        continue
+                if inbox.is_set():
+                    inbox.clear()
+                    try:
+                        if await self.writer.call(self.control.drain_inbox, self.clock.now()):
+                            self.executor.wake()
+                    except Exception:
+                        log_failure(log, "draining the inbox failed; trying again")
+                waits = [asyncio.ensure_future(e.wait()) for e in (changed, inbox, stop)]
+                done, _ = await asyncio.wait(waits, timeout=self.inbox_every_s, return_when=asyncio.FIRST_COMPLETED)
+                for w in waits:
+                    w.cancel()
+                if not done:
+                    inbox.set()
+        finally:
+            for task in polls.values():
+                task.cancel()
+            await asyncio.gather(*polls.values(), return_exceptions=True)
+            await asyncio.to_thread(cluster.stop)
+
+    async def _rescope(self, polls: dict[str, asyncio.Task], stop: asyncio.Event) -> bool:
+        """Act for the channels the leases say; True if some were taken up (drain their inbox)."""
+        cluster = self.cluster
+        wanted, acting = cluster.wanted(), dict(cluster.acting)
+        gone = set(acting) - set(wanted)
+        by_name = {c.name: c for c in self.channels}
+        for name in gone:  # their readings would be dropped anyway: stop reading
+            task = polls.pop(name, None)
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        gained = {c for c, e in wanted.items() if acting.get(c) != e}
+        async with contextlib.AsyncExitStack() as held:
+            # the buses given up are held first: a relay exchange in progress, and the result it commits, end
+            # before the reload forgets its command and before the lease is handed over
+            for name in sorted(gone):
+                if name in self.executor.drivers:
+                    await held.enter_async_context(self.executor.drivers[name].reserved())
+            if wanted != acting:
+                started = time.perf_counter()
+                await self.writer.call(self.control.rescope, wanted, self.clock.now())
+                log.info("acting for channel(s) %s (%s); reloaded in %.2f s", ", ".join(sorted(wanted)) or "none",
+                         "; ".join(x for x in (f"took {', '.join(sorted(gained))}" if gained else "",
+                                                f"gave up {', '.join(sorted(gone))}" if gone else "") if x),
+                         time.perf_counter() - started)
+            for name in sorted(cluster.releasing - set(cluster.acting)):
+                await asyncio.to_thread(cluster.release, name)
+        for name in gone:
+            channel = by_name.get(name)
+            if isinstance(channel, Bus):
+                # a TCP serial server often takes one connection at a time: leave the line to its new holder
+                # (the link opens again by itself if this instance takes the channel back)
+                await channel.close()
+        for name in cluster.acting:
+            task = polls.get(name)
+            if (task is None or task.done()) and name in by_name:
+                polls[name] = asyncio.create_task(self._poll(by_name[name], stop), name=f"poll {name}")
+        if gained:
+            self.executor.wake()
+        return bool(gained)
 
 
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:

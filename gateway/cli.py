@@ -9,6 +9,7 @@ import re
 import sys
 from datetime import timedelta
 
+from gateway.ops.auth import mask_tokens_on_handlers
 from gateway.ops.console import add_commands as add_console_commands
 from protocols.dlt645 import Deframer, FrameReceived, FrameRejected, Noise
 from protocols.dlt645 import di as di_table
@@ -383,6 +384,7 @@ def _log_to(console) -> None:
         for h in list(root.handlers):
             root.removeHandler(h)
         root.addHandler(RichHandler(console=console, show_path=False))
+    mask_tokens_on_handlers(root)
     root.setLevel(logging.INFO)
 
 
@@ -639,6 +641,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # warnings and errors on stderr, with the time and where they come from (stdout is the command's output)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    mask_tokens_on_handlers()  # an operator's token never reaches a log, not even inside a traceback
     try:
         result = args.run(args)
         if asyncio.iscoroutine(result):

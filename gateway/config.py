@@ -131,6 +131,20 @@ class GatewaySettings:
 
 
 @dataclass(frozen=True)
+class ClusterSettings:
+    """``[cluster]``: present = this instance shares the channels with other instances on the same PostgreSQL
+    database through leases (docs/scaling.md)."""
+
+    #: a lease not renewed within this is free for another instance to take: the takeover time after a crash
+    lease_ttl_s: float = 15.0
+
+    def __post_init__(self) -> None:
+        if not 1.0 <= self.lease_ttl_s <= 600.0:
+            raise ValueError(f"lease_ttl_s {self.lease_ttl_s} is out of bounds; allowed: 1..600 seconds "
+                             f"(renewed every lease_ttl_s / 5)")
+
+
+@dataclass(frozen=True)
 class FleetSettings:
     """``[fleet]``: the accounts and meters (CSV, see docs/deployment.md) and the tariffs (JSON, as
     config/tariffs.example.json)."""
@@ -157,6 +171,8 @@ def _check_channel(c) -> None:
         raise ValueError(f"retries must be 0 or more, got {c.retries}")
     if getattr(c, "baud", 1) <= 0:
         raise ValueError(f"baud must be positive, got {c.baud}")
+    if getattr(c, "unreachable_after", 1) < 1:
+        raise ValueError(f"unreachable_after must be 1 or more (failed cycles), got {c.unreachable_after}")
 
 
 #: what every poll must read: the energy registers (billing) and status word 3 (the relay's position)
@@ -325,7 +341,7 @@ def channel_protocol(channel: ChannelConfig) -> str:
 
 
 #: the tables of a gateway config file
-TABLES = ("store", "control", "mqtt", "http", "metrics", "gateway", "thresholds", "fleet", "channels")
+TABLES = ("store", "control", "mqtt", "http", "metrics", "gateway", "thresholds", "fleet", "cluster", "channels")
 
 
 @dataclass(frozen=True)
@@ -343,6 +359,8 @@ class ServiceConfig:
     thresholds: ThresholdPolicy = ThresholdPolicy()
     fleet: FleetSettings = FleetSettings()
     channels: tuple[ChannelConfig, ...] = ()
+    #: None: a single instance (the table is absent)
+    cluster: ClusterSettings | None = None
     policies: ControlConfig = field(default_factory=ControlConfig)
     tariffs: dict = field(default_factory=dict)  # as config/tariffs.example.json (tariff id -> versions)
     accounts: tuple[Account, ...] = ()
@@ -389,11 +407,19 @@ def check_service_config(path: str | Path) -> tuple[ServiceConfig | None, list[s
               (("store", StoreSettings), ("control", ControlSettings), ("mqtt", BrokerConfig),
                ("http", HttpSettings), ("metrics", MetricsSettings), ("gateway", GatewaySettings),
                ("thresholds", ThresholdPolicy), ("fleet", FleetSettings))}
+    if "cluster" in data:
+        tables["cluster"] = build_all(ClusterSettings, data["cluster"], "cluster", errors)
+        store = tables["store"]
+        if store is not None and not store.url.startswith(("postgresql://", "postgres://")):
+            errors.append(ConfigError("cluster: several instances share a PostgreSQL database: [store] url must "
+                                      "be postgresql://USER@HOST/DB with [cluster] (SQLite: one instance, "
+                                      "remove [cluster])"))
     raw = data.get("channels", [])
     channels = _channels(raw, errors)
     check.problems += [f"{path}: {e}" for e in errors]
     tables.update(check.files(tables, channels))
     passwords = check.channels(raw if isinstance(raw, list) else [], channels)
+    check.listeners(tables["http"], tables["metrics"])
     policies = check.policies(tables["control"])
     tariffs, accounts, meters, devices = check.fleet(tables["fleet"], raw if isinstance(raw, list) else [],
                                                      channels, policies)
@@ -462,6 +488,7 @@ class _Check:
                                                   f"must be unique")
             if name is not None:
                 seen.setdefault(name, i)
+        self._one_channel_per_line(channels)
         passwords = {}
         for i, c in enumerate(channels):
             if c is not None and getattr(c, "password_file", ""):
@@ -486,6 +513,30 @@ class _Check:
                     self.error(f"channels[{i}].profile", f"{exc}{known}")
                 channels[i] = dataclasses.replace(c, profile=profile)
         return passwords
+
+    def _one_channel_per_line(self, channels: list) -> None:
+        """Two channels on one line (a TCP endpoint, a serial device, a concentrator id) would poll it twice,
+        their frames colliding on a half-duplex bus: an error naming both."""
+        seen: dict[tuple, int] = {}
+        for i, c in enumerate(channels):
+            if c is None:
+                continue
+            if hasattr(c, "host"):
+                line, key, shown = ("tcp", c.host.lower(), c.port), f"channels[{i}].port", f"{c.host}:{c.port}"
+            elif hasattr(c, "device"):
+                line, key, shown = ("device", os.path.normpath(c.device)), f"channels[{i}].device", c.device
+            else:
+                line, key, shown = ("concentrator", c.id), f"channels[{i}].id", f"concentrator id {c.id!r}"
+            if line in seen:
+                self.error(key, f"{shown} is also channels[{seen[line]}]'s line; one channel per line (a bus "
+                                f"answers one request at a time)")
+            seen.setdefault(line, i)
+
+    def listeners(self, http: HttpSettings | None, metrics: MetricsSettings | None) -> None:
+        if http is not None and metrics is not None and http.port and http.port == metrics.port and \
+                (http.host == metrics.host or "0.0.0.0" in (http.host, metrics.host)):
+            self.error("metrics.port", f"{metrics.port} is also [http]'s port on {http.host}; the operator API "
+                                       f"and the metrics need a port each")
 
     def policies(self, control: ControlSettings | None) -> ControlConfig:
         """The policies file's, every error in it reported (the built-in defaults when none is named)."""

@@ -11,6 +11,9 @@ One writer drives this (a dedicated thread in the service: :class:`gateway.write
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
 import time
 import uuid
@@ -21,6 +24,7 @@ from typing import Callable
 import numpy as np
 
 from gateway.accounting import Accounting, IngestResult
+from gateway.cluster import NotHeld, log_failure
 from gateway.core.commands import RelayAction, RelayExplanation, RelayStatus, ReconnectMode, explain
 from gateway.core.control import (
     AuditRecord,
@@ -34,7 +38,8 @@ from gateway.core.control import (
     SendResult,
     Step,
 )
-from gateway.core.dispatch import FieldUpdate
+from gateway.core.dispatch import FieldStatus, FieldUpdate
+from gateway.core.notices import ReceiptOutcome, split_request_id
 from gateway.core.engine import Engine, ReadingBatch
 from gateway.core.model import Adjustment, Payment
 from gateway.core.policy import AreaFlag, Block, Forecast
@@ -72,8 +77,39 @@ class CostControl:
         #: raises is logged and does not disturb the others or the caller)
         self.listeners: list[Callable[[Committed], None]] = []
         self.accounting = Accounting(store, policy)
+        #: several instances on one database (gateway/cluster.py): the leases this instance acts for; None:
+        #: this instance acts for everything
+        self.cluster = None
         self.controller = self._load_controller(now)
         self._stale = False  # a failed transaction whose rebuild failed too: rebuild before any more work
+
+    def attach(self, cluster, now: float | None = None) -> None:
+        """Act only for the accounts on channels ``cluster`` holds: every transaction fenced by its leases,
+        decisions for others dropped, the controller restored with owned accounts only."""
+        self.cluster = cluster
+        self.store.fence = cluster.fence
+        self.accounting.owned = lambda: cluster.owned_accounts(self.engine)
+        self.reload(now)
+
+    def rescope(self, acting: dict[str, int], now: float) -> None:
+        """The leases to act for changed: engine and controller rebuilt from the store, AFTER the leases were
+        taken (so what the previous holder committed is seen; its commands in flight are read back first)."""
+        self.cluster.acting = dict(acting)
+        self.reload(now)
+
+    def owns_channel(self, channel: str) -> bool:
+        return self.cluster is None or channel in self.cluster.acting
+
+    def owns_account(self, account_id: str) -> bool:
+        if self.cluster is None:
+            return True
+        no = self.engine.account_no.get(account_id)
+        mask = self.cluster.owned_accounts(self.engine)
+        return no is None or (no < len(mask) and bool(mask[no]))
+
+    def _account_channel(self, account_id: str) -> str:
+        ms = self.engine.meters_of[self.engine.account_no[account_id]]
+        return self.engine.meters[ms[0]].channel if ms else ""
 
     @property
     def engine(self) -> Engine:
@@ -85,8 +121,20 @@ class CostControl:
         state = self.store.control_state(now, self.config.keep_terminal_s,
                                          self.config.trips.notice_max_age_s + self.config.keep_terminal_s,
                                          c.calendar.day(int(now)).isoformat())
+        if self.cluster is not None:
+            state = self._owned_state(state)
         c.restore(now, **state)
         return c
+
+    def _owned_state(self, state: dict) -> dict:
+        """Only the owned accounts' notices, cases, commands and orders: the others' are their owner's."""
+        e = self.engine
+        owns_meter = lambda m: m in e.meter_no and self.owns_channel(e.meter(m).channel)  # noqa: E731
+        return {**state,
+                "notices": [n for n in state["notices"] if self.owns_account(n.account_id)],
+                "cases": [c for c in state["cases"] if self.owns_account(c.account_id)],
+                "commands": [c for c in state["commands"] if owns_meter(c.meter_id)],
+                "orders": [o for o in state["orders"] if owns_meter(o.meter_id)]}
 
     def reload(self, now: float | None = None) -> None:
         """Rebuild the engine and the controller from the store (after a failed transaction)."""
@@ -127,7 +175,7 @@ class CostControl:
                 log.exception("a commit listener failed")
 
     def _with_engine(self, call, now: float, *args, credit_role: str = "billing", what: str = "engine",
-                     size: int = 0) -> IngestResult:
+                     size: int = 0, also=None) -> IngestResult:
         """An accounting input; the decisions it causes go to the controller in the same transaction, and the
         adjustments it commits to the audit log (``credit_role``: the role of who made them)."""
         started = time.perf_counter()
@@ -145,6 +193,8 @@ class CostControl:
                             {"adjustment_id": a.adjustment_id, "amount_fen": a.amount_fen, "at": a.at})
                 for a in (result.credits.new if result.credits else ()) if isinstance(a, Adjustment)])
             self.store.add_events(self._report(outcome, result, now))
+            if also is not None:
+                also()
 
         self._fresh(now)
         try:
@@ -185,7 +235,7 @@ class CostControl:
     def _event_id(self) -> str:
         return self._new_id() if self._new_id else uuid.uuid4().hex
 
-    def _control(self, work, now: float, what: str = "control", size: int = 1) -> Effects:
+    def _control(self, work, now: float, what: str = "control", size: int = 1, also=None) -> Effects:
         """A controller input in one transaction; on failure both halves are rebuilt from the store."""
         started = time.perf_counter()
         self._fresh(now)
@@ -193,8 +243,10 @@ class CostControl:
             with self.store.transaction():
                 work()
                 fx = self._flush(now)
+                if also is not None:
+                    also()
         except BaseException:
-            log.exception("control transaction failed; rebuilding from the store")
+            log_failure(log, "control transaction failed; rebuilding from the store")
             self._rebuild_after_failure(now)
             raise
         self._committed(what, fx, None, size, started, now)
@@ -203,7 +255,19 @@ class CostControl:
     # -- inputs -----------------------------------------------------------------------------------------
     def ingest_readings(self, batch: ReadingBatch, now: float,
                         relays: list[tuple[str, RelayStatus, float]] = ()) -> IngestResult:
-        """A batch of readings and, from the same poll, the relays' positions with when each was read."""
+        """A batch of readings and, from the same poll, the relays' positions with when each was read. With
+        several instances only those of channels this instance acts for count (a poll cycle that ends just
+        after its channel was handed over is dropped: its new holder reads them again)."""
+        if self.cluster is not None:
+            ours = self.cluster.acting_meters(self.engine)
+            known = (batch.meter >= 0) & (batch.meter < len(ours))
+            keep = np.zeros(len(batch), bool)
+            keep[known] = ours[batch.meter[known]]
+            if not keep.all():
+                batch = batch.take(np.flatnonzero(keep))
+                relays = [r for r in relays if r[0] in self.engine.meter_no and
+                          self.owns_channel(self.engine.meter(r[0]).channel)]
+
         def call(then):
             def both(outcome, result):
                 if relays:
@@ -213,11 +277,92 @@ class CostControl:
 
         return self._with_engine(call, now, what="readings", size=len(batch))
 
-    def ingest_credits(self, items: list[Payment | Adjustment], now: float, role: str = "billing") -> IngestResult:
+    def ingest_credits(self, items: list[Payment | Adjustment], now: float, role: str = "billing",
+                       consumed: list[str] = ()) -> IngestResult:
         """Payments and adjustments: committed once, and any close they cause committed with them; each new
-        adjustment audited (``role``: of the operators who made them)."""
-        return self._with_engine(self.accounting.ingest_credits, now, items, int(now), credit_role=role,
-                                 what="credits", size=len(items))
+        adjustment audited (``role``: of the operators who made them). With several instances, those for
+        accounts another instance acts for go to the inbox, in the same transaction; ``consumed``: the inbox
+        rows these items came from, deleted in it."""
+        mine, theirs = self._route(items, lambda i: i.account_id, self._account_channel)
+        return self._with_engine(self.accounting.ingest_credits, now, mine, int(now), credit_role=role,
+                                 what="credits", size=len(items), also=self._to_inbox(theirs, consumed, now))
+
+    def _check_held(self, meter_ids: list[str]) -> None:
+        """An operator's command acts on a meter only on the instance holding its channel
+        (:class:`~gateway.cluster.NotHeld`, the API's 409, names the channel and its holder)."""
+        if self.cluster is None:
+            return
+        for m in meter_ids:
+            if m in self.engine.meter_no and not self.owns_channel(channel := self.engine.meter(m).channel):
+                raise NotHeld(m, channel, self.cluster.holder(channel))
+
+    # -- several instances: the inbox ---------------------------------------------------------------
+    def _route(self, items: list, account_of, channel_of) -> tuple[list, list[tuple[object, str]]]:
+        """``(mine, theirs)``: the items for accounts this instance acts for (or that name no known account:
+        those are refused on the normal path), and the others with their account's channel."""
+        if self.cluster is None:
+            return list(items), []
+        mine, theirs = [], []
+        for item in items:
+            account = account_of(item)
+            if account is None or account not in self.engine.account_no or self.owns_account(account):
+                mine.append(item)
+            else:
+                theirs.append((item, channel_of(account)))
+        return mine, theirs
+
+    def _to_inbox(self, theirs: list[tuple[object, str]], consumed, now: float):
+        """The step, inside the input's transaction, that takes ``consumed`` rows out of the inbox and puts
+        ``theirs`` in (after the delete: a row taken may go straight back, under the same key)."""
+        if not theirs and not consumed:
+            return None
+
+        def step() -> None:
+            self.store.consume_inbox(list(consumed))
+            rows = []
+            for item, channel in theirs:
+                body = _inbox_body(item)
+                rows.append((inbox_key(item, body), channel, _INBOX_KIND[type(item)], body, now))
+            self.store.put_inbox(rows)
+
+        return step
+
+    def _inbox_paid(self, account_id: str) -> int:
+        """Payments for the account waiting in the inbox whose ids the ledger does not have yet (fen)."""
+        if self.cluster is None:
+            return 0
+        waiting = [p for p in (_from_inbox("credit", body) for _, body in
+                               self.store.inbox([self._account_channel(account_id)], "credit", 10_000))
+                   if p.account_id == account_id]
+        known = self.store.ledger_ids([p.payment_id for p in waiting])
+        return sum({p.payment_id: p.amount_fen for p in waiting if p.payment_id not in known}.values())
+
+    def drain_inbox(self, now: float, limit: int = 500) -> int:
+        """The inbox rows for the channels this instance acts for, ingested through the normal paths, each
+        batch in the transaction that deletes its rows; what the domain refuses becomes a dead letter."""
+        if self.cluster is None or not self.cluster.acting:
+            return 0
+        n = 0
+        channels = sorted(self.cluster.acting)
+        for kind, ingest in (("credit", self.ingest_credits), ("adjustment", self.ingest_credits),
+                             ("receipt", self.ingest_receipts),
+                             ("field_update", self.ingest_field_updates)):
+            while True:
+                rows = self.store.inbox(channels, kind, limit)
+                if not rows:
+                    break
+                items = [_from_inbox(kind, body) for _, body in rows]
+                by_id = {id(item): (key, body) for item, (key, body) in zip(items, rows)}
+                out = ingest(items, now, consumed=[k for k, _ in rows])
+                refused = out.credits.conflicts if kind in ("credit", "adjustment") else out.rejected
+                letters = [_inbox_dead_letter(kind, *by_id[id(item)], reason, now)
+                           for item, reason in refused if id(item) in by_id]
+                if letters:
+                    self.add_events(letters)
+                n += len(rows)
+                if len(rows) < limit:
+                    break
+        return n
 
     def change_tariffs(self, tariffs: dict, now: float) -> IngestResult:
         """New tariff versions: stored, levels recalibrated, every account re-evaluated (decisions handled)."""
@@ -233,13 +378,32 @@ class CostControl:
         with self.store.transaction():
             self.store.mark_published(seqs, at)
 
-    def ingest_receipts(self, receipts: list[NoticeReceiptIn], now: float) -> Effects:
-        return self._control(lambda: self.controller.on_receipts(receipts, now), now, "receipts", len(receipts))
+    def ingest_receipts(self, receipts: list[NoticeReceiptIn], now: float, consumed: list[str] = ()) -> Effects:
+        mine, theirs = self._route(receipts, self._receipt_account, self._account_channel)
+        return self._control(lambda: self.controller.on_receipts(mine, now), now, "receipts", len(receipts),
+                             also=self._to_inbox(theirs, consumed, now))
 
-    def ingest_field_updates(self, updates: list[FieldUpdate], now: float) -> Effects:
-        fresh = [u for u in updates if not self.store.field_update_seen(u.update_id)]
+    def ingest_field_updates(self, updates: list[FieldUpdate], now: float, consumed: list[str] = ()) -> Effects:
+        mine, theirs = self._route(updates, self._order_account, self._account_channel)
+        fresh = [u for u in mine if not self.store.field_update_seen(u.update_id)]
         return self._control(lambda: self.controller.on_field_updates(fresh, now), now, "field_updates",
-                             len(updates))
+                             len(updates), also=self._to_inbox(theirs, consumed, now))
+
+    def _receipt_account(self, r: NoticeReceiptIn) -> str | None:
+        """The account of the notice a receipt answers: ours in memory, else as the store has it."""
+        try:
+            nid = split_request_id(r.request_id)
+        except ValueError:
+            return None
+        if nid in self.controller.notices:
+            return self.controller.notices[nid].account_id
+        return self.store.notice_account(nid)
+
+    def _order_account(self, u: FieldUpdate) -> str | None:
+        if u.order_id in self.controller.orders:
+            return self.controller.orders[u.order_id].account_id
+        found = self.store.order(u.order_id)
+        return found.account_id if found is not None else None
 
     def set_area_flag(self, flag: AreaFlag, now: float, role: str = "area_flag") -> Effects:
         return self._control(lambda: self.controller.set_area_flag(flag, now, role), now, "area_flag")
@@ -250,7 +414,19 @@ class CostControl:
     def tick(self, now: float) -> Effects:
         """Time passing: recalibration when due (its decisions handled with it), then notices, gates, dispatch."""
         self._with_engine(self.accounting.tick, now, int(now), what="tick")
-        return self._control(lambda: self.controller.tick(now), now, "tick", 0)
+
+        def work():
+            self._adopt_conditions(now)
+            self.controller.tick(now)
+
+        return self._control(work, now, "tick", 0)
+
+    def _adopt_conditions(self, now: float) -> None:
+        """Several instances: area flags and forecasts another instance recorded (an operator's flag through
+        its API) count here too, at every tick and before every trip."""
+        if self.cluster is not None:
+            flags, forecasts = self.store.area_conditions(self.controller.calendar.day(int(now)).isoformat())
+            self.controller.adopt_conditions(flags, forecasts, now)
 
     def manual(self, meter_id: str, action: RelayAction, operator: str, role: str, reason: str, key: str,
                now: float, mode: ReconnectMode | None = None):
@@ -266,6 +442,7 @@ class CostControl:
         ``then(store, made)`` last in it (an approval recorded with the commands it makes). Each meter gets its
         command, or the :class:`AuthorityError` that refused it (audited, committed). The same key again, even
         after a restart, gives the same commands."""
+        self._check_held(meter_ids)
         stored = {m: self.store.command(f"manual:{key}:{m}") for m in meter_ids}
         existing = {m: c for m, c in stored.items() if c is not None and c.action == action}
         if then is None and len(existing) == len(meter_ids):
@@ -295,6 +472,7 @@ class CostControl:
             found = self.store.command(command_id)
             if found is None:
                 raise KeyError(f"unknown command {command_id!r}")
+            self._check_held([found.meter_id])
             raise ValueError(f"command {command_id} is {found.state.value}: nothing to cancel")
         problem: list[str] = []
         self._control(lambda: problem.append(self.controller.cancel(command_id, operator, role, reason, now)), now,
@@ -315,15 +493,17 @@ class CostControl:
 
     def authorize(self, command_id: str, now: float) -> Permit | Block:
         """Commit SENDING (or the block that stops the command) before any frame goes out. Automatic trips
-        see a fresh balance: the store's credits for the account, so every committed payment counts."""
+        see a fresh balance: the store's credits for the account, so every committed payment counts (with
+        several instances, also those another instance received and put in the inbox, not drained yet)."""
         c = self.controller.commands[command_id]
         result: list = []
 
         def work():
             balance = trip = None
             if c.action == RelayAction.TRIP:
-                balance, trip = self.engine.fresh_balance(
-                    c.account_id, self.store.account_credits_fen(self.engine.account_no[c.account_id]))
+                self._adopt_conditions(now)
+                credits = self.store.account_credits_fen(self.engine.account_no[c.account_id])
+                balance, trip = self.engine.fresh_balance(c.account_id, credits + self._inbox_paid(c.account_id))
             result.append(self.controller.authorize(command_id, now, balance, trip))
 
         self._control(work, now, "authorize")
@@ -345,3 +525,36 @@ class CostControl:
         fmt = self.controller.fmt
         return explain(meter_id, self.store.relay_row(meter_id), self.store.meter_commands(meter_id),
                        self.store.meter_orders(meter_id), fmt)
+
+
+# -- inbox rows: the domain's inputs as JSON ----------------------------------------------------------------
+_INBOX_KIND = {Payment: "credit", Adjustment: "adjustment", NoticeReceiptIn: "receipt",
+               FieldUpdate: "field_update"}
+
+
+def _inbox_body(item) -> str:
+    return json.dumps(dataclasses.asdict(item), sort_keys=True, default=lambda v: v.value)
+
+
+def inbox_key(item, body: str) -> str:
+    """The inbox row's key: the item's own id with a digest of its content (a conflicting re-use of an id
+    reaches the owner, which refuses it as it would have)."""
+    own = next(getattr(item, k) for k in ("payment_id", "adjustment_id", "update_id", "request_id")
+               if hasattr(item, k))
+    return f"{_INBOX_KIND[type(item)]}:{own}:{hashlib.sha256(body.encode()).hexdigest()[:16]}"
+
+
+def _from_inbox(kind: str, body: str):
+    d = json.loads(body)
+    if kind == "credit":
+        return Payment(**d)
+    if kind == "adjustment":
+        return Adjustment(**d)
+    if kind == "receipt":
+        return NoticeReceiptIn(d["request_id"], ReceiptOutcome(d["outcome"]), d["at"], d["detail"])
+    return FieldUpdate(d["update_id"], d["order_id"], FieldStatus(d["status"]), d["at"], d["crew"], d["note"])
+
+
+def _inbox_dead_letter(kind: str, key: str, body: str, reason: str, now: float) -> Event:
+    return Event(f"dead_letter/inbox/{key}", "dead_letter", f"inbox/{kind}", now,
+                 {"topic": f"inbox/{kind}", "reason": reason, "payload": body, "encoding": "utf-8"})

@@ -20,6 +20,8 @@ This is the one place besides tests and benchmarks that imports ``simulators``.
 from __future__ import annotations
 
 import asyncio
+import csv
+import json
 import logging
 import random
 import signal
@@ -30,25 +32,21 @@ import time
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta
 from pathlib import Path
-from typing import Awaitable, Callable, TextIO
+from typing import Callable, TextIO
 
-from gateway.app import Bus, Gateway
-from gateway.clock import SystemClock
-from gateway.config import load_control_config
+from gateway.app import Gateway
+from gateway.config import load_control_config, load_service_config
 from gateway.core.control import ControlConfig
 from gateway.core.dispatch import OrderState
-from gateway.core.model import Account, Adjustment, Meter
-from gateway.core.tariff import tariffs_from_config
+from gateway.core.model import Account, Adjustment
 from gateway.core.thresholds import ThresholdPolicy
-from gateway.northbound.mqtt import BillingBridge, BrokerConfig
-from gateway.ops.api import ApiServer, create_app
+from gateway.fleet import COLUMNS as FLEET_COLUMNS
+from gateway.northbound.mqtt import BillingBridge
+from gateway.ops.api import ApiComponent
 from gateway.ops.auth import Tokens
-from gateway.ops.metrics import GatewayMetrics
-from gateway.southbound.concentrator import ConcentratorHub, HubSettings
-from gateway.southbound.modbus import ModbusChannel, ModbusMeter
+from gateway.ops.metrics import MetricsEndpoint
+from gateway.service import Service
 from gateway.store.entities import COMMANDS, NOTICES, ORDERS
-from protocols.modbus import load_profile
-from protocols.dlt645.client import Dlt645Link, LinkSettings
 from protocols.mqtt import billing as contract
 from simulators.billing import CN, BillingSim
 from simulators.broker import Broker
@@ -59,8 +57,6 @@ TARIFFS = {"flat": [{"effective_from": 0, "kind": "flat", "price": "1.0000"}]}
 #: warnings at 1.50 and 0.80 yuan (the field: days of use), the trip at zero
 THRESHOLDS = ThresholdPolicy(default_warn1_fen=150, default_warn2_fen=80, warn1_min_fen=100, warn2_min_fen=50,
                              hysteresis_fen=20)
-#: the simulated lines answer at host speed (line-rate emulation off): the timeouts can be short
-LINE = LinkSettings(baud=9600, turnaround_s=0.2, margin_s=0.3, retries=1)
 AnyFleet = Fleet | FleetProcess  # the simulated fleet in this process or in a child process
 KIND_LABEL = {"dlt645_tcp": "DL/T 645 TCP", "dlt645_pty": "DL/T 645 pty", "modbus_tcp": "Modbus TCP",
               "mqtt_frame": "MQTT frame", "mqtt_json": "MQTT JSON"}
@@ -107,114 +103,142 @@ def demo_accounts(layout: dict) -> tuple[list[Account], dict[str, str]]:
     return accounts, owner
 
 
-def channels_for(layout: dict, hub: ConcentratorHub) -> list:
-    """The gateway's channel for each line of the fleet's ``layout`` (``Fleet.describe()``)."""
-    out = []
+#: each simulated line kind as a channel of the gateway's config file: its kind and the settings the demo
+#: gives it (the lines answer at host speed, line-rate emulation off: the timeouts can be short)
+LINE = {"baud": 9600, "timeout_s": 0.2, "margin_s": 0.3, "retries": 1}
+CHANNEL = {
+    "dlt645_tcp": {"kind": "dlt645_tcp", **LINE},
+    "dlt645_pty": {"kind": "dlt645_serial", **LINE, "parity": "N"},  # pseudo-terminals refuse even parity
+    "modbus_tcp": {"kind": "modbus_tcp", "timeout_s": 0.5},
+    "mqtt_frame": {"kind": "concentrator", "mode": "frame", **LINE, "margin_s": 1.0},
+    "mqtt_json": {"kind": "concentrator", "mode": "json", "read_timeout_s": 3.0, "relay_timeout_s": 3.0},
+}
+
+
+NAME = {"dlt645_tcp": "tcp://", "dlt645_pty": "serial://", "modbus_tcp": "modbus+tcp://", "mqtt_frame": "mqtt://",
+        "mqtt_json": "mqtt://"}
+
+
+def write_gateway_config(directory: Path, layout: dict, broker: Broker, *, poll_interval_s: float,
+                         control: Path = DEMO_CONTROL) -> Path:
+    """The demo as ``feikong run`` would run it: ``gateway.toml`` for the fleet's ``layout``
+    (``Fleet.describe()``: a channel per line) with the fleet file (an account per meter,
+    :func:`demo_accounts`), the tariffs and the operator tokens beside it, in ``directory``; -> its path.
+    SQLite beside it, the demo's broker, the API and the metrics on free local ports."""
+    accounts, owner = demo_accounts(layout)
+    by_id = {a.account_id: a for a in accounts}
+    channels, rows = [], []
     for line in layout["lines"]:
-        kind, where, addrs = line["kind"], line["where"], line["meters"]
+        kind = line["kind"]
+        name = NAME[kind] + line["where"]  # where it is, as the gateway's own links name themselves
+        table = {"name": name, **CHANNEL[kind]}
         if kind in ("dlt645_tcp", "modbus_tcp"):
-            host, _, port = where.rpartition(":")
-        if kind == "dlt645_tcp":
-            out.append(Bus(Dlt645Link.tcp(host, int(port), LINE), addrs))
-        elif kind == "dlt645_pty":  # pseudo-terminals refuse even parity: 8N1 here (real lines: 8E1)
-            out.append(Bus(Dlt645Link.serial(where, replace(LINE, parity="N")), addrs))
-        elif kind == "modbus_tcp":
-            profile = load_profile(layout["spec"]["modbus_profile"])
-            out.append(ModbusChannel.tcp(host, int(port), [ModbusMeter(a, unit, profile)
-                                                           for a, unit in zip(addrs, line["device_ids"])],
-                                         timeout_s=0.5))
-        elif kind == "mqtt_frame":
-            out.append(hub.frame_channel(where, addrs, replace(LINE, margin_s=1.0)))
+            host, _, port = line["where"].rpartition(":")
+            table.update(host=host, port=int(port))
+        elif kind == "dlt645_pty":
+            table["device"] = line["where"]
         else:
-            out.append(hub.json_channel(where, addrs, read_timeout_s=3.0, relay_timeout_s=3.0))
-    return out
+            table["id"] = line["where"]
+        if kind == "modbus_tcp":
+            table["profile"] = layout["spec"]["modbus_profile"]
+        channels.append(table)
+        units = line.get("device_ids") or [""] * len(line["meters"])
+        for address, unit in zip(line["meters"], units):
+            a = by_id[owner[address]]
+            contacts = ";".join(f"{c}={a.contacts[c]}" for c in a.channels)
+            rows.append([a.account_id, "residential", "remote", a.tariff_id, a.area, a.name, a.address, a.lat,
+                         a.lon, ";".join(a.channels), contacts, "0", address, name, unit, "", ""])
+    with (directory / "fleet.csv").open("w", newline="", encoding="utf-8") as f:
+        out = csv.writer(f)
+        out.writerow(FLEET_COLUMNS)
+        out.writerows(rows)
+    (directory / "tariffs.json").write_text(json.dumps(TARIFFS))
+    _demo_tokens(directory)
+    t = THRESHOLDS
+    text = [
+        "# written by `feikong demo`: the demo's gateway, as `feikong run --config` would run it",
+        "[store]", f"url = {_toml(f'sqlite://{directory}/feikong.db')}",
+        "[control]", f"file = {_toml(str(control))}",
+        "[gateway]", f"poll_interval_s = {poll_interval_s}",
+        "[thresholds]", *(f"{k} = {getattr(t, k)}" for k in ("default_warn1_fen", "default_warn2_fen",
+                                                              "warn1_min_fen", "warn2_min_fen", "hysteresis_fen")),
+        "[http]", 'host = "127.0.0.1"', "port = 0", 'tokens_file = "tokens.toml"',
+        "[metrics]", 'host = "127.0.0.1"', "port = 0",
+        "[fleet]", 'file = "fleet.csv"', 'tariffs = "tariffs.json"',
+        "[mqtt]", f"host = {_toml(broker.host)}", f"port = {broker.port}", 'instance = "demo"',
+    ]
+    for table in channels:
+        text += ["[[channels]]", *(f"{k} = {_toml(v)}" for k, v in table.items())]
+    path = directory / "gateway.toml"
+    path.write_text("\n".join(text) + "\n")
+    return path
+
+
+def _toml(value) -> str:
+    """A TOML value: strings through JSON's quoting (a valid TOML basic string), numbers as they are."""
+    return json.dumps(value) if isinstance(value, str) else str(value)
 
 
 @dataclass
 class Composed:
-    """The running gateway and what it is made of; ``addresses`` are printed for the operator."""
+    """The running gateway (a :class:`Service` from the demo's config file) and what an operator is shown."""
 
-    gateway: Gateway
-    bridge: BillingBridge
-    hub: ConcentratorHub
-    channels: list
+    service: Service
     addresses: dict[str, str] = field(default_factory=dict)
-    tasks: list[asyncio.Task] = field(default_factory=list)
+    task: asyncio.Task | None = None
     answered: dict[str, float] = field(default_factory=dict)  # meter -> when (epoch s) a read last got a value
-    api: ApiServer | None = None
-    metrics: GatewayMetrics | None = None
 
     def __post_init__(self) -> None:
         self.gateway.reading_hooks.append(self._heard)
+
+    @property
+    def gateway(self) -> Gateway:
+        return self.service.gateway
+
+    @property
+    def bridge(self) -> BillingBridge:
+        return self.service.bridge
+
+    @property
+    def channels(self) -> list:
+        return self.gateway.channels
 
     def _heard(self, channel, reading, seconds: float) -> None:
         if reading.values:
             self.answered[reading.meter] = self.gateway.clock.now()
 
     async def close(self) -> None:
-        if self.api is not None:
-            await self.api.stop()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-        if self.metrics is not None:
-            self.metrics.close()
-        await self.gateway.close()
-        await self.hub.close()
+        if self.task is not None:
+            await asyncio.gather(self.task, return_exceptions=True)
+        await self.service.close()
 
 
-async def compose(store_url: str, broker: Broker, fleet: AnyFleet, config: ControlConfig, policy: ThresholdPolicy,
-                  stop: asyncio.Event, *, poll_interval_s: float,
-                  provision: Callable[[Gateway], Awaitable[None]] | None = None,
-                  tokens: Tokens | None = None) -> Composed:
-    """The gateway on ``store_url`` with a channel per fleet line, the concentrator hub and the billing bridge
-    on ``broker``, all running until ``stop`` is set, and with ``tokens`` the operator API on a free local port.
-    On an empty store ``provision(gateway)`` runs first, before any loop (accounts, meters, opening balances:
-    the first tick would otherwise see empty accounts).
-
-    The demo's own composition, with its Prometheus metrics on a free local port and the addresses an operator
-    uses in ``Composed.addresses``. It repeats part of :class:`gateway.service.Service` (which composes from a
-    config file); moving the demo onto Service is open work (issue 6's note)."""
-    hub = await ConcentratorHub(HubSettings(broker.host, broker.port, client_id="feikong-demo-south")).start()
+async def compose(directory: Path, broker: Broker, fleet: AnyFleet, config: ControlConfig, stop: asyncio.Event,
+                  *, poll_interval_s: float, story: "Story") -> Composed:
+    """The gateway for ``fleet`` exactly as ``feikong run --config`` composes it (:class:`Service`, with the
+    metrics endpoint and the operator API), from the config files written into ``directory``; the demo's
+    policies are ``config`` (today a working day). Every account gets its small opening credit before any
+    loop runs (the first tick would otherwise see empty accounts); then everything runs until ``stop``."""
+    path = write_gateway_config(directory, fleet.describe(), broker, poll_interval_s=poll_interval_s)
+    service_config = replace(load_service_config(path), policies=config)
+    metrics, api = MetricsEndpoint(), ApiComponent()
+    service = await Service(service_config, ops=[metrics, api]).start()
+    composed = Composed(service, {"broker": f"mqtt://{broker.host}:{broker.port}",
+                                  "store": service_config.store.url,
+                                  "metrics": f"http://127.0.0.1:{metrics.port}/metrics",
+                                  "api": f"http://127.0.0.1:{api.port}/api/v1", "config": str(path)})
     try:
-        channels = channels_for(fleet.describe(), hub)
-        gw = await Gateway(store_url, channels, config, policy, clock=SystemClock(),
-                           poll_interval_s=poll_interval_s).open()
-    except BaseException:
-        await hub.close()
-        raise
-    composed = Composed(gw, BillingBridge(gw, BrokerConfig(broker.host, broker.port, instance="demo")), hub,
-                        channels, {"broker": f"mqtt://{broker.host}:{broker.port}", "store": store_url})
-    try:
-        if provision is not None and not gw.control.engine.account_ids:
-            await provision(gw)
-        # the metrics before any loop: the first poll and tick count
-        composed.metrics = GatewayMetrics()
-        composed.metrics.attach(gw, composed.bridge, hub)
-        composed.addresses["metrics"] = f"http://127.0.0.1:{composed.metrics.serve('127.0.0.1', 0)}/metrics"
-        await composed.bridge.start()
-        composed.tasks = [asyncio.create_task(gw.run(stop)), asyncio.create_task(composed.bridge.run(stop)),
-                          asyncio.create_task(composed.metrics.run(stop))]
-        await composed.bridge.ready()
-        if tokens is not None:
-            composed.api = ApiServer(create_app(gw, tokens, bridge=composed.bridge), "127.0.0.1", 0)
-            composed.addresses["api"] = f"http://127.0.0.1:{await composed.api.start()}/api/v1"
+        gw = service.gateway
+        rng, now = random.Random(story.seed), int(gw.clock.now())
+        await gw.credits([Adjustment(f"OPEN-{a.account_id}", a.account_id, rng.randint(*story.opening_fen), now,
+                                     "demo", "opening credit") for a in service_config.accounts])
+        composed.task = asyncio.create_task(service.run(stop))
+        await service.bridge.ready()
     except BaseException:
         stop.set()
         await composed.close()
         raise
     return composed
-
-
-def provision_demo(fleet: AnyFleet, story: "Story") -> Callable[[Gateway], Awaitable[None]]:
-    """Register an account per fleet meter and give each its small opening credit."""
-    async def provision(gw: Gateway) -> None:
-        accounts, owner = demo_accounts(fleet.describe())
-        channel_of = {a: ch.name for ch in gw.channels for a in ch.meters}
-        await gw.writer.call(gw.control.accounting.register, tariffs_from_config(TARIFFS), accounts,
-                             [Meter(a, owner[a], channel=channel_of[a]) for a in channel_of])
-        rng, now = random.Random(story.seed), int(gw.clock.now())
-        await gw.credits([Adjustment(f"OPEN-{a.account_id}", a.account_id, rng.randint(*story.opening_fen), now,
-                                     "demo", "opening credit") for a in accounts])
-    return provision
 
 
 # ------------------------------------------------------------------------------------------- the story
@@ -388,9 +412,8 @@ async def run_demo(spec: FleetSpec, story: Story = Story(), *, cycles: int | Non
             fleet = await (FleetProcess(spec, (broker.host, broker.port), workdir=tmp) if fleet_process else
                            Fleet(spec, (broker.host, broker.port))).start()
             try:
-                c = await compose(f"sqlite://{tmp}/feikong.db", broker, fleet, config, THRESHOLDS, stop,
-                                  poll_interval_s=poll_interval_s, provision=provision_demo(fleet, story),
-                                  tokens=_demo_tokens(Path(tmp)))
+                c = await compose(Path(tmp), broker, fleet, config, stop, poll_interval_s=poll_interval_s,
+                                  story=story)
                 try:
                     result = await _story(c, fleet, story, stop, cycles, until, interval_s, say)
                 finally:

@@ -92,8 +92,17 @@ class Service:
                 log.info("concentrator hub: mqtt://%s:%d as %s (%s)", m.host, m.port, self.hub.settings.client_id,
                          "connected" if self.hub.connected else "not connected yet, retrying")
             channels = [self._channel(c) for c in cfg.channels]
+            cluster = None
+            if cfg.cluster is not None:
+                from gateway.cluster import Cluster
+
+                cluster = Cluster(cfg.store.url, cfg.mqtt.instance, [c.name for c in cfg.channels],
+                                  cfg.cluster.lease_ttl_s)
+                log.info("cluster: instance %s shares %d channels through leases (ttl %.0f s)", cfg.mqtt.instance,
+                         len(cfg.channels), cfg.cluster.lease_ttl_s)
             self.gateway = gw = Gateway(cfg.store.url, channels, cfg.policies, cfg.thresholds, self.clock,
-                                        poll_interval_s=cfg.gateway.poll_interval_s, tick_s=cfg.gateway.tick_s)
+                                        poll_interval_s=cfg.gateway.poll_interval_s, tick_s=cfg.gateway.tick_s,
+                                        cluster=cluster)
             await gw.open()
             log.info("store %s opened (schema migrated), policies from %s", safe_url(cfg.store.url),
                      cfg.control.file or "the built-in defaults")
@@ -133,7 +142,7 @@ class Service:
                 self.first_cycle.set()
                 log.info("first read cycle: %d meters in %.1f s", total, time.monotonic() - started)
 
-        if total:
+        if total and gw.cluster is None:  # (with leases, an instance reads only its share)
             self.progress("first read cycle", 0, total)
             gw.reading_hooks.append(counted)
         else:

@@ -20,6 +20,19 @@ QUICK = ControlConfig(commands=CommandPolicy(close=replace(_P.close, **_QUICK_VE
 LIVE_LINK = LinkSettings(baud=9600, turnaround_s=0.2, margin_s=0.1, retries=0)
 
 
+def at_any_hour(config: ControlConfig) -> ControlConfig:
+    """``config`` with no forbidden window, notices sent at any hour and the next days working days: for a
+    test on the real clock whose outcome must not depend on when it runs (at night, on a weekend, on a
+    statutory holiday the default gates would hold every trip and every notice)."""
+    today = datetime.now(CST).date()
+    notices = replace(config.notices, channels={name: replace(ch, hours="00:00-24:00")
+                                                for name, ch in config.notices.channels.items()})
+    calendar = replace(config.calendar, extra_workdays=tuple(config.calendar.extra_workdays) + tuple(
+        (today + timedelta(days=i)).isoformat() for i in (-1, 0, 1, 2)))
+    window = replace(config.trips.window, hours="00:00-24:00", allow_weekends=True)
+    return replace(config, notices=notices, calendar=calendar, trips=replace(config.trips, window=window))
+
+
 def at(y, mo, d, h=0, mi=0) -> int:
     """Local (UTC+8) wall time -> epoch seconds."""
     return int(datetime(y, mo, d, h, mi, tzinfo=CST).timestamp())

@@ -45,6 +45,8 @@ def test_a_second_person_with_the_authority_decides_before_expiry():
         decide(r, True, "oscar", "operator", "ok", T0 + 1)
     with pytest.raises(NotPermitted, match="second person"):
         decide(req(actor="sam", role="supervisor"), True, "sam", "supervisor", "mine", T0 + 1)
+    with pytest.raises(NotPermitted, match="second person"):  # names differing only in case: one person
+        decide(req(actor="Sam", role="supervisor"), True, "sAM", "supervisor", "mine", T0 + 1)
     with pytest.raises(ApprovalError, match="reason"):
         decide(r, True, "sue", "supervisor", "", T0 + 1)
     done = decide(r, True, "sue", "supervisor", "photos seen", T0 + 1)

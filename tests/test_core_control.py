@@ -452,6 +452,9 @@ def test_no_answer_means_read_back_before_sending_again():
     sim.run(MONDAY + 8)
     close = next(x for x in c.commands.values() if x.action == RelayAction.CLOSE)
     assert close.state == CommandState.RETRY_WAIT and close.readback_first and close.attempts == 1
+    # an operator cannot cancel it now: the frame may have acted, and only the read-back can tell
+    refused = c.cancel(close.command_id, "wang", "supervisor", "customer asked", MONDAY + 9)
+    assert "may have reached the meter" in refused and close.state == CommandState.RETRY_WAIT
     # the frame had in fact acted; the meter answers again: the read confirms, nothing is sent twice
     relay.silent, relay.open = False, False
     sim.run(MONDAY + 600)

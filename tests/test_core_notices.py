@@ -83,8 +83,11 @@ def test_late_delivery_counts_and_re_delivered_receipts_change_nothing():
     N.advance(n, t + 3600, CONTACTS, "")  # SMS timed out: voice requested
     assert [a.channel for a in n.attempts] == ["sms", "voice"]
     # the SMS receipt comes late: the customer did get it
-    N.receipt(n, "A1#7/1", ReceiptOutcome.DELIVERED, t + 3000, t + 4000, "", CONTACTS, "")
+    step = N.receipt(n, "A1#7/1", ReceiptOutcome.DELIVERED, t + 3000, t + 4000, "", CONTACTS, "")
     assert n.state == NoticeState.DELIVERED and n.delivered_at == t + 3000 and n.delivered_channel == "sms"
+    # the notice is delivered; the SMS attempt keeps the end it had (counted once, as a timeout)
+    assert [(kind, data["late"]) for kind, _, data in step.transitions] == [("notice_delivered", True)]
+    assert n.attempts[0].outcome == ReceiptOutcome.TIMEOUT
     before = (n.state, n.delivered_at, [a.outcome for a in n.attempts])
     for outcome in (ReceiptOutcome.DELIVERED, ReceiptOutcome.FAILED):
         N.receipt(n, "A1#7/1", outcome, t + 5000, t + 5000, "", CONTACTS, "")

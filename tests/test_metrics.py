@@ -22,7 +22,7 @@ from simulators.billing import BillingSim
 from simulators.dlt645 import SimMeter
 from simulators.dlt645.meter import Faults
 
-from .control_fixtures import QUICK, account
+from .control_fixtures import QUICK, account, at_any_hour
 from .mqtt_fixtures import LiveGateway, tripped_meter
 
 KIND = "dlt645_tcp"
@@ -160,7 +160,7 @@ async def test_a_trip_held_by_the_notice_gate_and_a_failed_receipt_are_counted_a
     m = GatewayMetrics(CollectorRegistry(), sample_s=0.2)
     meter = SimMeter("000000000001", energy=[Decimal("100.00")] * 5)
     async with LiveGateway(f"sqlite://{tmp_path / 'g.db'}", broker, accounts=[account(0)], meters=[meter],
-                           metrics=m) as live:
+                           metrics=m, config=at_any_hour(QUICK)) as live:  # held by the notice gate alone
         port = m.serve()
         await live.until(lambda: live.gw.readings_seen == 1, what="the baseline poll")
         with BillingSim(broker.host, broker.port) as billing:
@@ -168,8 +168,9 @@ async def test_a_trip_held_by_the_notice_gate_and_a_failed_receipt_are_counted_a
             billing.pay("A0", "10.00", "P1")
             await asyncio.to_thread(billing.wait_for, lambda b: b.applied, 10, "payment applied")
             # a refund takes the balance below zero: a disconnect case, held until a notice is confirmed
-            await live.gw.credits([Adjustment("R1", "A0", -2000, int(live.gw.clock.now()), "op1", "refund",
-                                              kind="refund")])
+            refund = Adjustment("R1", "A0", -2000, int(live.gw.clock.now()), "op1", "refund", kind="refund")
+            await live.gw.credits([refund])
+            await live.gw.credits([refund])  # the same adjustment again: a duplicate, but of no payment
             await asyncio.to_thread(billing.wait_for, lambda b: b.of_kind("trip_deferred"), 10, "trip deferred")
             first = billing.of_kind("notice_request")[0].data
             billing.send(contract.NoticeReceipt("R1", first["request_id"], "failed", datetime.now(timezone.utc),
@@ -195,6 +196,7 @@ async def test_a_trip_held_by_the_notice_gate_and_a_failed_receipt_are_counted_a
         assert v(s, "feikong_engine_batch_readings_count") == 1
         assert v(s, "feikong_engine_readings_total", result="accepted") == 1
         assert v(s, "feikong_payments_total", result="applied") == 1  # the refund is no payment
+        assert v(s, "feikong_payments_total", result="duplicate") == 0
 
 
 async def test_a_rolled_back_transaction_counts_nothing(broker, tmp_path):

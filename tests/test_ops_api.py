@@ -5,6 +5,7 @@ import logging
 from datetime import datetime
 from types import SimpleNamespace
 
+from gateway.ops import api as api_module
 from gateway.ops.api import ApiComponent
 from gateway.ops.audit import verify_chain
 from gateway.ops.console import ApiClient
@@ -142,7 +143,8 @@ async def test_area_flags_are_set_with_the_setters_role(broker, tmp_path):
         assert await audit_actions(api, "north") == [("sam", "supervisor", "area_flag_set")]
 
 
-async def test_a_meter_read_on_demand_is_committed_and_shown(broker, tmp_path):
+async def test_a_meter_read_on_demand_is_committed_and_shown(broker, tmp_path, monkeypatch):
+    monkeypatch.setattr(api_module, "BAND_SCAN", 1)  # a band is looked for in slices: one meter per slice here
     async with LiveApi(f"sqlite://{tmp_path / 'g.db'}", broker, tmp_path) as api:
         status, _ = await api.call("vera", "POST", f"/api/v1/meters/{M1}/read")
         assert status == 403
@@ -159,6 +161,10 @@ async def test_a_meter_read_on_demand_is_committed_and_shown(broker, tmp_path):
         assert [m["meter_id"] for m in page["items"]] == [M2] and page["next_offset"] is None
         page = await api.ok("vera", "GET", "/api/v1/meters", query={"band": "trip"})
         assert page["items"] == []
+        page = await api.ok("vera", "GET", "/api/v1/meters", query={"band": "normal", "limit": 1})
+        assert [m["meter_id"] for m in page["items"]] == [M1] and page["next_offset"] == 1
+        page = await api.ok("vera", "GET", "/api/v1/meters", query={"band": "normal", "offset": 1})
+        assert [m["meter_id"] for m in page["items"]] == [M2] and page["next_offset"] is None
         status, body = await api.call("olga", "POST", "/api/v1/meters/NOPE/read")
         assert status == 404 and "NOPE" in body["error"]
 

@@ -24,7 +24,7 @@ from simulators.dlt645.meter import Faults
 from simulators.prometheus import (PROMTOOL, Prometheus, at_all, available, dashboard_expressions, dashboard_panels,
                                    label_values_selector)
 
-from .control_fixtures import account
+from .control_fixtures import account, at_any_hour
 from .mqtt_fixtures import LiveGateway, tripped_meter
 from .test_metrics import FAILING
 
@@ -192,8 +192,8 @@ async def test_prometheus_scrapes_a_live_gateway_and_every_expression_returns_da
     hub = ConcentratorHub(HubSettings(broker.host, broker.port, client_id="feikong-test-south"))
     await hub.start()
     async with LiveGateway(f"sqlite://{tmp_path / 'g.db'}", broker, accounts=[account(i) for i in range(4)],
-                           meters=meters, config=replace(FAILING, dispatch=replace(FAILING.dispatch,
-                                                                                   reconnect_deadline_s=8)),
+                           meters=meters, config=at_any_hour(replace(FAILING, dispatch=replace(
+                               FAILING.dispatch, reconnect_deadline_s=8))),
                            metrics=metrics, hub=hub) as live:
         port = metrics.serve()
         with Prometheus(tmp_path / "prom", [f"127.0.0.1:{port}"], rule_files=[PROM / "alerts.yml"]) as prom:

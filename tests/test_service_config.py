@@ -122,7 +122,8 @@ def test_every_error_is_reported_with_its_key_and_the_allowed_values(tmp_path):
     config, errors = check_service_config(path)
     assert config is None
     expected = [
-        "colour: unknown table; allowed: store, control, mqtt, http, metrics, gateway, thresholds, fleet, channels",
+        "colour: unknown table; allowed: store, control, mqtt, http, metrics, gateway, thresholds, fleet, cluster, "
+        "channels",
         "store: url 'mysql://db': allowed: sqlite://PATH, postgresql://USER@HOST/DB",
         "http: port 70000 is not a TCP port; allowed: 1..65535",
         "metrics: host must not be empty",
@@ -327,3 +328,66 @@ def test_a_channel_reads_the_items_it_is_given_and_at_least_energy_and_the_relay
     assert errors == []
     from gateway.service import Service
     assert Service(config)._channel(config.channels[0]).items == ("forward_active_energy_block", "status_word_3")
+
+
+CLASHES = """
+[http]
+port = 9108
+[metrics]
+port = 9108
+[[channels]]
+kind = "dlt645_tcp"
+name = "a"
+host = "10.0.0.1"
+port = 6001
+[[channels]]
+kind = "modbus_tcp"
+name = "b"
+host = "10.0.0.1"
+port = 6001
+[[channels]]
+kind = "dlt645_serial"
+name = "c"
+device = "/dev/ttyUSB0"
+[[channels]]
+kind = "modbus_rtu"
+name = "d"
+device = "/dev/../dev/ttyUSB0"
+[[channels]]
+kind = "concentrator"
+name = "e"
+id = "c7"
+[[channels]]
+kind = "concentrator"
+name = "f"
+id = "c7"
+mode = "json"
+[[channels]]
+kind = "dlt645_tcp"
+name = "g"
+host = "10.0.0.1"
+port = 6002
+[[channels]]
+kind = "modbus_tcp"
+name = "h"
+host = "10.0.0.1"
+port = 502
+unreachable_after = 0
+"""
+
+
+def test_two_channels_on_one_line_or_one_port_for_two_listeners_are_refused(tmp_path):
+    path = tmp_path / "gw.toml"
+    path.write_text(CLASHES)
+    config, errors = check_service_config(path)
+    assert config is None
+    expected = [
+        "metrics.port: 9108 is also [http]'s port on 127.0.0.1",
+        "channels[1].port: 10.0.0.1:6001 is also channels[0]'s line",
+        "channels[3].device: /dev/../dev/ttyUSB0 is also channels[2]'s line",
+        "channels[7]: unreachable_after must be 1 or more (failed cycles), got 0",
+        "channels[5].id: concentrator id 'c7' is also channels[4]'s line",
+    ]
+    for text in expected:
+        assert any(text in e for e in errors), f"{text!r} not among:\n" + "\n".join(errors)
+    assert len(errors) == len(expected), "\n".join(errors)

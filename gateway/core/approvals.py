@@ -95,7 +95,7 @@ def decide(req: ApprovalRequest, approve: bool, actor: str, role: str, reason: s
         raise NotPending(f"request {req.request_id} is {state.value}{by}: only a pending request can be decided")
     if role not in APPROVER_ROLES:
         raise NotPermitted(f"role {role!r} may not decide disconnect requests; allowed: {', '.join(APPROVER_ROLES)}")
-    if actor == req.requested_by:
+    if actor.casefold() == req.requested_by.casefold():  # "Sam" and "sam" are one person
         raise NotPermitted(f"{actor} made request {req.request_id}: a second person must decide it")
     if not reason.strip():
         raise ApprovalError("a reason is required")

@@ -574,6 +574,23 @@ class Controller:
                     flag.area, flag.reason, flag=flag.flag, until=flag.until)
         self._reevaluate_area(flag.area, now)
 
+    def adopt_conditions(self, flags: list[AreaFlag], forecasts: list[Forecast], now: float) -> None:
+        """Flags and forecasts another instance recorded (several instances on one store): taken as they are
+        (the one that set them audited them), newer ones only, and the cases of the areas they change
+        evaluated again."""
+        areas = set()
+        for f in flags:
+            current = self.conditions.flags.get((f.area, f.flag))
+            if current != f and (current is None or f.since >= current.since):
+                self.conditions.flags[(f.area, f.flag)] = f
+                areas.add(f.area)
+        for fc in forecasts:
+            if self.conditions.forecasts.get((fc.area, fc.day)) != fc:
+                self.conditions.forecasts[(fc.area, fc.day)] = fc
+                areas.add(fc.area)
+        for area in sorted(areas):
+            self._reevaluate_area(area, now)
+
     def set_forecast(self, forecast: Forecast, now: float) -> None:
         self.conditions.forecasts[(forecast.area, forecast.day)] = forecast
         self._fx.forecasts.append(forecast)
@@ -650,6 +667,9 @@ class Controller:
         if c.state.in_flight:
             return (f"command {command_id} is {c.state.value}: its frame may have reached the meter, so it "
                     f"cannot be recalled, only followed")
+        if c.readback_first:  # waiting to retry after no answer: the last frame may have acted
+            return (f"command {command_id} is waiting to read the relay back: its last frame got no answer and "
+                    f"may have reached the meter; cancel it once the read-back has shown where the relay is")
         if not operator.strip() or not reason.strip():
             return "an operator identity and a reason are required"
         self.machine.cancel(c, now, f"cancelled by {operator}: {reason}")

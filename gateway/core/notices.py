@@ -227,7 +227,7 @@ class Notifier:
         if a.outcome != ReceiptOutcome.PENDING:
             if outcome == ReceiptOutcome.DELIVERED and n.delivered_at is None:
                 a.detail = (a.detail + "; " if a.detail else "") + f"delivered late at {at}"
-                self._delivered(n, a, at, step)
+                self._delivered(n, a, at, step, late=True)
             n.updated_at = now
             return step
         a.outcome, a.outcome_at, a.detail = outcome, at, detail
@@ -247,13 +247,15 @@ class Notifier:
         return step
 
     @staticmethod
-    def _delivered(n: Notice, a: Attempt, at: int, step: NoticeStep) -> None:
+    def _delivered(n: Notice, a: Attempt, at: int, step: NoticeStep, late: bool = False) -> None:
+        """``late``: the attempt had already ended (timed out, failed): the notice is delivered, but the attempt
+        keeps the end it had."""
         if n.delivered_at is None or at < n.delivered_at:  # the first confirmed delivery is when they knew
             n.delivered_at, n.delivered_channel = at, a.channel
         if n.state.active:
             n.state, n.due_at = NoticeState.DELIVERED, None
         step.transitions.append(("notice_delivered", f"{a.channel} at {at}",
-                                 {"channel": a.channel, "outcome": ReceiptOutcome.DELIVERED.value}))
+                                 {"channel": a.channel, "outcome": ReceiptOutcome.DELIVERED.value, "late": late}))
 
     @staticmethod
     def cancel(n: Notice, now: int, reason: str) -> bool:

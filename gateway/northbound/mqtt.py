@@ -217,8 +217,7 @@ class BillingBridge:
             return  # the broker closes the connection next: the disconnect reconnects
         self._net.connected()
         self._generation += 1
-        prefix = f"$share/{self.config.shared_group}/" if self.config.shared_group else ""
-        client.subscribe([(prefix + topic, SubscribeOptions(qos=1)) for topic in contract.INBOUND])
+        client.subscribe([(topic, SubscribeOptions(qos=1)) for topic in inbound_subscriptions(self.config)])
         client.publish(contract.status_topic(self.config.instance), self._status("online"), qos=1, retain=True)
         self.stats.connects += 1
         log.info("MQTT: connected to %s:%s (session present: %s)", self.config.host, self.config.port,
@@ -279,9 +278,9 @@ class BillingBridge:
         client.on_connect, client.on_disconnect = self._on_connect, self._on_disconnect
         client.on_message, client.on_publish = self._on_message, self._on_publish
         client.on_subscribe = self._on_subscribe
-        if cfg.shared_group:
-            log.warning("MQTT: sharing inbound messages in group %r; engines are not shared between instances "
-                        "yet (docs/mqtt.md, Several instances)", cfg.shared_group)
+        if cfg.shared_group and getattr(self.gateway, "cluster", None) is None:
+            log.warning("MQTT: sharing inbound messages in group %r without [cluster]: every instance acts on "
+                        "every meter it hears of (docs/scaling.md)", cfg.shared_group)
         client.connect_async(cfg.host, cfg.port, cfg.keepalive_s, clean_start=False,
                              properties=session_properties(cfg))
         self._client = client
@@ -487,6 +486,8 @@ class BillingBridge:
         """One batch of unpublished outbox events: publish, wait for the broker's acks, mark what was acked.
         Returns how many were acknowledged."""
         control = self.gateway.control
+        if control.cluster is not None and not control.owns_channel(publisher_channel(self.gateway)):
+            return 0  # several instances: the outbox is published by the one holding the first channel
         rows = await self.gateway.writer.call(control.store.outbox, 0, self.config.publish_batch, True)
         if not rows or not self._connected.is_set():  # lost while we read: paho may be reconnecting in its thread
             return 0
@@ -526,10 +527,31 @@ class BillingBridge:
         return len(acked)
 
 
+#: inputs every instance needs (gates, prices), never dealt out in a shared subscription
+GLOBAL_INBOUND = (contract.AreaFlag, contract.Forecast, contract.TariffChange)
+
+
+def inbound_subscriptions(cfg: BrokerConfig) -> list[str]:
+    """The inbound topics: per-account inputs (payments, receipts, field updates) in the shared group when
+    there is one (any instance takes them: the inbox brings them to the one acting for the account), the
+    global ones on this instance's own session."""
+    prefix = f"$share/{cfg.shared_group}/" if cfg.shared_group else ""
+    return [topic if kind in GLOBAL_INBOUND else prefix + topic for topic, kind in contract.INBOUND.items()]
+
+
+def publisher_channel(gateway) -> str:
+    """Several instances: the outbox is published by the holder of the first channel by name (one publisher
+    at a time, taken over with that channel's lease)."""
+    return min((c.name for c in gateway.channels), default="")
+
+
 def _store_away(exc: BaseException) -> bool:
     """The store (not the message) failed: a lost connection, a locked or unwritable database. Both drivers
     call that an OperationalError."""
-    return isinstance(exc, (OSError, TimeoutError, sqlite3.OperationalError, psycopg.OperationalError))
+    from gateway.cluster import LeaseLost  # (a lease lost mid-batch: the batch is tried again, rescoped)
+
+    return isinstance(exc, (OSError, TimeoutError, sqlite3.OperationalError, psycopg.OperationalError,
+                            psycopg.InterfaceError, LeaseLost))
 
 
 class _OnLoop:

@@ -27,6 +27,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gateway.cluster import NotHeld
 from gateway.core.approvals import DEFAULT_TTL_S, ApprovalError, KeyInUse, NotPending, NotPermitted
 from gateway.core.commands import ReconnectMode, RelayAction
 from gateway.core.control import AuthorityError
@@ -43,6 +44,8 @@ log = logging.getLogger(__name__)
 LOGGERS = ("uvicorn.access", "uvicorn.error", __name__)  # what the API logs to: tokens masked on each
 
 PREFIX = "/api/v1"
+#: meters read per writer call while looking for a balance band (a few milliseconds of the writer each)
+BAND_SCAN = 2000
 #: the least role each action needs (viewer < operator < supervisor < admin); docs/api.md has the same table
 ACTIONS = {
     "view": "viewer",  # meters, accounts, statements, commands, orders, requests, area flags
@@ -180,6 +183,11 @@ def create_app(gateway, tokens: Tokens, *, clock=None, bridge=None, request_ttl_
             response.headers["WWW-Authenticate"] = "Bearer"
         return response
 
+    @app.exception_handler(NotHeld)
+    async def _not_held(request: Request, exc: NotHeld):
+        # several instances: the meter's channel is another's (docs/scaling.md)
+        return _error(409, str(exc), [{"field": "channel", "message": f"held by {exc.holder or 'nobody'}"}])
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
         errors = [{"field": ".".join(str(p) for p in e.get("loc", ())), "message": e.get("msg", "invalid")}
@@ -236,10 +244,11 @@ def create_app(gateway, tokens: Tokens, *, clock=None, bridge=None, request_ttl_
         return {"name": who.name, "role": who.role, "allowed": sorted(a for a in ACTIONS if who.at_least(ACTIONS[a]))}
 
     # -- meters ----------------------------------------------------------------------------------------
-    def _meter_list(relay, band, limit, offset):
+    def _meter_rows(relay, band, limit, offset):
+        """One page of the store's meters (by meter id) with their band; -> (the rows in ``band``, rows read)."""
         cc = gateway.control
         e = cc.engine
-        rows = cc.store.meters_page(relay, limit if band is None else 10**9, offset if band is None else 0)
+        rows = cc.store.meters_page(relay, limit, offset)
         out = []
         for meter_id, account_id, protocol, channel, relay_state, verified_at in rows:
             a = e.account_no.get(account_id)
@@ -249,7 +258,21 @@ def create_app(gateway, tokens: Tokens, *, clock=None, bridge=None, request_ttl_
             out.append({"meter_id": meter_id, "account_id": account_id, "protocol": protocol, "channel": channel,
                         "relay": relay_state, "relay_verified_at": verified_at, "band": b,
                         "balance_fen": e.balance_of(account_id) if a is not None else None})
-        return out if band is None else out[offset:offset + limit]
+        return out, len(rows)
+
+    async def _meter_list(relay, band, limit, offset):
+        if band is None:
+            return (await on_writer(_meter_rows, relay, None, limit, offset))[0]
+        # the band is the engine's, not a column: scan the meters in slices, each a short call on the writer,
+        # so a request over 100,000 meters never holds payments up for long
+        found, scanned = [], 0
+        while len(found) < offset + limit:
+            rows, n = await on_writer(_meter_rows, relay, band, BAND_SCAN, scanned)
+            found += rows
+            scanned += n
+            if n < BAND_SCAN:
+                break
+        return found[offset:offset + limit]
 
     @app.get(f"{PREFIX}/meters", tags=["meters"], summary="meters with their relay state and balance band")
     async def meters(who: Identity = role("view"),
@@ -257,7 +280,7 @@ def create_app(gateway, tokens: Tokens, *, clock=None, bridge=None, request_ttl_
                                       Query(description="relay state")] = None,
                      band: Annotated[Literal[BAND_NAMES] | None, Query(description="the account's balance band")] = None,
                      limit: Limit = 100, offset: Offset = 0):
-        return _page(await on_writer(_meter_list, state, band, limit, offset), limit, offset)
+        return _page(await _meter_list(state, band, limit, offset), limit, offset)
 
     def _known_meter(meter_id: str):
         if meter_id not in gateway.control.engine.meter_no:

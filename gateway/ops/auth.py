@@ -59,14 +59,31 @@ def redact(text: str) -> str:
 
 
 class RedactTokens(logging.Filter):
-    """On a logger: token-shaped text masked in its records' message and arguments."""
+    """On a logger: token-shaped text masked in its records: the message with its arguments of any type (an
+    exception's repr included), the traceback and the stack. The record is rendered here, once, so every
+    handler and formatter after this sees only the masked text."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.msg, str):
-            record.msg = redact(record.msg)
-        if isinstance(record.args, tuple):
-            record.args = tuple(redact(a) if isinstance(a, str) else a for a in record.args)
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed call: leave it for the handler to report, but mask what is shown
+            message = f"{record.msg} {record.args}"
+        record.msg, record.args = redact(message), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info)
         return True
+
+
+def mask_tokens_on_handlers(logger: logging.Logger | None = None) -> None:
+    """Every handler of ``logger`` (the root by default) masks tokens in whatever reaches it, from any
+    logger below (a filter on a handler sees propagated records; one on a logger would not)."""
+    for handler in (logger or logging.getLogger()).handlers:
+        if not any(isinstance(f, RedactTokens) for f in handler.filters):
+            handler.addFilter(RedactTokens())
 
 
 class Tokens:
@@ -109,6 +126,11 @@ class Tokens:
     def add(self, name: str, role: str) -> str:
         """A new token for ``name`` (replacing any it had), saved to the file; returns the token (shown once)."""
         _check(name, role, "0" * 64, "the new token")
+        # names are people: one that differs from another only in case would pass for a second person
+        same = [n for n in self._entries if n.casefold() == name.casefold() and n != name]
+        if same:
+            raise TokenFileError(f"the name {name!r} differs from the existing {same[0]!r} only in case; "
+                                 f"use that name or another")
         token = new_token()
         self._entries[name] = (role, token_hash(token))
         self.save()
@@ -181,5 +203,9 @@ def _parse(path: Path) -> dict[str, tuple[str, str]]:
         if not isinstance(role, str) or not isinstance(digest, str):
             raise TokenFileError(f"{where}: role and sha256 are both required strings")
         _check(name, role, digest, where)
+        same = [n for n in out if n.casefold() == name.casefold()]
+        if same:
+            raise TokenFileError(f"{where}: differs from tokens.{same[0]} only in case: names are people, and "
+                                 f"the two would pass for two people")
         out[name] = (role, digest)
     return out

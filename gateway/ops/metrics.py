@@ -322,9 +322,11 @@ class GatewayMetrics:
                 if n:
                     self._eng[key].inc(n)
         elif c.input == "credits" and r is not None and r.credits is not None:
+            # payments only: operators' adjustments (opening credit, refunds) are not billing's payments
             applied = sum(isinstance(p, Payment) for p in r.credits.new)
-            for key, n in (("applied", applied), ("duplicate", len(r.credits.duplicates)),
-                           ("conflict", len(r.credits.conflicts))):
+            for key, n in (("applied", applied),
+                           ("duplicate", sum(isinstance(p, Payment) for p in r.credits.duplicates)),
+                           ("conflict", sum(isinstance(p, Payment) for p, _ in r.credits.conflicts))):
                 if n:
                     self._pay[key].inc(n)
 
@@ -378,7 +380,7 @@ class GatewayMetrics:
 
     def _notice_receipt(self, e, fx) -> None:
         p = e.payload
-        if "channel" in p:
+        if "channel" in p and not p.get("late"):  # a late delivery: its attempt's end (timeout) was counted
             self._notice_children(p["channel"])
             self._rcpt_of[p["channel"], p["outcome"]].inc()
 

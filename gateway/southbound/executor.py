@@ -32,13 +32,15 @@ log = logging.getLogger(__name__)
 
 class CommandExecutor:
     def __init__(self, control: CostControl, writer: Writer, drivers: dict[str, RelayDriver],
-                 bus_of: Callable[[str], str], clock: Clock) -> None:
-        """``drivers``: bus name -> driver; ``bus_of``: meter id -> bus name."""
+                 bus_of: Callable[[str], str], clock: Clock, may_send: Callable[[str], bool] | None = None) -> None:
+        """``drivers``: bus name -> driver; ``bus_of``: meter id -> bus name; ``may_send(bus)``: asked right
+        before a frame goes out (several instances: this one's lease on the bus surely still holds)."""
         self.control = control
         self.writer = writer
         self.drivers = drivers
         self.bus_of = bus_of
         self.clock = clock
+        self.may_send = may_send
         self._wake = asyncio.Event()
 
     def wake(self) -> None:
@@ -82,6 +84,8 @@ class CommandExecutor:
                 log.info("command %s not sent: %s: %s", step.subject_id, permit.gate.value, permit.reason)
                 return
             try:
+                if self.may_send is not None and not self.may_send(bus := self.bus_of(step.meter_id)):
+                    raise RelayLinkDown(f"the lease on bus {bus} may have lapsed: not sent", written=False)
                 await driver.send(step.meter_id, permit.action, permit.mode, permit.valid_until)
                 result, detail = SendResult.ACKNOWLEDGED, ""
             except RelayNoAnswer as exc:

@@ -148,7 +148,21 @@ MIGRATIONS: list[list[str]] = [
         lambda store: store._chain_existing_audit(),
         lambda store: [store._execute(sql) for sql in store.append_only_sql("audit_log")],
     ],
+    [  # 5: several instances on one database (gateway/cluster.py; PostgreSQL: SQLite has one instance)
+        # a lease per channel: the database's now() is the only clock expiry is measured by
+        "CREATE TABLE leases (channel TEXT PRIMARY KEY, holder TEXT, epoch BIGINT NOT NULL, expires_at TIMESTAMPTZ)",
+        "CREATE TABLE members (instance TEXT PRIMARY KEY, seen_at TIMESTAMPTZ NOT NULL)",
+        # per-account inputs received by an instance that does not act for the account, for the one that does;
+        # key: the input's idempotency key
+        """CREATE TABLE inbox (
+            key TEXT PRIMARY KEY, channel TEXT NOT NULL, kind TEXT NOT NULL, body TEXT NOT NULL,
+            received_at {real} NOT NULL)""",
+        "CREATE INDEX inbox_channel ON inbox (channel, received_at)",
+    ],
 ]
+
+#: PostgreSQL NOTIFY channel of the inbox: the payload is the (meter) channel a row was queued for
+INBOX_NOTIFY = "feikong_inbox"
 
 READING_COLUMNS = ("t", "meter_no", "account_no", "total_wh", "sharp_wh", "peak_wh", "flat_wh", "valley_wh",
                    "delta_wh", "cost_ufen", "ytd_wh", "tier_year", "balance_fen", "credits_fen")
@@ -179,6 +193,9 @@ class Store(ABC):
 
     def __init__(self) -> None:
         self._in_tx = False
+        #: called first in every transaction (``fence(store)``): raises when this instance may no longer act
+        #: (gateway/cluster.py: its leases); None on a single instance
+        self.fence = None
 
     # -- adapter hooks ----------------------------------------------------------------
     @abstractmethod
@@ -219,6 +236,8 @@ class Store(ABC):
         self._begin()
         self._in_tx = True
         try:
+            if self.fence is not None:
+                self.fence(self)
             yield self
         except BaseException:
             self._in_tx = False
@@ -345,6 +364,10 @@ class Store(ABC):
                                         f"on account no {old[0]}: refusing a different {row[2]} "
                                         f"of {row[3]} fen under the same id"))
         return CreditResult(new, dups, conflicts)
+
+    def ledger_ids(self, ids: list[str]) -> set[str]:
+        """Which of these entry ids the ledger has."""
+        return set(self._existing_entries(ids))
 
     def _existing_entries(self, ids: list[str]) -> dict[str, tuple]:
         out = {}
@@ -582,11 +605,19 @@ class Store(ABC):
                                                  "NULL OR updated_at >= ?", (now - keep_s,)),
             "relays": relays,
             "relay_seen_at": seen_at,
-            "flags": [AreaFlag(a, f, bool(act), s, u, actor, r) for a, f, act, s, u, actor, r in self._query(
-                "SELECT area, flag, active, since, until, actor, reason FROM area_flags")],
-            "forecasts": [Forecast(*r) for r in self._query(
-                "SELECT area, day, min_c, max_c, received_at FROM forecasts WHERE day >= ?", (today,))],
+            **dict(zip(("flags", "forecasts"), self.area_conditions(today))),
         }
+
+    def area_conditions(self, today: str) -> tuple[list[AreaFlag], list[Forecast]]:
+        """The area flags, and the forecasts from ``today`` on (ISO date)."""
+        return ([AreaFlag(a, f, bool(act), s, u, actor, r) for a, f, act, s, u, actor, r in self._query(
+                    "SELECT area, flag, active, since, until, actor, reason FROM area_flags")],
+                [Forecast(*r) for r in self._query(
+                    "SELECT area, day, min_c, max_c, received_at FROM forecasts WHERE day >= ?", (today,))])
+
+    def notice_account(self, notice_id: str) -> str | None:
+        rows = self._query("SELECT account_id FROM notices WHERE notice_id = ?", (notice_id,))
+        return rows[0][0] if rows else None
 
     def field_update_seen(self, update_id: str) -> bool:
         return bool(self._query("SELECT 1 FROM field_updates WHERE update_id = ?", (update_id,)))
@@ -636,8 +667,11 @@ class Store(ABC):
     def save_request(self, request) -> None:
         self.save_entities(REQUESTS, [request])
 
-    def approval_request(self, request_id: str):
-        found = self.load_entities(REQUESTS, "request_id = ?", (request_id,))
+    def approval_request(self, request_id: str, for_update: bool = False):
+        """``for_update`` (inside a transaction): the row locked until the commit (PostgreSQL; SQLite has one
+        writer)."""
+        lock = " FOR UPDATE" if for_update and self.dialect == "postgresql" else ""
+        found = self.load_entities(REQUESTS, f"request_id = ?{lock}", (request_id,))
         return found[0] if found else None
 
     def approval_requests(self, state: str | None, now: float, limit: int = 100, offset: int = 0) -> list:
@@ -650,6 +684,38 @@ class Store(ABC):
             where, params = _filters(state=state)
         return self.load_entities(REQUESTS, f"{where} ORDER BY created_at DESC, request_id DESC LIMIT ? OFFSET ?",
                                   (*params, limit, offset))
+
+    # -- the inbox: inputs for the instance acting for their account (gateway/cluster.py) -----------------
+    def put_inbox(self, rows: list[tuple[str, str, str, str, float]]) -> None:
+        """``(key, channel, kind, body, received_at)`` rows; a key already there is kept (a re-delivery)."""
+        if rows:
+            self._executemany("INSERT INTO inbox (key, channel, kind, body, received_at) VALUES (?, ?, ?, ?, ?) "
+                              "ON CONFLICT (key) DO NOTHING", rows)
+            self.notify_inbox(sorted({r[1] for r in rows}))
+
+    def notify_inbox(self, channels: list[str]) -> None:
+        """Wake the instances listening (PostgreSQL: NOTIFY, delivered at the commit)."""
+
+    def inbox(self, channels: list[str], kind: str, limit: int = 500) -> list[tuple[str, str]]:
+        """``(key, body)`` of the oldest inbox rows of one kind for these channels."""
+        if not channels:
+            return []
+        marks = ", ".join("?" * len(channels))
+        return self._query(f"SELECT key, body FROM inbox WHERE kind = ? AND channel IN ({marks}) "
+                           "ORDER BY received_at, key LIMIT ?", (kind, *channels, limit))
+
+    def consume_inbox(self, keys: list[str]) -> None:
+        """Delete the rows taken (in the transaction that ingests them); all of them or a StoreError."""
+        if not keys:
+            return
+        marks = ", ".join("?" * len(keys))
+        gone = self._query(f"DELETE FROM inbox WHERE key IN ({marks}) RETURNING key", tuple(keys))
+        if len(gone) != len(set(keys)):
+            raise StoreError(f"inbox: {len(set(keys)) - len(gone)} of {len(set(keys))} rows were taken by "
+                             f"another transaction")
+
+    def inbox_pending(self) -> int:
+        return self._query("SELECT COUNT(*) FROM inbox")[0][0]
 
     def ping(self) -> bool:
         """The database answers."""

@@ -5,7 +5,7 @@ import re
 
 import psycopg
 
-from .base import READING_COLUMNS, Store
+from .base import INBOX_NOTIFY, READING_COLUMNS, Store
 
 _PLACEHOLDER = re.compile(r"\?")
 
@@ -70,6 +70,10 @@ class PostgresStore(Store):
 
     def close(self) -> None:
         self.conn.close()
+
+    def notify_inbox(self, channels: list[str]) -> None:
+        for channel in channels:
+            self._execute("SELECT pg_notify(?, ?)", (INBOX_NOTIFY, channel))
 
 
 def _redact(dsn: str) -> str:

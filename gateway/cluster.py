@@ -1,0 +1,377 @@
+"""Several gateway instances on one PostgreSQL database: the channels shared out among them with leases.
+
+The one place for leases (docs/scaling.md). Three parts:
+
+* :func:`plan`: the pure decision, from the lease table and the number of live instances, of which channels
+  this instance takes and which it gives up (a fair share each: ``ceil(channels / live instances)``);
+* :class:`LeaseDb`: the SQL, on a connection of its own (never the writer's);
+* :class:`Cluster`: the keeper. A thread of its own heartbeats, renews the leases every ``ttl / 5`` and takes
+  free or expired ones up to the fair share, so a long batch on the writer never lets a lease lapse; the
+  gateway (:class:`gateway.app.Gateway`) is told when the set changed and rescopes itself. ``acting`` is
+  the set the gateway works for (held, and its engine and controller reloaded since they were taken):
+  :meth:`Cluster.fence` checks it, inside every transaction, against the lease table (FOR SHARE: an
+  acquirer's UPDATE waits for our commit) and raises :class:`LeaseLost` when one is gone. So an instance
+  that was paused past its leases' expiry cannot commit anything for those channels, and in particular
+  cannot commit SENDING for a relay command: it cannot send one.
+
+The database's clock (``now()``) is the only one expiry is measured by; locally each lease also has a
+conservative deadline on the monotonic clock (from before the renewal was sent), which the executor checks
+right before a relay frame goes out.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import psycopg
+
+from gateway.store.base import INBOX_NOTIFY
+
+log = logging.getLogger(__name__)
+
+#: a lease renewed at local monotonic time t is trusted locally until t + ttl * SAFETY (DB expiry: now() + ttl)
+SAFETY = 0.8
+
+
+class LeaseLost(Exception):
+    """This instance no longer holds channels it was acting for: the transaction is rolled back."""
+
+    def __init__(self, channels: Iterable[str]) -> None:
+        self.channels = sorted(channels)
+        super().__init__(f"lease lost on channel(s) {', '.join(self.channels)}: another instance may hold them; "
+                         f"nothing was committed for them")
+
+
+def log_failure(logger: logging.Logger, message: str, *args) -> None:
+    """From an ``except`` block: a lost lease is an expected turn of events (a warning, no traceback);
+    anything else is logged with its traceback."""
+    import sys
+
+    exc = sys.exc_info()[1]
+    if isinstance(exc, LeaseLost):
+        logger.warning(message + ": %s", *args, exc)
+    else:
+        logger.exception(message, *args)
+
+
+class NotHeld(LookupError):
+    """A meter on a channel another instance holds (an operator's command goes to that instance)."""
+
+    def __init__(self, meter_id: str, channel: str, holder: str | None) -> None:
+        self.meter_id, self.channel, self.holder = meter_id, channel, holder
+        super().__init__(f"meter {meter_id} is on channel {channel!r}, held by "
+                         f"{'instance ' + repr(holder) if holder else 'no instance right now'}: "
+                         f"send the command to that instance")
+
+
+# --------------------------------------------------------------------------- the pure decision
+
+
+@dataclass(frozen=True)
+class Lease:
+    channel: str
+    holder: str | None
+    epoch: int
+    live: bool  # expires_at > now() at the database
+
+
+@dataclass(frozen=True)
+class Plan:
+    take: tuple[str, ...] = ()
+    release: tuple[str, ...] = ()
+
+
+def fair_share(channels: int, members: int) -> int:
+    return math.ceil(channels / max(members, 1))
+
+
+def plan(channels: Sequence[str], leases: dict[str, Lease], me: str, members: int) -> Plan:
+    """Which channels to take (free, expired or never leased) and which to give up (above the fair share:
+    a newcomer gets its share as the others hand theirs over). An expired lease of our own counts as free:
+    taking it again bumps its epoch, and the gateway reloads as for any lease newly taken."""
+    share = fair_share(len(channels), members)
+    mine = sorted(c for c in channels if (l := leases.get(c)) is not None and l.holder == me and l.live)
+    if len(mine) > share:
+        return Plan(release=tuple(mine[share:]))
+    free = [c for c in channels if (l := leases.get(c)) is None or not l.live or l.holder is None]
+    # each instance starts its search at its own place: several looking at once mostly try different ones
+    start = zlib.crc32(me.encode()) % len(free) if free else 0
+    return Plan(take=tuple((free[start:] + free[:start])[:share - len(mine)]))
+
+
+def owner_channels(engine) -> list[str]:
+    """Each account's channel (by account number): the channel of its first meter; "" for an account without
+    meters. The instance holding that channel acts for the account (notices, cases, commands of every meter)."""
+    return [engine.meters[ms[0]].channel if ms else "" for ms in engine.meters_of]
+
+
+# --------------------------------------------------------------------------- the SQL
+
+
+class LeaseDb:
+    """The lease and member tables (store migration 5), on a connection of its own."""
+
+    def __init__(self, dsn: str, me: str, ttl_s: float) -> None:
+        self.me, self.ttl_s = me, ttl_s
+        self.dsn = dsn
+        self.conn = psycopg.connect(dsn, autocommit=True)
+
+    def ensure(self, channels: Iterable[str]) -> None:
+        with self.conn.cursor() as cur:
+            cur.executemany("INSERT INTO leases (channel, holder, epoch, expires_at) VALUES (%s, NULL, 0, "
+                            "'-infinity') ON CONFLICT (channel) DO NOTHING", [(c,) for c in channels])
+
+    def heartbeat(self) -> None:
+        self.conn.execute("INSERT INTO members (instance, seen_at) VALUES (%s, now()) ON CONFLICT (instance) "
+                          "DO UPDATE SET seen_at = now()", (self.me,))
+
+    def live_members(self) -> int:
+        return self.conn.execute("SELECT COUNT(*) FROM members WHERE seen_at > now() - make_interval(secs => %s)",
+                                 (self.ttl_s,)).fetchone()[0]
+
+    def leases(self) -> dict[str, Lease]:
+        return {c: Lease(c, h, e, live) for c, h, e, live in self.conn.execute(
+            "SELECT channel, holder, epoch, expires_at > now() FROM leases")}
+
+    def acquire(self, channel: str) -> int | None:
+        """The new epoch, or None when another instance holds it (live)."""
+        row = self.conn.execute(
+            "UPDATE leases SET holder = %s, epoch = epoch + 1, expires_at = now() + make_interval(secs => %s) "
+            "WHERE channel = %s AND (expires_at < now() OR holder = %s OR holder IS NULL) RETURNING epoch",
+            (self.me, self.ttl_s, channel, self.me)).fetchone()
+        return None if row is None else row[0]
+
+    def renew(self, held: dict[str, int]) -> set[str]:
+        """The leases still ours (same epoch), extended by the ttl; a lapsed one nobody took is ours again
+        (nobody acted on it meanwhile: taking it would have bumped its epoch)."""
+        if not held:
+            return set()
+        chans = list(held)
+        return {r[0] for r in self.conn.execute(
+            "UPDATE leases l SET expires_at = now() + make_interval(secs => %s) FROM unnest(%s::text[], "
+            "%s::bigint[]) AS h(channel, epoch) WHERE l.channel = h.channel AND l.epoch = h.epoch "
+            "AND l.holder = %s RETURNING l.channel", (self.ttl_s, chans, [held[c] for c in chans], self.me))}
+
+    def release(self, channel: str, epoch: int) -> None:
+        self.conn.execute("UPDATE leases SET holder = NULL, expires_at = '-infinity' WHERE channel = %s "
+                          "AND holder = %s AND epoch = %s", (channel, self.me, epoch))
+
+    def leave(self) -> None:
+        self.conn.execute("UPDATE leases SET holder = NULL, expires_at = '-infinity' WHERE holder = %s", (self.me,))
+        self.conn.execute("DELETE FROM members WHERE instance = %s", (self.me,))
+
+    def holder(self, channel: str) -> str | None:
+        row = self.conn.execute("SELECT holder FROM leases WHERE channel = %s AND expires_at > now()",
+                                (channel,)).fetchone()
+        return row[0] if row else None
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def fence_sql(store, me: str, acting: dict[str, int]) -> set[str]:
+    """Inside the caller's transaction: the channels of ``acting`` this instance no longer holds (another
+    holder or epoch, or expired). The rows still held are locked FOR SHARE until the commit."""
+    chans = list(acting)
+    ok = {(c, e) for c, e in store._query(
+        "SELECT channel, epoch FROM leases WHERE channel = ANY(?) AND holder = ? AND expires_at > now() "
+        "FOR SHARE", (chans, me))}
+    return {c for c in chans if (c, acting[c]) not in ok}
+
+
+# --------------------------------------------------------------------------- the keeper
+
+
+class Cluster:
+    """This instance's leases: a keeper thread (heartbeat, renewals, takeovers, inbox notifications) and the
+    set the gateway acts for. ``on_change()`` and ``on_inbox(channel)`` are called from the keeper thread
+    (hand them to the event loop with ``call_soon_threadsafe``)."""
+
+    def __init__(self, dsn: str, me: str, channels: Sequence[str], ttl_s: float,
+                 on_change: Callable[[], None] = lambda: None, on_inbox: Callable[[str], None] = lambda c: None,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.dsn, self.me, self.channels, self.ttl_s = dsn, me, list(channels), ttl_s
+        self.on_change, self.on_inbox = on_change, on_inbox
+        self.monotonic = monotonic
+        self._lock = threading.Lock()
+        self._db = threading.RLock()
+        self.held: dict[str, int] = {}  # channel -> epoch, as the lease table says (keeper thread writes)
+        self.deadline: dict[str, float] = {}  # channel -> monotonic time until which the lease surely holds
+        self.releasing: set[str] = set()  # above the fair share: the gateway hands these over
+        #: channel -> epoch the gateway works for; changed on the writer thread only (rescope, fence)
+        self.acting: dict[str, int] = {}
+        self._owner_cache: tuple | None = None
+        self._meter_cache: tuple | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.db: LeaseDb | None = None
+        self.renew_every_s = ttl_s / 5
+
+    # -- life -------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.db = LeaseDb(self.dsn, self.me, self.ttl_s)
+        self.db.ensure(self.channels)
+        self._listen = psycopg.connect(self.dsn, autocommit=True)
+        self._listen.execute(f"LISTEN {INBOX_NOTIFY}")
+        self._round()  # the first share taken before the gateway starts its loops
+        self._thread = threading.Thread(target=self._run, name="feikong-leases", daemon=True)
+        self._thread.start()
+
+    def stop(self, leave: bool = True) -> None:
+        """Stop the keeper; ``leave``: hand every lease back at once (a clean stop), else they expire."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(self.ttl_s)
+        # (a keeper stuck in a call to an unreachable database keeps _db: then the leases simply expire)
+        if leave and self.db is not None and self._db.acquire(timeout=self.ttl_s):
+            try:
+                self.db.leave()
+                with self._lock:
+                    self.held.clear()
+            except psycopg.Error as exc:
+                log.warning("handing the leases back failed (%s): they expire within %.0f s", exc, self.ttl_s)
+            finally:
+                self._db.release()
+        for conn in (self.db and self.db.conn, getattr(self, "_listen", None)):
+            if conn is not None:
+                conn.close()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            started = self.monotonic()
+            try:
+                self._round()
+            except psycopg.Error as exc:
+                log.warning("lease round failed (%s); leases are trusted until their local deadline", exc)
+                self._reconnect()
+            self._wait_notifies(max(self.renew_every_s - (self.monotonic() - started), 0.01))
+
+    def _reconnect(self) -> None:
+        try:
+            with self._db:
+                if self.db is not None:
+                    self.db.close()
+                self.db = LeaseDb(self.dsn, self.me, self.ttl_s)
+            self._listen.close()
+            self._listen = psycopg.connect(self.dsn, autocommit=True)
+            self._listen.execute(f"LISTEN {INBOX_NOTIFY}")
+        except psycopg.Error:
+            self._stop.wait(self.renew_every_s)
+
+    def _wait_notifies(self, seconds: float) -> None:
+        try:
+            for n in self._listen.notifies(timeout=seconds, stop_after=1000):
+                if n.payload in self.held:
+                    self.on_inbox(n.payload)
+        except psycopg.Error:
+            self._stop.wait(seconds)
+
+    def _round(self) -> None:
+        """Heartbeat, renew, then the plan: take free leases up to the fair share, mark the excess."""
+        # the database calls under _db (one round or release at a time), the state under _lock, held only
+        # for moments: the executor asks may_send() on the event loop
+        with self._db:
+            db = self.db
+            sent = self.monotonic()
+            db.heartbeat()
+            held = dict(self.held)
+            renewed = db.renew(held)
+            lost = set(held) - renewed
+            with self._lock:
+                for c in renewed:
+                    self.deadline[c] = sent + self.ttl_s * SAFETY
+                for c in lost:
+                    log.warning("lease on channel %s lost (taken by another instance or expired)", c)
+                    self.held.pop(c, None)
+                    self.deadline.pop(c, None)
+            p = plan(self.channels, db.leases(), self.me, db.live_members())
+            taken = []
+            for c in p.take:
+                sent = self.monotonic()
+                epoch = db.acquire(c)
+                if epoch is not None:
+                    with self._lock:
+                        self.held[c] = epoch
+                        self.deadline[c] = sent + self.ttl_s * SAFETY
+                    taken.append(c)
+            releasing = set(p.release)
+            with self._lock:
+                changed = bool(lost or taken or releasing != self.releasing)
+                self.releasing = releasing
+        if taken:
+            log.info("took the lease on channel(s) %s", ", ".join(sorted(taken)))
+        if changed:
+            self.on_change()
+
+    # -- the gateway's side -----------------------------------------------------------------------------
+    def wanted(self) -> dict[str, int]:
+        """The channels the gateway should act for now: held and not being handed over."""
+        with self._lock:
+            return {c: e for c, e in self.held.items() if c not in self.releasing}
+
+    def release(self, channel: str) -> None:
+        """Hand a lease over (after the gateway stopped acting for it)."""
+        with self._db:
+            with self._lock:
+                epoch = self.held.pop(channel, None)
+                self.deadline.pop(channel, None)
+                self.releasing.discard(channel)
+            if epoch is not None:
+                self.db.release(channel, epoch)
+                log.info("handed over channel %s (above the fair share)", channel)
+
+    def may_send(self, channel: str) -> bool:
+        """Right before a relay frame: the lease surely holds (local, conservative deadline)."""
+        with self._lock:
+            return channel in self.acting and self.deadline.get(channel, 0.0) > self.monotonic()
+
+    def holder(self, channel: str) -> str | None:
+        """Who holds the channel now (for an operator's error message), on a connection of its own: the
+        keeper's may be waiting for a row lock of the very transaction that asks."""
+        db = LeaseDb(self.dsn, self.me, self.ttl_s)
+        try:
+            return db.holder(channel)
+        finally:
+            db.close()
+
+    def fence(self, store) -> None:
+        """In the transaction that just began: raise :class:`LeaseLost` (and stop acting for them) when a
+        channel we act for is no longer ours."""
+        if not self.acting:
+            return
+        lost = fence_sql(store, self.me, self.acting)
+        if lost:
+            with self._lock:
+                for c in lost:
+                    self.acting.pop(c, None)
+                    if self.held.get(c) is not None:
+                        self.held.pop(c)
+                        self.deadline.pop(c, None)
+            log.warning("lease on channel(s) %s lost (found in a transaction): stopped acting for them",
+                        ", ".join(sorted(lost)))
+            try:
+                self.on_change()
+            except Exception:  # (the gateway's loop closing at a stop): the rollback matters, not the news
+                log.debug("lease change not announced", exc_info=True)
+            raise LeaseLost(lost)
+
+    def acting_meters(self, engine) -> np.ndarray:
+        """Per meter number: is it on a channel this instance acts for?"""
+        key = (frozenset(self.acting), len(engine.meters))
+        if self._meter_cache is None or self._meter_cache[0] != key:
+            self._meter_cache = (key, np.array([m.channel in self.acting for m in engine.meters], dtype=bool))
+        return self._meter_cache[1]
+
+    def owned_accounts(self, engine) -> np.ndarray:
+        """Per account number: does this instance act for it (its first meter's channel is acting)?"""
+        key = (frozenset(self.acting), len(engine.meters), len(engine.account_ids))
+        if self._owner_cache is None or self._owner_cache[0] != key:
+            owners = owner_channels(engine)
+            self._owner_cache = (key, np.array([c in self.acting for c in owners], dtype=bool))
+        return self._owner_cache[1]
