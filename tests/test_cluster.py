@@ -231,8 +231,9 @@ lease_ttl_s = {ttl}
 
 def _holders(dsn: str) -> dict[str, str | None]:
     with psycopg.connect(dsn, autocommit=True) as conn:
-        return {c: h for c, h in conn.execute(
-            "SELECT channel, CASE WHEN expires_at > now() THEN holder END FROM leases")}
+        return {c: h for c, h in conn.execute(  # (the channels' leases: not the publisher's, "@outbox")
+            "SELECT channel, CASE WHEN expires_at > now() THEN holder END FROM leases "
+            "WHERE channel NOT LIKE '@%'")}
 
 
 def _query(dsn: str, sql: str) -> list[tuple]:
