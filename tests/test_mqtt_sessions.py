@@ -183,7 +183,8 @@ class Instances:
 
     async def stop_all(self) -> None:
         for p in self.procs.values():
-            p.send_signal(signal.SIGTERM)
+            if p.returncode is None:
+                p.send_signal(signal.SIGTERM)
         for name, p in self.procs.items():
             assert await asyncio.wait_for(p.wait(), 30) == 0, self.logs[name].text()
         for name, lg in self.logs.items():
@@ -242,6 +243,17 @@ async def test_a_killed_instances_session_is_adopted_and_its_payments_applied_wh
         again = cl.pay_everyone("2")
         await cl.until(lambda: sorted(cl.ledger()) == sorted(paid + again), 30, "the second payments")
         assert "MQTT: adopted the session" not in cl.logs[victim].text()
+
+        # a clean stop: the broker would deal it its share all the same; its session is adopted at once
+        cl.procs[victim].send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(cl.procs[victim].wait(), 30) == 0
+        assert _query(pg_dsn, "SELECT instance FROM members WHERE seen_at = '-infinity'") == [(victim,)]
+        third = cl.pay_everyone("3")
+        await cl.until(lambda: sorted(cl.ledger()) == sorted(paid + again + third), cl.ttl + 15,
+                       "the payments made while it is stopped")
+        await asyncio.sleep(cl.ttl)  # (keeper and adoption rounds meanwhile)
+        assert cl.logs[survivor].text().count(f"adopting its session feikong-{victim}") == 2
+        assert len(_adopted_messages(cl.logs[survivor].text(), victim)) == 1  # adopted while it stays stopped
         await cl.stop_all()
         cl.one_close_each()
 

@@ -256,7 +256,6 @@ class BillingBridge:
         self.statuses: dict[str, StatusSeen] = {}  # several instances: each one's last status heard
         self.adoptions: dict[str, tuple[BillingBridge, asyncio.Task]] = {}  # instance -> its session's adoption
         self.ended = asyncio.Event()  # an adoption: its connection is gone (taken over, most likely)
-        self._was_up = False  # an adoption: the broker accepted the session
 
     # -- paho callbacks (on the event loop) -------------------------------------------------------------
     def _on_connect(self, client, userdata, flags, reason, properties) -> None:
@@ -273,7 +272,6 @@ class BillingBridge:
             # here still comes, and is handled as our own (the session's other subscriptions stay: global inputs)
             shared = [t for t in inbound_subscriptions(self.config) if t.startswith("$share/")]
             client.unsubscribe(shared)
-            self._was_up = True
             log.warning("MQTT: adopted the session of instance %s (session present: %s): handling what the "
                         "broker queued for it", self.config.instance, flags.session_present)
             self._set_connected(True)
@@ -424,10 +422,9 @@ class BillingBridge:
         ended: dict[str, AdoptionEnded] = {}
         while not stop.is_set():
             for name, (adoption, _) in list(self.adoptions.items()):
-                if adoption.ended.is_set():
-                    if adoption._was_up:  # (one that never got the session is simply tried again)
-                        seen = self.statuses.get(name)
-                        ended[name] = AdoptionEnded(seen.count if seen else 0, time.monotonic())
+                if adoption.ended.is_set():  # taken over, the link dropped, or refused: again only as adoptable says
+                    seen = self.statuses.get(name)
+                    ended[name] = AdoptionEnded(seen.count if seen else 0, time.monotonic())
                     await self._end_adoption(name)
             wanted = set()
             if cluster.is_publisher() and self.stats.connected:
