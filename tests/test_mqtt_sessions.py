@@ -10,12 +10,15 @@ import signal
 from decimal import Decimal
 from pathlib import Path
 
+import time
+
 import pytest
 
+from gateway.cluster import Cluster
 from gateway.northbound.mqtt import AdoptionEnded, StatusSeen, adoptable
 from simulators.broker import free_port
 
-from .test_cluster import _config, _holders, _query
+from .test_cluster import _config, _holders, _migrated, _query
 
 # --------------------------------------------------------------------------- the pure decision
 
@@ -43,6 +46,45 @@ def test_an_adoption_that_ended_waits_for_a_new_offline_or_the_grace():
     assert adoptable(members, {"gw2": StatusSeen(OFF, 6)}, "gw1", ended, 105.0, 10.0) == {"gw2"}
     # the grace passed (our own link dropped, say): again, for what may still be queued there
     assert adoptable(members, {"gw2": StatusSeen(OFF, 4)}, "gw1", ended, 110.0, 10.0) == {"gw2"}
+
+
+# --------------------------------------------------------------------------- the publisher lease, for real
+
+
+def test_the_publisher_lease_is_held_only_while_the_bridge_is_connected(pg_dsn):
+    _migrated(pg_dsn).close()
+    connected = {"gw1": True, "gw2": True}
+    keepers = {me: Cluster(pg_dsn, me, ["bus1"], 1.0) for me in connected}
+    for me, keeper in keepers.items():
+        keeper.broker_connected = lambda me=me: connected[me]
+
+    def until(predicate, timeout: float, what: str) -> float:
+        started = time.monotonic()
+        while not predicate():
+            assert time.monotonic() - started < timeout, what
+            time.sleep(0.02)
+        return time.monotonic() - started
+
+    a, b = keepers["gw1"], keepers["gw2"]
+    try:
+        a.start()
+        assert a.is_publisher()  # taken in the first round, before start() returns
+        b.start()
+        until(lambda: b.members == {"gw1": True, "gw2": True}, 2, "both members live")
+        assert not b.is_publisher()  # one publisher at a time
+        connected["gw1"] = False  # its broker link is down, its database is not
+        moved = until(lambda: b.is_publisher(), 3, "the lease moves to the connected instance")
+        assert not a.is_publisher() and moved < 1.0, moved  # two rounds of ttl / 5 (with room)
+        connected["gw1"] = True
+        time.sleep(0.5)
+        assert b.is_publisher() and not a.is_publisher()  # it stays with its holder while that is connected
+        b.stop()  # a clean stop: the lease back at once; the member row stays, its heartbeat cleared
+        until(lambda: a.is_publisher(), 2, "the lease taken after a clean stop")
+        until(lambda: a.members == {"gw1": True, "gw2": False}, 2, "the stopped member kept, not live")
+    finally:
+        for keeper in (a, b):
+            if not keeper._stop.is_set():
+                keeper.stop()
 
 
 # --------------------------------------------------------------------------- instances as child processes
