@@ -206,6 +206,12 @@ class Instances:
         await self.until(lambda: _query(self.dsn, "SELECT COUNT(*) FROM relay_state WHERE is_open = 1")[0][0]
                          == len(self.every), 30, "every relay read open")
 
+    async def metrics(self, name: str) -> str:
+        import urllib.request
+
+        url = re.search(r"metrics: (http://\S+/metrics)", self.logs[name].text()).group(1)
+        return await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read().decode())
+
     def publisher(self) -> str | None:
         rows = _query(self.dsn, "SELECT holder FROM leases WHERE channel = '@outbox' AND expires_at > now()")
         return rows[0][0] if rows else None
@@ -267,6 +273,7 @@ async def test_a_killed_instances_session_is_adopted_and_its_payments_applied_wh
         assert applied_s < cl.ttl + 5, applied_s
         assert cl.procs[victim].returncode == -signal.SIGKILL  # all that while, it stayed down
         await cl.logs[survivor].wait_for(f"adopting its session feikong-{victim}", 1)
+        assert "feikong_mqtt_adopted_sessions 1.0" in await cl.metrics(survivor)
         await cl.until(cl.closed, 30, "every paid meter closed")
         await asyncio.to_thread(cl.billing.wait_for, lambda b: len(b.applied) == len(paid), 10, "payments_applied")
         assert {e.instance for e in cl.billing.of_kind("payments_applied")} == {survivor}  # the new publisher
@@ -281,6 +288,7 @@ async def test_a_killed_instances_session_is_adopted_and_its_payments_applied_wh
         adopted = _adopted_messages(survivor_log, victim)
         assert len(adopted) == 1 and adopted[0] >= 1, ended  # some payments had been dealt to the dead session
         assert cl.logs[victim].text().count("MQTT: connected") == 1  # never taken back from it
+        assert "feikong_mqtt_adopted_sessions 0.0" in await cl.metrics(survivor)
         # back in the group: payments reach both again, and all are applied, each once
         again = cl.pay_everyone("2")
         await cl.until(lambda: sorted(cl.ledger()) == sorted(paid + again), 30, "the second payments")

@@ -179,6 +179,7 @@ class BridgeStats:
     connects: int = 0
     last_error: str = ""
     adoptions: int = 0  # other instances' sessions adopted (several instances: they were down)
+    adopted: int = 0  # of those, held now
 
 
 @dataclass
@@ -448,9 +449,11 @@ class BillingBridge:
                  "fresh" if self.gateway.cluster.members.get(instance) else "stopped", adoption.config.client_id)
         await adoption.start()
         self.adoptions[instance] = (adoption, asyncio.create_task(adoption._consume()))
+        self.stats.adopted = len(self.adoptions)
 
     async def _end_adoption(self, instance: str) -> None:
         adoption, consumer = self.adoptions.pop(instance)
+        self.stats.adopted = len(self.adoptions)
         consumer.cancel()  # (a batch not yet acknowledged is delivered again, to its instance or an adopter)
         await asyncio.gather(consumer, return_exceptions=True)
         await adoption.close()
