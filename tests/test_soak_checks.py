@@ -42,9 +42,9 @@ def story() -> Evidence:
                  Notice("N2", "A1", NoticePurpose.FINAL_REMINDER, T0 + 15, ("sms",), delivered_at=T0 + 20)],
         orders=[],
         audit=[sent_record("trip", "M1", T0 + 30, "T1"), sent_record("close", "M1", T0 + 102, "K1")],
-        records={"M1": {"relay_open": False, "log": [[local(T0 + 30.2), "trip", GW],
+        records={"M1": {"relay_open": False, "relay_log": [[local(T0 + 30.2), "trip", GW],
                                                       [local(T0 + 102.3), "direct_close", GW]]},
-                 "M2": {"relay_open": False, "log": []}},
+                 "M2": {"relay_open": False, "relay_log": []}},
         faulty={}, account_of={"M1": "A1", "M2": "A2"}, classes={"A1": "residential", "A2": "protected"},
         decisions=[("A2", "account_manager_task")],
         policies={"notice_lead_s": 3.0, "notice_max_age_s": 3600.0, "final_reminder_s": 2.0,
@@ -85,16 +85,16 @@ def test_a_payment_with_another_amount_or_confirmed_twice_fails(story):
 
 
 def test_a_trip_resent_without_reading_back_is_applied_twice(story):
-    log = story.records["M1"]["log"]
+    log = story.records["M1"]["relay_log"]
     ev = replace(story, records={**story.records, "M1": {"relay_open": False,
-                                                         "log": [log[0], [local(T0 + 31), "trip", GW], log[1]]}},
+                                                         "relay_log": [log[0], [local(T0 + 31), "trip", GW], log[1]]}},
                  audit=[*story.audit, sent_record("trip", "M1", T0 + 30.9, "T1")])
     assert "trip at" in (msg := only_failure(ev, "no_action_twice")) and "applied twice" in msg
 
 
 def test_a_stuck_relay_may_be_retried_but_each_frame_needs_its_own_sent_record(story):
-    log = story.records["M1"]["log"]
-    retried = {**story.records, "M1": {"relay_open": False, "log": [log[0], [local(T0 + 33), "trip", GW], log[1]]}}
+    log = story.records["M1"]["relay_log"]
+    retried = {**story.records, "M1": {"relay_open": False, "relay_log": [log[0], [local(T0 + 33), "trip", GW], log[1]]}}
     stuck = replace(story, faulty={"M1": "stuck_relay"}, records=retried,
                     audit=[*story.audit, sent_record("trip", "M1", T0 + 32.5, "T1")])
     assert failures(stuck) == {}
@@ -111,20 +111,20 @@ def test_a_trip_without_a_notice_confirmed_in_time_fails(story):
 
 def test_a_trip_sent_after_a_clearing_payment_was_committed_fails(story):
     ev = replace(story, audit=[sent_record("trip", "M1", T0 + 110, "T1"), story.audit[1]],
-                 records={**story.records, "M1": {"relay_open": False, "log": [
+                 records={**story.records, "M1": {"relay_open": False, "relay_log": [
                      [local(T0 + 102.3), "direct_close", GW], [local(T0 + 110.2), "trip", GW]]}})
     found = failures(ev)
     assert "clearing payment was committed" in "\n".join(found["trips_gated"])
 
 
 def test_a_protected_meter_that_applied_a_trip_fails(story):
-    ev = replace(story, records={**story.records, "M2": {"relay_open": True, "log": [[local(T0 + 40), "trip", GW]]}})
+    ev = replace(story, records={**story.records, "M2": {"relay_open": True, "relay_log": [[local(T0 + 40), "trip", GW]]}})
     assert "meter M2 of protected account A2" in "\n".join(failures(ev)["protected_never_tripped"])
 
 
 def test_a_paid_up_meter_left_open_needs_a_reconnect_order_whose_deadline_holds(story):
     opened = replace(story, classes={**story.classes, "A2": "residential"},  # a crew opened it (a disconnect order)
-                     records={**story.records, "M2": {"relay_open": True, "log": [
+                     records={**story.records, "M2": {"relay_open": True, "relay_log": [
                          [local(T0 + 1), "trip", "field-crew"]]}})
     assert "meter M2's relay is open and it has no reconnect work order" in only_failure(opened, "paid_reconnected")
     order = WorkOrder("O1", OrderKind.RECONNECT, "K2", "M2", "A2", "protected", "2 Soak Road", None, None, "no answer",
@@ -140,8 +140,8 @@ def test_a_paid_up_meter_left_open_needs_a_reconnect_order_whose_deadline_holds(
 
 def test_a_remote_retry_that_races_a_crew_is_allowed_until_the_crew_is_reported(story):
     """M1's close went unanswered, a crew closed it by hand; the gateway's remote retry finds it closed."""
-    log = story.records["M1"]["log"]
-    raced = {**story.records, "M1": {"relay_open": False, "log": [
+    log = story.records["M1"]["relay_log"]
+    raced = {**story.records, "M1": {"relay_open": False, "relay_log": [
         log[0], [local(T0 + 100), "close", "field-crew"], [local(T0 + 102.3), "direct_close", GW]]}}
     order = WorkOrder("O1", OrderKind.RECONNECT, "K1", "M1", "A1", "residential", "1 Soak Road", None, None,
                       "no answer", created_at=T0 + 90, deadline_at=T0 + 280, state=OrderState.COMPLETED,

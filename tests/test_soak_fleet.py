@@ -1,5 +1,5 @@
 """The fleet's parts the soak relies on: the corrupted-frames fault share, and the meters' own records of the
-relay actions they applied, from a fleet in a child process."""
+relay actions they applied, when and by whom (the report), from a fleet in a child process."""
 from datetime import datetime, timedelta
 
 import pytest
@@ -39,7 +39,7 @@ def test_the_fault_shares_together_may_not_exceed_the_fleet():
         FleetSpec({"dlt645_tcp": 5}, stuck_relay=0.5, silent_after_trip=0.3, corrupt_frames=0.3)
 
 
-async def test_a_fleet_process_reports_each_meters_relay_actions_and_crew_repairs(tmp_path):
+async def test_a_fleet_process_reports_each_meters_relay_actions_with_time_and_operator_and_crew_repairs(tmp_path):
     fleet = await FleetProcess(FleetSpec({"dlt645_tcp": 3}, utc_offset_s=8 * 3600), workdir=tmp_path).start()
     try:
         line = fleet.describe()["lines"][0]
@@ -50,10 +50,10 @@ async def test_a_fleet_process_reports_each_meters_relay_actions_and_crew_repair
         await Dlt645Client(link).relay("000000000001", RelayAction.TRIP, valid_until=local + timedelta(minutes=5))
         await link.close()
         fleet.repair("000000000002", relay_open=True)
-        records = await fleet.records()
+        records = (await fleet.report(["000000000001", "000000000002", "000000000003"]))["meters"]
     finally:
         await fleet.stop()
     assert set(records) == {"000000000001", "000000000002", "000000000003"}
-    assert records["000000000001"]["relay_open"] and [e[1] for e in records["000000000001"]["log"]] == ["trip"]
-    assert records["000000000002"]["relay_open"] and records["000000000002"]["log"][0][1:] == ["trip", "field-crew"]
-    assert records["000000000003"] == {"relay_open": False, "log": []}
+    assert records["000000000001"]["relay_open"] and [e[1] for e in records["000000000001"]["relay_log"]] == ["trip"]
+    assert records["000000000002"]["relay_open"] and records["000000000002"]["relay_log"][0][1:] == ["trip", "field-crew"]
+    assert records["000000000003"] == {"relay_open": False, "relay_log": []}

@@ -77,7 +77,7 @@ class Evidence:
     notices: list
     orders: list
     audit: list[dict]  # {at, actor, role, action, subject, detail}
-    records: dict[str, dict]  # meter -> {"relay_open", "log": [[iso local, action, operator], ...]}
+    records: dict[str, dict]  # meter -> {"relay_open", "relay_log": [[iso local, action, operator], ...]}
     faulty: dict[str, str]  # meter -> the fault it was built with
     account_of: dict[str, str]  # meter -> account
     classes: dict[str, str]  # account -> customer class (the store's)
@@ -120,12 +120,12 @@ class Evidence:
                    ended_at)
 
     def counts(self) -> dict:
-        frames = [e for r in self.records.values() for e in r["log"] if e[2] != CREW]
+        frames = [e for r in self.records.values() for e in r["relay_log"] if e[2] != CREW]
         return {"ledger_payments": sum(1 for r in self.ledger if r[2] == "payment"),
                 "relay_commands": len(self.commands),
                 "trip_frames_applied": sum(1 for e in frames if e[1] == GATEWAY_TRIP),
                 "close_frames_applied": sum(1 for e in frames if e[1] in GATEWAY_CLOSES),
-                "crew_actions": sum(1 for r in self.records.values() for e in r["log"] if e[2] == CREW),
+                "crew_actions": sum(1 for r in self.records.values() for e in r["relay_log"] if e[2] == CREW),
                 "work_orders": len(self.orders),
                 "protected_accounts": sum(1 for c in self.classes.values() if c in NOT_AUTO),
                 # protected accounts that ran out (the engine raised an account manager's task instead of a trip)
@@ -189,7 +189,7 @@ def _match_frames(ev: Evidence, r: CheckResult, frame_actions: tuple[str, ...], 
     for meter, rec in sorted(ev.records.items()):
         pending = sorted(a["at"] for a in sent.get(meter, []))
         used = 0
-        for when, action, operator in rec["log"]:
+        for when, action, operator in rec["relay_log"]:
             if operator == CREW or action not in frame_actions:
                 continue
             # the earliest record not yet used must come before the frame (frames and records both in order)
@@ -252,7 +252,7 @@ def protected_never_tripped(ev: Evidence) -> CheckResult:
         if ev.classes.get(account) not in NOT_AUTO:
             continue
         r.checked += 1
-        trips = [e for e in ev.records.get(meter, {"log": []})["log"] if e[1] == GATEWAY_TRIP]
+        trips = [e for e in ev.records.get(meter, {"relay_log": []})["relay_log"] if e[1] == GATEWAY_TRIP]
         if trips:
             r.failures.append(f"meter {meter} of {ev.classes[account]} account {account}: applied trip(s) {trips}")
         cmds = [c.command_id for c in ev.commands if c.meter_id == meter and c.action.value == "trip"]
@@ -299,7 +299,7 @@ def no_action_twice(ev: Evidence) -> CheckResult:
     for meter, rec in sorted(ev.records.items()):
         is_open, since, by_crew = False, "the start", False
         stuck = ev.faulty.get(meter) == "stuck_relay"
-        for when, action, operator in rec["log"]:
+        for when, action, operator in rec["relay_log"]:
             if operator == CREW:
                 is_open, since, stuck, by_crew = action == GATEWAY_TRIP, f"a crew at {when}", False, True
                 continue

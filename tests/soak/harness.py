@@ -441,11 +441,12 @@ class Soak:
                 await upstream
             ended_at = time.time()
             codes = {g.name: await g.stop() for g in gateways}
-            records = await fleet.records()
+            records = (await fleet.report(sorted(meter_of.values())))["meters"]
             evidence = Evidence.collect(pg.dsn, up, billing, records, layout, protected, meter_of,
                                         work / "control.toml", ended_at)
             results = run_checks(evidence)
-            if keep:  # with the logs, configs and the meters' records.json: all a failure needs looking into
+            if keep:  # with the logs and configs: all a failure needs looking into
+                (work / "records.json").write_text(json.dumps(records))
                 await asyncio.to_thread(pg.dump, work / "feikong.sql")
             summary = self._summary(up, billing, gateways, codes, evidence, results, time.monotonic() - started)
             for r in results:
