@@ -94,7 +94,8 @@ def test_a_trip_resent_without_reading_back_is_applied_twice(story):
 
 def test_a_stuck_relay_may_be_retried_but_each_frame_needs_its_own_sent_record(story):
     log = story.records["M1"]["relay_log"]
-    retried = {**story.records, "M1": {"relay_open": False, "relay_log": [log[0], [local(T0 + 33), "trip", GW], log[1]]}}
+    retried = {**story.records, "M1": {"relay_open": False,
+                                       "relay_log": [log[0], [local(T0 + 33), "trip", GW], log[1]]}}
     stuck = replace(story, faulty={"M1": "stuck_relay"}, records=retried,
                     audit=[*story.audit, sent_record("trip", "M1", T0 + 32.5, "T1")])
     assert failures(stuck) == {}
@@ -118,7 +119,8 @@ def test_a_trip_sent_after_a_clearing_payment_was_committed_fails(story):
 
 
 def test_a_protected_meter_that_applied_a_trip_fails(story):
-    ev = replace(story, records={**story.records, "M2": {"relay_open": True, "relay_log": [[local(T0 + 40), "trip", GW]]}})
+    ev = replace(story, records={**story.records,
+                                 "M2": {"relay_open": True, "relay_log": [[local(T0 + 40), "trip", GW]]}})
     assert "meter M2 of protected account A2" in "\n".join(failures(ev)["protected_never_tripped"])
 
 

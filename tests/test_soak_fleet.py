@@ -55,5 +55,6 @@ async def test_a_fleet_process_reports_each_meters_relay_actions_with_time_and_o
         await fleet.stop()
     assert set(records) == {"000000000001", "000000000002", "000000000003"}
     assert records["000000000001"]["relay_open"] and [e[1] for e in records["000000000001"]["relay_log"]] == ["trip"]
-    assert records["000000000002"]["relay_open"] and records["000000000002"]["relay_log"][0][1:] == ["trip", "field-crew"]
+    assert records["000000000002"]["relay_open"]
+    assert records["000000000002"]["relay_log"][0][1:] == ["trip", "field-crew"]
     assert records["000000000003"] == {"relay_open": False, "relay_log": []}
