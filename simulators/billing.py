@@ -64,6 +64,9 @@ class BillingSim:
         #: notice_request event -> (outcome, detail) to answer with, or None for no receipt at all
         self._notice_answer: Callable[[contract.Event], tuple[str, str] | None] | None = None
         self.receipts = Counter()  # outcome ("delivered", "failed", "empty", "none") -> notice requests answered
+        #: request id -> (outcome, epoch s, notice id, purpose, account) of every receipt sent: what was delivered
+        #: according to the notification system itself, not the gateway
+        self.notice_answers: dict[str, tuple[str, float, str, str, str]] = {}
 
     # -- connection -------------------------------------------------------------------------------------------
     def start(self, timeout: float = 10.0) -> "BillingSim":
@@ -178,8 +181,10 @@ class BillingSim:
             self.receipts["none"] += 1
             return
         outcome, detail = answer
-        request_id = ev.data["request_id"]
-        receipt = contract.NoticeReceipt(f"R-{request_id}", request_id, outcome, datetime.now(CN), detail)
+        request_id, now = ev.data["request_id"], datetime.now(CN)
+        self.notice_answers.setdefault(request_id, (outcome, now.timestamp(), ev.data["notice_id"],
+                                                    ev.data["purpose"], ev.data["account_id"]))
+        receipt = contract.NoticeReceipt(f"R-{request_id}", request_id, outcome, now, detail)
         self.publish(f"{contract.IN}/notice-receipts", contract.encode(receipt))  # the lock is re-entrant
         self.receipts[outcome] += 1
 

@@ -74,6 +74,9 @@ class FleetSpec:
     silent_delay_s: float = 3.0  # ...this long after the relay opened (so the trip itself is verified)
     corrupt_frames: float = 0.0  # share of DL/T 645 meters whose replies are often corrupted (CORRUPT_REPLY_RATE)
     transient: float = 0.0  # per-request transient faults on DL/T 645 meters (Faults.uniform)
+    #: the fault shares as exact counts (round(share x meters) of each, on seeded meters) instead of a draw per
+    #: meter: a small fleet then surely has each fault (the soak's short form relies on it)
+    exact_faults: bool = False
     turnaround_s: float = 0.005  # DL/T 645 meters answer this long after the request (the line: host speed)
     modbus_profile: str = "hiking_dds238_2_znsr"
     utc_offset_s: int | None = None  # the meters keep local time at this offset (None: the host's local time)
@@ -208,6 +211,8 @@ class Fleet:
         profile = load_profile(s.modbus_profile) if s.meters.get("modbus_tcp") else None
         address = s.first_address
         groups: dict[str, list[list[SimMeter]]] = {}
+        exact = self._exact_faults() if s.exact_faults else None
+        position = 0
         for kind in KINDS:
             count = s.meters.get(kind, 0)
             per = s.per_line_by_kind.get(kind, s.per_line)
@@ -218,10 +223,14 @@ class Fleet:
                 if i < emulated and i % s.line_rate_per_line == 0 or i >= emulated and (i - emulated) % per == 0:
                     lines.append([])
                 draw = rng.random()
-                fault = ("stuck_relay" if draw < s.stuck_relay else
-                         "silent_after_trip" if draw < s.stuck_relay + s.silent_after_trip else
-                         "corrupt_frames" if draw < s.stuck_relay + s.silent_after_trip + s.corrupt_frames and
-                         kind != "modbus_tcp" else "")
+                if exact is not None:
+                    fault = "" if exact[position] == "corrupt_frames" and kind == "modbus_tcp" else exact[position]
+                    position += 1
+                else:
+                    fault = ("stuck_relay" if draw < s.stuck_relay else
+                             "silent_after_trip" if draw < s.stuck_relay + s.silent_after_trip else
+                             "corrupt_frames" if draw < s.stuck_relay + s.silent_after_trip + s.corrupt_frames and
+                             kind != "modbus_tcp" else "")
                 common = dict(power_kw=round(rng.uniform(*s.load_kw) / hour_factor, 3),
                               energy=_registers(rng), seed=s.seed * 1_000_003 + address)
                 addr = f"{address:012d}"
@@ -243,6 +252,16 @@ class Fleet:
                 lines[-1].append(meter)
                 address += 1
         return groups
+
+    def _exact_faults(self) -> list[str]:
+        """The fault of each meter in build order, round(share x meters) of each kind, on seeded positions."""
+        s = self.spec
+        total = sum(s.meters.get(k, 0) for k in KINDS)
+        faults = [kind for kind in ("stuck_relay", "silent_after_trip", "corrupt_frames")
+                  for _ in range(round(getattr(s, kind) * total))]
+        faults += [""] * (total - len(faults))
+        random.Random(s.seed * 7919 + 2).shuffle(faults)
+        return faults
 
     async def start(self) -> "Fleet":
         """Build every meter and serve every line; returns once all listen (and concentrators are online)."""

@@ -43,7 +43,7 @@ from pathlib import Path
 
 from gateway.config import load_control_config
 from gateway.core.model import yuan_to_fen
-from gateway.core.notices import DISCONNECT_NOTICES
+from gateway.core.notices import DISCONNECT_NOTICES, NoticePurpose
 from gateway.store import open_store
 from gateway.store.entities import CASES, COMMANDS, NOTICES, ORDERS
 
@@ -52,6 +52,10 @@ SLACK_S = 1.0  # the store keeps whole seconds in places; the meters log local t
 GATEWAY_TRIP, GATEWAY_CLOSES = "trip", ("direct_close", "close", "close_allowed")
 CREW = "field-crew"
 NOT_AUTO = ("protected", "vip")
+#: a gateway frame may find the relay where a crew just set it (the crew's report not yet in) this long at most
+RACE_WINDOW_S = 30.0
+#: and at most this share of crew visits may be raced so (more means the gateway ignores open orders)
+MAX_RACED_SHARE = 0.5
 
 
 @dataclass
@@ -69,7 +73,6 @@ class CheckResult:
 @dataclass
 class Evidence:
     sent: dict[str, tuple[str, int, float]]  # payment id -> (account, amount fen, paid at epoch s)
-    cleared: dict[str, float]  # account -> paid_at of the payment that cleared it
     confirmations: list[tuple[str, str, str, int]]  # (event id, payment id, account, amount fen)
     ledger: list[tuple[str, str, str, int, int]]  # (entry id, account, kind, amount fen, recorded at epoch s)
     commands: list
@@ -81,15 +84,16 @@ class Evidence:
     faulty: dict[str, str]  # meter -> the fault it was built with
     account_of: dict[str, str]  # meter -> account
     classes: dict[str, str]  # account -> customer class (the store's)
+    protected: set[str]  # the accounts the harness made protected (what the checks judge by)
+    receipts: dict[str, tuple]  # notice request id -> (outcome, at epoch s, notice id, purpose, account): the sim's
     decisions: list[tuple[str, str]]  # (account, kind) of every engine decision
     policies: dict[str, float]
     ended_at: float
 
     @classmethod
     def collect(cls, dsn: str, upstream, billing, records: dict, layout: dict, protected: set[str],
-                meter_of: dict[str, str], control: Path, ended_at: float) -> "Evidence":
+                meter_of: dict[str, str], control: Path, ended_at: float, thresholds: dict) -> "Evidence":
         sent = {p: (s.account, yuan_to_fen(s.amount), s.paid_at.timestamp()) for p, s in upstream.sent.items()}
-        cleared = {s.account: s.paid_at.timestamp() for p, s in upstream.sent.items() if p.startswith("CLEAR-")}
         confirmations = [(ev.id, row[0], row[1], yuan_to_fen(row[2])) for ev in billing.of_kind("payments_applied")
                          for row in ev.data["rows"]]
         store = open_store(dsn)
@@ -114,10 +118,10 @@ class Evidence:
         policies = {"notice_lead_s": cfg.trips.notice_lead_s, "notice_max_age_s": cfg.trips.notice_max_age_s,
                     "final_reminder_s": cfg.trips.final_reminder_s,
                     "final_reminder_confirmed": cfg.trips.final_reminder_confirmed,
-                    "reconnect_deadline_s": cfg.dispatch.reconnect_deadline_s}
-        return cls(sent, cleared, confirmations, ledger, commands, cases, notices, orders, audit, records,
-                   dict(layout["faulty"]), {m: a for a, m in meter_of.items()}, classes, decisions, policies,
-                   ended_at)
+                    "reconnect_deadline_s": cfg.dispatch.reconnect_deadline_s, **thresholds}
+        return cls(sent, confirmations, ledger, commands, cases, notices, orders, audit, records,
+                   dict(layout["faulty"]), {m: a for a, m in meter_of.items()}, classes, set(protected),
+                   dict(billing.notice_answers), decisions, policies, ended_at)
 
     def counts(self) -> dict:
         frames = [e for r in self.records.values() for e in r["relay_log"] if e[2] != CREW]
@@ -127,11 +131,12 @@ class Evidence:
                 "close_frames_applied": sum(1 for e in frames if e[1] in GATEWAY_CLOSES),
                 "crew_actions": sum(1 for r in self.records.values() for e in r["relay_log"] if e[2] == CREW),
                 "work_orders": len(self.orders),
-                "protected_accounts": sum(1 for c in self.classes.values() if c in NOT_AUTO),
+                "protected_accounts": len(self.protected),
                 # protected accounts that ran out (the engine raised an account manager's task instead of a trip)
                 "protected_ran_out": len({a for a, kind in self.decisions
-                                          if kind == "account_manager_task" and self.classes.get(a) in NOT_AUTO}),
-                "faulty_meters": len(self.faulty)}
+                                          if kind == "account_manager_task" and a in self.protected}),
+                "faulty_meters": len(self.faulty),
+                "notices_delivered_by_sim": sum(1 for r in self.receipts.values() if r[0] == "delivered")}
 
 
 def meter_time(iso: str) -> float:
@@ -183,125 +188,206 @@ def _sent_records(ev: Evidence, kinds: tuple[str, ...]) -> dict[str, list[dict]]
     return out
 
 
-def _match_frames(ev: Evidence, r: CheckResult, frame_actions: tuple[str, ...], audit_action: str) -> None:
-    """Each gateway frame of ``frame_actions`` a meter applied must follow an ``audit_action`` record of its own."""
+def _match_frames(ev: Evidence, r: CheckResult, frame_actions: tuple[str, ...],
+                  audit_action: str) -> list[tuple[str, float, dict]]:
+    """Each gateway frame of ``frame_actions`` a meter applied must follow an ``audit_action`` record of its own.
+    -> (meter, the frame's time on the meter's clock, its record) for every frame that has one."""
     sent = _sent_records(ev, (audit_action,))
+    matched = []
     for meter, rec in sorted(ev.records.items()):
-        pending = sorted(a["at"] for a in sent.get(meter, []))
+        pending = sorted(sent.get(meter, []), key=lambda a: a["at"])
         used = 0
         for when, action, operator in rec["relay_log"]:
             if operator == CREW or action not in frame_actions:
                 continue
             # the earliest record not yet used must come before the frame (frames and records both in order)
-            if used < len(pending) and pending[used] <= meter_time(when) + SLACK_S:
+            if used < len(pending) and pending[used]["at"] <= meter_time(when) + SLACK_S:
+                matched.append((meter, meter_time(when), pending[used]))
                 used += 1
             else:
                 r.failures.append(f"meter {meter} ({ev.account_of.get(meter)}): applied {action} at {when} with no "
                                   f"{audit_action} record of the gateway before it that was not already used "
                                   f"({len(pending)} such records in all)")
+    return matched
+
+
+def _ledger_of(ev: Evidence) -> dict[str, list[tuple[int, int]]]:
+    """account -> [(recorded at, signed amount fen)] in commit order."""
+    out: dict[str, list[tuple[int, int]]] = {}
+    for _, account, _, fen, at in sorted(ev.ledger, key=lambda row: row[4]):
+        out.setdefault(account, []).append((at, fen))
+    return out
+
+
+def _lowest_balance_before(rows: list[tuple[int, int]], t: float) -> int:
+    """The least the balance can have been at ``t``: credits certainly committed before it (the store keeps whole
+    seconds), debits possibly committed before it. Above the trip level, the arrears were certainly cleared."""
+    return sum(fen for at, fen in rows if (at + SLACK_S < t if fen > 0 else at <= t + SLACK_S))
+
+
+def _delivered(ev: Evidence, account: str, purposes: set[str], notice_id: str | None = None) -> list[float]:
+    """When the notification simulator itself answered ``delivered`` to a notice request of ``account``."""
+    return [at for outcome, at, nid, purpose, acct in ev.receipts.values()
+            if outcome == "delivered" and acct == account and purpose in purposes and notice_id in (None, nid)]
 
 
 def trips_gated(ev: Evidence) -> CheckResult:
     r = CheckResult("trips_gated")
-    _match_frames(ev, r, (GATEWAY_TRIP,), "relay_trip_sent")
-    commands = {c.command_id: c for c in ev.commands}
-    notices_of: dict[str, list] = {}
-    for n in ev.notices:
-        notices_of.setdefault(n.account_id, []).append(n)
-    by_id = {n.notice_id: n for n in ev.notices}
     p = ev.policies
-    committed_clearing = {row[1]: row[4] for row in ev.ledger if row[0].startswith("CLEAR-")}
-    for a in (x for x in ev.audit if x["action"] == "relay_trip_sent"):
+    commands = {c.command_id: c for c in ev.commands}
+    ledger = _ledger_of(ev)
+    disconnect = {purpose.value for purpose in DISCONNECT_NOTICES}
+    for meter, frame_at, a in _match_frames(ev, r, (GATEWAY_TRIP,), "relay_trip_sent"):
         r.checked += 1
+        account = ev.account_of.get(meter)
         cid, at = a["detail"].get("command_id", ""), a["at"]
         c = commands.get(cid)
-        where = f"trip {cid} of meter {a['subject']} sent at {at:.0f}"
+        where = f"trip {cid} of meter {meter} sent at {at:.0f}"
         if c is None:
             r.failures.append(f"{where}: no such command in the store")
             continue
-        if c.actor != "engine":
-            continue  # an operator's trip: their role and approval are the API's checks (none in the soak)
-        cleared_at = committed_clearing.get(c.account_id)
-        if cleared_at is not None and cleared_at + SLACK_S < at:
-            r.failures.append(f"{where}: account {c.account_id}'s clearing payment was committed at {cleared_at}: the "
-                              f"balance checked at the send did not see it")
-        cls = ev.classes.get(c.account_id)
-        if cls in NOT_AUTO:
-            r.failures.append(f"{where}: account {c.account_id} is {cls}: never tripped automatically")
-        confirmed = [n for n in notices_of.get(c.account_id, []) if n.purpose in DISCONNECT_NOTICES and
-                     n.delivered_at is not None and n.delivered_at + p["notice_lead_s"] <= at + SLACK_S and
-                     at - n.delivered_at <= p["notice_max_age_s"]]
-        if not confirmed:
-            r.failures.append(f"{where}: account {c.account_id} has no disconnect notice confirmed "
-                              f"{p['notice_lead_s']:.0f} s before it")
+        if c.actor != "engine" or a["actor"] != "engine":
+            r.failures.append(f"{where}: by {c.actor} (audit: {a['actor']}): the soak has no operators, every trip "
+                              f"is the engine's")
+        if c.account_id != account:
+            r.failures.append(f"{where}: the command names account {c.account_id}, the meter is {account}'s")
+        lowest = _lowest_balance_before(ledger.get(account, []), at)
+        if lowest > p["trip_level_fen"]:
+            r.failures.append(f"{where}: account {account}'s ledger committed before the send leaves at least "
+                              f"{lowest} fen (above the trip level): the balance checked at the send missed a payment")
+        if account in ev.protected:
+            r.failures.append(f"{where}: account {account} is protected: never tripped automatically")
+        if not any(d + p["notice_lead_s"] <= frame_at + SLACK_S and frame_at - d <= p["notice_max_age_s"]
+                   for d in _delivered(ev, account, disconnect)):
+            r.failures.append(f"{where}: the notification system delivered no disconnect notice of {account} "
+                              f"{p['notice_lead_s']:.0f} s before the meter applied it at {frame_at:.1f}")
         case = ev.cases.get(c.origin)
         if case is None:
             r.failures.append(f"{where}: its disconnect case {c.origin} is not in the store")
         elif p["final_reminder_s"] > 0 and p["final_reminder_confirmed"]:
-            fin = by_id.get(case.final_notice_id)
-            if fin is None or fin.delivered_at is None or fin.delivered_at + p["final_reminder_s"] > at + SLACK_S:
+            delivered = _delivered(ev, account, {NoticePurpose.FINAL_REMINDER.value}, case.final_notice_id)
+            if not any(d + p["final_reminder_s"] <= frame_at + SLACK_S for d in delivered):
                 r.failures.append(f"{where}: case {case.case_id}'s final reminder {case.final_notice_id or '(none)'} "
-                                  f"was not confirmed {p['final_reminder_s']:.0f} s before it "
-                                  f"(confirmed at {getattr(fin, 'delivered_at', None)})")
+                                  f"was not delivered (the notification system's receipts: {delivered}) "
+                                  f"{p['final_reminder_s']:.0f} s before the meter applied it at {frame_at:.1f}")
+    # a crew's trip: only through a disconnect order of the meter, while the account was still in arrears
+    for meter, rec in sorted(ev.records.items()):
+        account = ev.account_of.get(meter)
+        for when, action, operator in rec["relay_log"]:
+            if operator != CREW or action != GATEWAY_TRIP:
+                continue
+            r.checked += 1
+            t = meter_time(when)
+            where = f"meter {meter} ({account}): a crew tripped it at {when}"
+            if not any(o.meter_id == meter and o.kind.value == "disconnect" and o.created_at <= t + SLACK_S
+                       for o in ev.orders):
+                r.failures.append(f"{where} with no disconnect work order for it")
+            lowest = _lowest_balance_before(ledger.get(account, []), t)
+            if lowest > p["trip_level_fen"]:
+                r.failures.append(f"{where}, after payments leaving at least {lowest} fen were committed")
     return r
 
 
 def protected_never_tripped(ev: Evidence) -> CheckResult:
+    """Judged by the harness's own protected set (what it wrote into the fleet file), not the store's classes."""
     r = CheckResult("protected_never_tripped")
     for meter, account in sorted(ev.account_of.items()):
-        if ev.classes.get(account) not in NOT_AUTO:
+        stored = ev.classes.get(account)
+        if (account in ev.protected) != (stored in NOT_AUTO):
+            r.failures.append(f"account {account}: the harness made it {'protected' if account in ev.protected else 'residential'}, "
+                              f"the store has class {stored}")
+        if account not in ev.protected:
             continue
         r.checked += 1
         trips = [e for e in ev.records.get(meter, {"relay_log": []})["relay_log"] if e[1] == GATEWAY_TRIP]
         if trips:
-            r.failures.append(f"meter {meter} of {ev.classes[account]} account {account}: applied trip(s) {trips}")
+            r.failures.append(f"meter {meter} of protected account {account}: applied trip(s) {trips}")
         cmds = [c.command_id for c in ev.commands if c.meter_id == meter and c.action.value == "trip"]
         if cmds:
-            r.failures.append(f"meter {meter} of {ev.classes[account]} account {account}: trip commands {cmds}")
+            r.failures.append(f"meter {meter} of protected account {account}: trip commands {cmds}")
     return r
+
+
+def _positions(ev: Evidence, meter: str) -> list[tuple[float, bool]]:
+    """When the meter's contact really moved (a stuck relay's frames do not move it until a crew repairs it):
+    [(time, open)], from the start position (closed)."""
+    moves, is_open, stuck = [], False, ev.faulty.get(meter) == "stuck_relay"
+    for when, action, operator in ev.records[meter]["relay_log"]:
+        if operator == CREW:
+            stuck = False
+        elif stuck or action not in (GATEWAY_TRIP, *GATEWAY_CLOSES):
+            continue
+        to_open = action == GATEWAY_TRIP
+        if to_open != is_open:
+            moves.append((meter_time(when), to_open))
+            is_open = to_open
+    return moves
 
 
 def paid_reconnected(ev: Evidence) -> CheckResult:
-    r = CheckResult("paid_reconnected", len(ev.cleared))
-    meter_of = {a: m for m, a in ev.account_of.items()}
-    limit = ev.policies["reconnect_deadline_s"]
-    for account, paid_at in sorted(ev.cleared.items()):
-        meter = meter_of[account]
-        if not ev.records[meter]["relay_open"]:
+    """From each meter's own log: every time a payment cleared the arrears while its relay was open, the relay
+    closed (by a frame of the gateway or a crew's hand) within ``reconnect_deadline_s`` of that payment's commit,
+    or the soak ended before then; a reconnect work order carries that deadline (the payment's), no later one."""
+    r = CheckResult("paid_reconnected")
+    p, ledger = ev.policies, _ledger_of(ev)
+    limit, close_above = p["reconnect_deadline_s"], p["trip_level_fen"] + p["close_margin_fen"]
+    for meter, account in sorted(ev.account_of.items()):
+        if account in ev.protected:
             continue
-        orders = [o for o in ev.orders if o.meter_id == meter and o.kind.value == "reconnect"
-                  and o.created_at >= paid_at - SLACK_S]
-        if not orders:
-            r.failures.append(f"account {account} paid up at {paid_at:.0f}: meter {meter}'s relay is open and it "
-                              f"has no reconnect work order")
-            continue
-        o = min(orders, key=lambda o: o.created_at)
-        if o.deadline_at > paid_at + limit + SLACK_S:
-            r.failures.append(f"account {account}: order {o.order_id}'s deadline {o.deadline_at:.0f} is later than "
-                              f"payment + {limit:.0f} s ({paid_at + limit:.0f})")
-        done = o.closed_at if o.state.value == "completed" else None
-        if done is not None and done > o.deadline_at:
-            r.failures.append(f"account {account}: order {o.order_id} completed at {done:.0f}, after its deadline "
-                              f"{o.deadline_at:.0f}")
-        if done is None and ev.ended_at > o.deadline_at:
-            r.failures.append(f"account {account}: order {o.order_id} is {o.state.value} past its deadline "
-                              f"{o.deadline_at:.0f} (the soak ended at {ev.ended_at:.0f}) and meter {meter} is open")
+        moves = _positions(ev, meter)
+        rows = ledger.get(account, [])
+        for i, (opened_at, is_open) in enumerate(moves):
+            if not is_open:
+                continue
+            closed_at = moves[i + 1][0] if i + 1 < len(moves) else None
+            balance = sum(fen for at, fen in rows if at <= opened_at)
+            due_from = None  # the commit of the payment that cleared the arrears
+            for at, fen in rows:
+                if at <= opened_at or closed_at is not None and at > closed_at:
+                    continue
+                balance += fen
+                if due_from is None and fen > 0 and balance > close_above:
+                    due_from = at
+                elif due_from is not None and balance <= close_above:
+                    due_from = None  # charges read late took it back below: no longer owed a close
+            if due_from is None:
+                continue
+            r.checked += 1
+            where = f"account {account} (meter {meter}, open since {opened_at:.1f}) paid up at {due_from}"
+            deadline = due_from + limit
+            late = [o.order_id for o in ev.orders if o.meter_id == meter and o.kind.value == "reconnect"
+                    and opened_at - SLACK_S <= o.created_at and o.deadline_at > deadline + SLACK_S
+                    and (closed_at is None or o.created_at <= closed_at + SLACK_S)]
+            if late:
+                r.failures.append(f"{where}: reconnect order(s) {late} with a deadline later than the payment + "
+                                  f"{limit:.0f} s ({deadline:.0f})")
+            if closed_at is None and ev.ended_at > deadline + SLACK_S:
+                r.failures.append(f"{where}: still open when the soak ended at {ev.ended_at:.0f}, past its deadline "
+                                  f"{deadline:.0f}")
+            elif closed_at is not None and closed_at > deadline + SLACK_S:
+                r.failures.append(f"{where}: closed only at {closed_at:.1f}, after its deadline {deadline:.0f}")
     return r
+
+
+def _crew_order(ev: Evidence, meter: str, action: str, t: float):
+    """The work order a crew was completing when it set ``meter``'s relay at ``t``: the meter's order of the
+    matching kind created before and recorded completed the soonest after (or None)."""
+    kind = "disconnect" if action == GATEWAY_TRIP else "reconnect"
+    candidates = [o for o in ev.orders if o.meter_id == meter and o.kind.value == kind and o.created_at <= t + SLACK_S
+                  and o.state.value == "completed" and o.closed_at is not None and o.closed_at >= t - SLACK_S]
+    return min(candidates, key=lambda o: o.closed_at, default=None)
 
 
 def no_action_twice(ev: Evidence) -> CheckResult:
     r = CheckResult("no_action_twice", len(ev.records))
     _match_frames(ev, r, GATEWAY_CLOSES, "relay_close_sent")
-    completed: dict[str, list[float]] = {}  # meter -> when the gateway recorded its field orders completed
-    for o in ev.orders:
-        if o.state.value == "completed" and o.closed_at is not None:
-            completed.setdefault(o.meter_id, []).append(o.closed_at)
     for meter, rec in sorted(ev.records.items()):
-        is_open, since, by_crew = False, "the start", False
+        is_open, since, crew = False, "the start", None
         stuck = ev.faulty.get(meter) == "stuck_relay"
         for when, action, operator in rec["relay_log"]:
             if operator == CREW:
-                is_open, since, stuck, by_crew = action == GATEWAY_TRIP, f"a crew at {when}", False, True
+                is_open, since, stuck = action == GATEWAY_TRIP, f"a crew at {when}", False
+                crew = (meter_time(when), _crew_order(ev, meter, action, meter_time(when)))
                 continue
             if action not in (GATEWAY_TRIP, *GATEWAY_CLOSES):
                 continue
@@ -311,14 +397,23 @@ def no_action_twice(ev: Evidence) -> CheckResult:
             if is_open == to_open:
                 where = f"meter {meter} ({ev.account_of.get(meter)}): {action} at {when} found the relay already " \
                         f"{'open' if is_open else 'closed'} since {since}"
-                if not by_crew:
+                if crew is None:
                     r.failures.append(f"{where}: applied twice")
-                elif any(c + SLACK_S < t for c in completed.get(meter, ())):
-                    r.failures.append(f"{where}, after the gateway had recorded the order completed")
+                elif crew[1] is None:
+                    r.failures.append(f"{where}: no completed work order of that crew's visit")
+                elif t > crew[1].closed_at + SLACK_S:
+                    r.failures.append(f"{where}, after the gateway had recorded order {crew[1].order_id} completed "
+                                      f"at {crew[1].closed_at:.1f}")
+                elif t > crew[0] + RACE_WINDOW_S:
+                    r.failures.append(f"{where}: more than {RACE_WINDOW_S:.0f} s after the crew, still racing it")
                 else:
                     r.raced_crew += 1
-            is_open, since, by_crew = to_open, f"{action} at {when}", False
+            is_open, since, crew = to_open, f"{action} at {when}", None
         if not stuck and is_open != rec["relay_open"]:
             r.failures.append(f"meter {meter}: its log ends {'open' if is_open else 'closed'} but its relay is "
                               f"{'open' if rec['relay_open'] else 'closed'} (the record is incomplete)")
+    crew_visits = sum(1 for rec in ev.records.values() for e in rec["relay_log"] if e[2] == CREW)
+    if r.raced_crew > max(MAX_RACED_SHARE * crew_visits, 1):
+        r.failures.append(f"{r.raced_crew} gateway frames raced a crew, of {crew_visits} crew visits (at most "
+                          f"{MAX_RACED_SHARE:.0%} may)")
     return r

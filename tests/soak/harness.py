@@ -17,6 +17,7 @@ ends, every account is paid up ("CLEAR-" payments) and everything stays up for t
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
 import os
 import random
@@ -35,7 +36,7 @@ from simulators.broker import Broker
 from simulators.fleet import FleetProcess, FleetSpec
 
 from .checks import Evidence, run_checks
-from .postgres import PrivatePostgres
+from .postgres import PrivatePostgres, restart_safe_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SOAK_CONTROL = Path(__file__).with_name("soak.control.toml")
@@ -43,6 +44,8 @@ SOAK_CONTROL = Path(__file__).with_name("soak.control.toml")
 EVENT_KINDS = ("gateway_kill", "broker_restart", "broker_kill", "pg_restart", "pg_crash")
 PRICE_YUAN = "10.0000"  # per kWh: with 20-40 kW a small credit lasts seconds, a clearing payment days
 CLEARING_YUAN = "50000.00"  # far more than any arrears, and more than a run can use up
+HYSTERESIS_FEN = 20  # the gateways' [thresholds]: out of TRIP (level 0, no overdraft) once 20 fen above it
+LEASE_TTL_S = 5  # the gateways' [cluster] lease_ttl_s (several instances)
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,10 @@ class ChaosEvent:
     target: str = ""  # the instance (gateway_kill)
     down_s: float = 0.0  # how long it stays down
     applied_at_s: float | None = None
+    #: gateway_kill: it waits for a relay command on the wire (a relay_sent event) and kills its sender then
+    in_flight: bool = False
+    in_flight_hit: bool = False  # ... and one was seen (the kill landed while a command was in flight)
+    takeover: bool | None = None  # several instances, a kill longer than the lease: another took the lease
 
 
 def schedule(spec: SoakSpec) -> list[ChaosEvent]:
@@ -84,6 +91,10 @@ def schedule(spec: SoakSpec) -> list[ChaosEvent]:
     for at, kind in zip(times, kinds):
         target = f"gw{rng.randint(1, spec.instances)}" if kind == "gateway_kill" else ""
         events.append(ChaosEvent(round(at, 1), kind, target, round(rng.uniform(1.0, 5.0), 1)))
+    kills = [e for e in events if e.kind == "gateway_kill"]
+    kills[0].in_flight = True  # the first kill lands while a relay command is in flight
+    if spec.instances > 1:  # and the last stays down longer than a lease lives: another instance takes over
+        kills[-1].down_s = LEASE_TTL_S + 5.0
     return events
 
 
@@ -162,6 +173,9 @@ class GatewayProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def log_size(self) -> int:
+        return len(self.log())
+
 
 # ------------------------------------------------------------------------------------------ upstream
 
@@ -189,7 +203,7 @@ class Upstream:
         notice_rng = random.Random(seed * 7 + 2)  # used in paho's thread only
         self.sent: dict[str, Sent] = {}
         self.counts = {"published": 0, "duplicates": 0, "replays": 0, "out_of_order": 0, "resent": 0,
-                       "crew_completed": 0, "crew_skipped_cancelled": 0}
+                       "crew_completed": 0, "crew_skipped_cancelled": 0, "crew_skipped_paid": 0}
         self.cleared: set[str] = set()
         self.paying = True
         self.due: list[tuple[float, int, Callable[[], None]]] = []
@@ -257,7 +271,7 @@ class Upstream:
             if ev.data["action"] == "trip" and self.paying and self.rng.random() < 0.8:
                 self._later(self.rng.uniform(2, 8), lambda a=account: self._pay_tripped(a))
         for ev in self._new("field_order_created"):
-            self._later(self.rng.uniform(3, 10), lambda e=ev: self._crew(e))
+            self._later(self.rng.uniform(3, 10), lambda e=ev, seen=time.time(): self._crew(e, seen))
         if self.paying and self.sent and self.rng.random() < 0.05:  # an old payment replayed after newer ones
             s = self.rng.choice(list(self.sent.values())[: max(1, len(self.sent) // 2)])
             self.publish(s)
@@ -290,11 +304,17 @@ class Upstream:
         self.counts["resent"] += n
         return n
 
-    def _crew(self, ev: contract.Event) -> None:
-        """On site: the meter repaired and its relay set by hand, unless the order was cancelled meanwhile."""
+    def _crew(self, ev: contract.Event, seen_at: float) -> None:
+        """On site: the meter repaired and its relay set by hand, unless the order was cancelled meanwhile, or
+        (a disconnect) the customer paid since it was given (the crew asks the office first: the cancellation may
+        still be on its way while the broker or the database is down)."""
         order_id = ev.data["order_id"]
         if any(c.data.get("order_id") == order_id for c in self.billing.of_kind("field_order_cancelled")):
             self.counts["crew_skipped_cancelled"] += 1
+            return
+        if ev.data["kind"] == "disconnect" and any(s.account == ev.data["account_id"] and s.published[0] > seen_at - 5
+                                                   for s in self.sent.values()):
+            self.counts["crew_skipped_paid"] += 1
             return
         self.fleet.repair(ev.subject, relay_open=ev.data["kind"] == "disconnect")
         self.billing.send(contract.FieldUpdate(f"U-{order_id}", order_id, "completed", datetime.now(CN), "crew-soak",
@@ -322,7 +342,7 @@ def fleet_spec(spec: SoakSpec) -> FleetSpec:
     return FleetSpec({"dlt645_tcp": spec.meters - behind_concentrator, "mqtt_frame": behind_concentrator},
                      per_line=spec.per_line, load_kw=(20.0, 40.0), stuck_relay=spec.stuck_relay,
                      silent_after_trip=spec.silent_after_trip, corrupt_frames=spec.corrupt_frames,
-                     utc_offset_s=8 * 3600, seed=spec.seed)
+                     exact_faults=True, utc_offset_s=8 * 3600, seed=spec.seed)
 
 
 def write_fleet_csv(path: Path, layout: dict, spec: SoakSpec) -> tuple[dict[str, str], set[str]]:
@@ -356,13 +376,13 @@ def gateway_toml(spec: SoakSpec, instance: str, store_url: str, broker: Broker, 
              f'[control]\nfile = "{work / "control.toml"}"\n',
              f"[gateway]\npoll_interval_s = {spec.poll_interval_s}\ntick_s = 0.2\n",
              "[thresholds]\ndefault_warn1_fen = 150\ndefault_warn2_fen = 80\nwarn1_min_fen = 100\n"
-             "warn2_min_fen = 50\nhysteresis_fen = 20\n",
+             f"warn2_min_fen = 50\nhysteresis_fen = {HYSTERESIS_FEN}\n",
              f'[fleet]\nfile = "{work / "fleet.csv"}"\ntariffs = "{work / "tariffs.json"}"\n',
              f'[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\ninstance = "{instance}"\nreconnect_max_s = 2\n'
              + ('shared_group = "feikong"\n' if cluster else ""),
              "[metrics]\nport = 0\n", "[http]\nport = 0\n"]
     if cluster:
-        parts.append("[cluster]\nlease_ttl_s = 5\n")
+        parts.append(f"[cluster]\nlease_ttl_s = {LEASE_TTL_S}\n")
     for n, line in enumerate(layout["lines"], 1):
         if line["kind"] == "dlt645_tcp":
             host, _, port = line["where"].rpartition(":")
@@ -399,17 +419,35 @@ class Soak:
                  f"{spec.chaos_s:.0f} s then settling {spec.settle_s:.0f} s; work directory {work}")
         self.say("schedule: " + "; ".join(f"t+{e.at_s:.1f}s {e.kind}{' ' + e.target if e.target else ''} "
                                           f"(down {e.down_s:.1f}s)" for e in self.events))
-        pg = PrivatePostgres().start()
-        broker = Broker(work / "broker").start()
-        fleet = gateways = billing = None
+        fleet = billing = None
+        gateways: list[GatewayProcess] = []
+        pg = PrivatePostgres()
+        broker = Broker(work / "broker")
+        broker.port = restart_safe_port()  # it is restarted on this port: keep it out of the ephemeral range
+        broker._write_config()
+
+        def leftovers() -> None:
+            """Whatever way this process ends (an exception, a KeyboardInterrupt, sys.exit), no server stays."""
+            for g in gateways:
+                if g.running:
+                    g.proc.kill()
+            if fleet is not None and fleet.proc is not None and fleet.proc.returncode is None:
+                try:
+                    os.killpg(fleet.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            broker.kill()
+            pg.close()
+        atexit.register(leftovers)
         try:
+            pg.start()
+            broker.start()
             fleet = await FleetProcess(fleet_spec(spec), (broker.host, broker.port), workdir=work).start()
             layout = fleet.describe()
             meter_of, protected = write_fleet_csv(work / "fleet.csv", layout, spec)
             (work / "tariffs.json").write_text(json.dumps(
                 {"soak": [{"effective_from": 0, "kind": "flat", "price": PRICE_YUAN}]}))
             write_control(work / "control.toml", datetime.now(CN).date())
-            gateways = []
             for i in range(1, spec.instances + 1):
                 path = work / f"gw{i}.toml"
                 path.write_text(gateway_toml(spec, f"gw{i}", pg.dsn, broker, layout, work))
@@ -426,7 +464,7 @@ class Soak:
             upstream = asyncio.create_task(up.run(stop))
             chaos_started = time.monotonic()
             try:
-                await self._chaos(chaos_started, pg, broker, {g.name: g for g in gateways})
+                await self._chaos(chaos_started, pg, broker, {g.name: g for g in gateways}, billing)
                 rest = spec.chaos_s - (time.monotonic() - chaos_started)
                 if rest > 0:
                     await asyncio.sleep(rest)
@@ -443,7 +481,8 @@ class Soak:
             codes = {g.name: await g.stop() for g in gateways}
             records = (await fleet.report(sorted(meter_of.values())))["meters"]
             evidence = Evidence.collect(pg.dsn, up, billing, records, layout, protected, meter_of,
-                                        work / "control.toml", ended_at)
+                                        work / "control.toml", ended_at,
+                                        {"trip_level_fen": 0, "close_margin_fen": HYSTERESIS_FEN})
             results = run_checks(evidence)
             if keep:  # with the logs and configs: all a failure needs looking into
                 (work / "records.json").write_text(json.dumps(records))
@@ -456,12 +495,12 @@ class Soak:
         finally:
             if billing is not None:
                 await asyncio.to_thread(billing.stop)
-            for g in gateways or ():
+            for g in gateways:
                 await g.stop(5)
             if fleet is not None:
                 await fleet.stop()
-            broker.kill()
-            pg.close()
+            leftovers()
+            atexit.unregister(leftovers)
             if not keep and not os.environ.get("FEIKONG_SOAK_KEEP"):
                 import shutil
                 shutil.rmtree(work, ignore_errors=True)
@@ -477,16 +516,38 @@ class Soak:
             raise RuntimeError("gateways not online; their logs:\n" +
                                "\n".join(g.log()[-3000:] for g in gateways)) from None
 
-    async def _chaos(self, t0: float, pg: PrivatePostgres, broker: Broker, gateways: dict) -> None:
+    async def _relay_in_flight(self, billing: BillingSim, target: str, timeout: float = 20.0) -> tuple[str, bool]:
+        """Until a gateway sends a relay command (its ``relay_sent`` event; the meter's answer not yet in):
+        -> (that gateway, True); or (``target``, False) if none comes within ``timeout``."""
+        seen = billing.count("relay_sent")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if billing.count("relay_sent") > seen:
+                return billing.of_kind("relay_sent")[-1].instance, True
+            await asyncio.sleep(0.01)
+        return target, False
+
+    async def _chaos(self, t0: float, pg: PrivatePostgres, broker: Broker, gateways: dict,
+                     billing: BillingSim) -> None:
         for e in self.events:
             wait = t0 + e.at_s - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
             e.applied_at_s = round(time.monotonic() - t0, 1)
-            self.say(f"t+{e.applied_at_s:.1f}s {e.kind} {e.target} (down {e.down_s:.1f}s)")
             if e.kind == "gateway_kill":
+                if e.in_flight:
+                    e.target, e.in_flight_hit = await self._relay_in_flight(billing, e.target)
+                others = {n: g.log_size() for n, g in gateways.items() if n != e.target}
+                self.say(f"t+{e.applied_at_s:.1f}s {e.kind} {e.target} (down {e.down_s:.1f}s)"
+                         + (" with a relay command in flight" if e.in_flight_hit else ""))
                 await gateways[e.target].kill(e.down_s)
-            elif e.kind in ("broker_restart", "broker_kill"):
+                if others and e.down_s > LEASE_TTL_S:
+                    e.takeover = any("took the lease" in gateways[n].log()[size:] for n, size in others.items())
+                    self.say(f"  another instance took the lease meanwhile: {e.takeover}")
+                self.applied[e.kind] += 1
+                continue
+            self.say(f"t+{e.applied_at_s:.1f}s {e.kind} {e.target} (down {e.down_s:.1f}s)")
+            if e.kind in ("broker_restart", "broker_kill"):
                 await asyncio.to_thread(broker.stop if e.kind == "broker_restart" else broker.kill)
                 await asyncio.sleep(e.down_s)
                 await asyncio.to_thread(broker.start)
@@ -531,9 +592,11 @@ class Soak:
             "closes_confirmed": sum(1 for e in confirmed if e.data["action"] == "close"),
             "field_orders": billing.count("field_order_created"),
             "notice_receipts": dict(billing.receipts),
+            "faults": _count(evidence.faulty.values()),
             "counts": evidence.counts(),
             "checks": {r.name: {"passed": r.passed, "checked": r.checked, "failures": r.failures[:20],
-                                **({"raced_crew": r.raced_crew} if r.raced_crew else {})} for r in results},
+                                **({"raced_crew": r.raced_crew} if r.name == "no_action_twice" else {})}
+                       for r in results},
             "checks_passed": sum(r.passed for r in results), "checks_total": len(results),
             "passed": all(r.passed for r in results),
             "wall_s": round(wall_s, 1),

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import glob
 import os
+import random
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -17,7 +19,25 @@ from pathlib import Path
 
 import psycopg
 
-from simulators.broker import free_port
+
+
+def restart_safe_port() -> int:
+    """A free port below the kernel's ephemeral range: a server restarted during the soak re-binds it, and a port
+    from the ephemeral range may meanwhile be some outgoing connection's local port."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(10000, max(low, 10001))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port between 10000 and {low}")
 
 
 def pg_bin_dir() -> Path:
@@ -40,7 +60,7 @@ class PrivatePostgres:
         # a directory of its own, outside the caller's (pytest's tmp_path is 0700 root: postgres cannot enter)
         self.dir = Path(tempfile.mkdtemp(prefix="feikong-soak-pg-"))
         self.data = self.dir / "data"
-        self.port = free_port()
+        self.port = restart_safe_port()
         self.bin = pg_bin_dir()
         self.as_postgres = os.geteuid() == 0
         self.dsn = f"postgresql://postgres@127.0.0.1:{self.port}/feikong"
