@@ -39,6 +39,7 @@ def story() -> Evidence:
         confirmations=[("e1", "PAY-1", "A1", 1000), ("e2", "CLEAR-A1", "A1", clear), ("e2", "CLEAR-A2", "A2", clear)],
         ledger=[("PAY-1", "A1", "payment", 1000, T0), ("C-1", "A1", "charge", -1100, T0 + 20),
                 ("CLEAR-A1", "A1", "payment", clear, T0 + 101), ("CLEAR-A2", "A2", "payment", clear, T0 + 101)],
+        charges=[],
         commands=[Command("T1", "M1", "A1", RelayAction.TRIP, "engine", "engine", "arrears", "A1#3", T0 + 25, T0 + 900),
                   Command("K1", "M1", "A1", RelayAction.CLOSE, "engine", "engine", "paid", "A1#4", T0 + 101, T0 + 900)],
         cases={"A1#3": TripCase("A1#3", "A1", T0 + 5, -10, final_notice_id="N2")},
@@ -142,6 +143,10 @@ def test_a_trip_sent_after_a_payment_that_cleared_the_arrears_was_committed_fail
                          sent={**story.sent, "PAY-2": ("A1", 50, T0 + 25)},
                          confirmations=[*story.confirmations, ("e3", "PAY-2", "A1", 50)])
     assert failures(too_little) == {}  # -100 + 50: still in arrears
+    # the charges of readings (not ledger rows) count the same
+    from_readings = replace(paid, ledger=[r for r in paid.ledger if r[0] != "C-1"], charges=[("A1", T0 + 20, 1100_000_000)])
+    assert "the balance checked at the send missed a payment" in only_failure(from_readings, "trips_gated")
+    assert failures(replace(from_readings, charges=[("A1", T0 + 20, 1500_000_000)])) == {}
     same_second = replace(paid, ledger=[*story.ledger, ("PAY-2", "A1", "payment", 300, T0 + 30)])
     assert "trips_gated" not in failures(same_second)  # committed in the send's second: may have come after it
 

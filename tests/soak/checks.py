@@ -75,6 +75,7 @@ class Evidence:
     sent: dict[str, tuple[str, int, float]]  # payment id -> (account, amount fen, paid at epoch s)
     confirmations: list[tuple[str, str, str, int]]  # (event id, payment id, account, amount fen)
     ledger: list[tuple[str, str, str, int, int]]  # (entry id, account, kind, amount fen, recorded at epoch s)
+    charges: list[tuple[str, int, int]]  # (account, reading time epoch s, its cost in micro-fen): the debits
     commands: list
     cases: dict
     notices: list
@@ -101,6 +102,9 @@ class Evidence:
             ledger = [tuple(r) for r in store._query(
                 "SELECT l.entry_id, a.account_id, l.kind, l.amount_fen, l.recorded_at FROM ledger l "
                 "JOIN accounts a ON a.account_no = l.account_no")]
+            charges = [tuple(r) for r in store._query(
+                "SELECT a.account_id, r.t, r.cost_ufen FROM readings r JOIN accounts a ON a.account_no = r.account_no "
+                "WHERE r.cost_ufen <> 0")]
             classes = dict(store._query("SELECT account_id, customer_class FROM accounts"))
             decisions = [tuple(r) for r in store._query(
                 "SELECT a.account_id, d.kind FROM decisions d JOIN accounts a ON a.account_no = d.account_no")]
@@ -119,7 +123,7 @@ class Evidence:
                     "final_reminder_s": cfg.trips.final_reminder_s,
                     "final_reminder_confirmed": cfg.trips.final_reminder_confirmed,
                     "reconnect_deadline_s": cfg.dispatch.reconnect_deadline_s, **thresholds}
-        return cls(sent, confirmations, ledger, commands, cases, notices, orders, audit, records,
+        return cls(sent, confirmations, ledger, charges, commands, cases, notices, orders, audit, records,
                    dict(layout["faulty"]), {m: a for a, m in meter_of.items()}, classes, set(protected),
                    dict(billing.notice_answers), decisions, policies, ended_at)
 
@@ -211,15 +215,18 @@ def _match_frames(ev: Evidence, r: CheckResult, frame_actions: tuple[str, ...],
     return matched
 
 
-def _ledger_of(ev: Evidence) -> dict[str, list[tuple[int, int]]]:
-    """account -> [(recorded at, signed amount fen)] in commit order."""
-    out: dict[str, list[tuple[int, int]]] = {}
-    for _, account, _, fen, at in sorted(ev.ledger, key=lambda row: row[4]):
+def _ledger_of(ev: Evidence) -> dict[str, list[tuple[float, float]]]:
+    """account -> [(when, signed fen)] in time order: the ledger's rows at their commit, and the charges of the
+    readings (kept with the readings, not in the ledger) at the reading's time."""
+    out: dict[str, list[tuple[float, float]]] = {}
+    rows = [(at, account, fen) for _, account, _, fen, at in ev.ledger]
+    rows += [(t, account, -ufen / 1e6) for account, t, ufen in ev.charges]
+    for at, account, fen in sorted(rows):
         out.setdefault(account, []).append((at, fen))
     return out
 
 
-def _lowest_balance_before(rows: list[tuple[int, int]], t: float) -> int:
+def _lowest_balance_before(rows: list[tuple[float, float]], t: float) -> float:
     """The least the balance can have been at ``t``: credits certainly committed before it (the store keeps whole
     seconds), debits possibly committed before it. Above the trip level, the arrears were certainly cleared."""
     return sum(fen for at, fen in rows if (at + SLACK_S < t if fen > 0 else at <= t + SLACK_S))
@@ -254,7 +261,7 @@ def trips_gated(ev: Evidence) -> CheckResult:
         lowest = _lowest_balance_before(ledger.get(account, []), at)
         if lowest > p["trip_level_fen"]:
             r.failures.append(f"{where}: account {account}'s ledger committed before the send leaves at least "
-                              f"{lowest} fen (above the trip level): the balance checked at the send missed a payment")
+                              f"{lowest:.0f} fen (above the trip level): the balance checked at the send missed a payment")
         if account in ev.protected:
             r.failures.append(f"{where}: account {account} is protected: never tripped automatically")
         if not any(d + p["notice_lead_s"] <= frame_at + SLACK_S and frame_at - d <= p["notice_max_age_s"]
@@ -284,7 +291,7 @@ def trips_gated(ev: Evidence) -> CheckResult:
                 r.failures.append(f"{where} with no disconnect work order for it")
             lowest = _lowest_balance_before(ledger.get(account, []), t)
             if lowest > p["trip_level_fen"]:
-                r.failures.append(f"{where}, after payments leaving at least {lowest} fen were committed")
+                r.failures.append(f"{where}, after payments leaving at least {lowest:.0f} fen were committed")
     return r
 
 
