@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -38,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
                     settle_s=args.settle_minutes * 60, extra_events=extra)
     # billing's and the fleet's MQTT clients say when the broker goes away (it does, on purpose): tagged, not bare
     logging.basicConfig(level=logging.WARNING, format="[soak] %(name)s %(levelname)s: %(message)s")
+    # a SIGTERM (a CI timeout, say) ends it like Ctrl-C does: through the harness's clean-up, no server left running
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     summary = asyncio.run(Soak(spec, workdir=args.workdir).run())
     print(json.dumps(summary), flush=True)
     return 0 if summary["passed"] else 1

@@ -10,29 +10,35 @@ The checks, precisely:
     on its account, with its amount; the ledger holds no payment billing did not send; and billing saw each
     confirmed (``payments_applied``) by exactly one event, with the same amount.
 ``trips_gated``
-    Every trip frame a meter applied (its own log; a crew's hand is not a frame) follows a ``relay_trip_sent``
-    audit record of the gateway for that meter (each record accounts for one frame at most), and every such
-    record passed the gates: an automatic (engine) command, sent before any clearing payment of its account
-    was committed (the fresh balance at the send sees every committed payment), of an account whose class may
-    be tripped automatically, with a disconnect notice (warning 1, 2 or disconnect) confirmed at least ``notice_lead_s``
-    before the send and not older than ``notice_max_age_s``, and the case's final reminder confirmed at least
-    ``final_reminder_s`` before it (where the policies ask for one).
+    Every trip frame a meter applied (its own log) follows a ``relay_trip_sent`` audit record of the gateway for
+    that meter (each record accounts for one frame at most), and each passed the gates: the engine's command
+    (the soak has no operators: any other actor fails); the account's balance at the send, from the ledger's
+    credits committed before it less the readings' charges up to it, at or below the trip level (so no payment
+    that cleared the arrears had been committed); not a protected account (the harness's set); the
+    notification simulator itself answered ``delivered`` to a disconnect notice request (warning 1, 2 or
+    disconnect) of the account at least ``notice_lead_s`` before the frame's time on the meter's clock and not
+    more than ``notice_max_age_s`` before, and to the case's final reminder at least ``final_reminder_s``
+    before it (where the policies ask for one). A crew's trip by hand needs a disconnect work order of the
+    meter created before it, and the account still in arrears by the same reckoning.
 ``protected_never_tripped``
-    No meter of a protected or VIP account applied a trip (any operator), and the store holds no trip command
-    for one.
+    No meter of an account the harness made protected applied a trip (any operator), the store holds no trip
+    command for one, and the store's class of every account agrees with the harness.
 ``paid_reconnected``
-    Every account billing paid up (a ``CLEAR-`` payment, far more than any arrears) ends with its relay closed
-    in the simulator, or has a reconnect work order for its meter whose deadline is at most the payment's time
-    plus ``reconnect_deadline_s`` and holds: completed by then, or still open and not yet due.
+    From each meter's log (a stuck relay's frames do not move it): whenever a payment, any, took the balance of
+    an account whose relay was open above the close level (and charges did not take it back below), the relay
+    closed (a frame or a crew's hand) within ``reconnect_deadline_s`` of that payment's commit, or the soak
+    ended before then; no reconnect work order carries a later deadline.
 ``no_action_twice``
     A relay action is applied twice when a meter applies an operate frame of the gateway that finds its contact
     already where an earlier frame of the gateway put it (a re-send without reading back first: what invariant
     4 forbids). Walking each meter's log from its start position (closed): a gateway frame must move the
     contact. A crew sets it by hand: a gateway frame that then finds it already there raced the crew (a remote
-    retry while the order is open, the crew's report not yet in), which is allowed only until the gateway has
-    recorded the order completed. Meters with a stuck relay (until a crew repairs them) cannot move: their
-    repeats are retries of an action that did not happen, and like every frame each must follow a
-    ``relay_*_sent`` audit record of its own (so a retry the gateway did not record is still caught).
+    retry while the order is open, the crew's report not yet in), which is allowed only within
+    ``RACE_WINDOW_S`` of the crew and before the gateway recorded that crew's order completed; at most
+    ``MAX_RACED_SHARE`` of crew visits may be raced. Meters with a stuck relay (until a crew repairs them)
+    cannot move: their repeats are retries of an action that did not happen, and like every frame each must
+    follow a ``relay_*_sent`` audit record of its own (so a retry the gateway did not record is still caught;
+    that the gateway read the relay back between them is not checked: the meters do not log their reads).
 """
 from __future__ import annotations
 
