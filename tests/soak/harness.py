@@ -537,6 +537,7 @@ class Soak:
             if e.kind == "gateway_kill":
                 if e.in_flight:
                     e.target, e.in_flight_hit = await self._relay_in_flight(billing, e.target)
+                    e.applied_at_s = round(time.monotonic() - t0, 1)
                 others = {n: g.log_size() for n, g in gateways.items() if n != e.target}
                 self.say(f"t+{e.applied_at_s:.1f}s {e.kind} {e.target} (down {e.down_s:.1f}s)"
                          + (" with a relay command in flight" if e.in_flight_hit else ""))
