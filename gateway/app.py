@@ -232,10 +232,13 @@ class Gateway:
             await asyncio.to_thread(cluster.stop)
 
     async def _rescope(self, polls: dict[str, asyncio.Task], stop: asyncio.Event) -> bool:
-        """Act for the channels the leases say; True if some were taken up (drain their inbox)."""
+        """Act for the channels the leases say; True if some were taken up (drain their inbox). What is given
+        up is what actually runs (poll tasks) or was acted for, less what is wanted: a lease the fence found
+        lost is no longer in ``acting``, but its poll loop and its link still are."""
         cluster = self.cluster
+        fenced = cluster.take_fenced()
         wanted, acting = cluster.wanted(), dict(cluster.acting)
-        gone = set(acting) - set(wanted)
+        gone = (set(acting) | set(polls) | fenced) - set(wanted)
         by_name = {c.name: c for c in self.channels}
         for name in gone:  # their readings would be dropped anyway: stop reading
             task = polls.pop(name, None)
@@ -249,9 +252,9 @@ class Gateway:
             for name in sorted(gone):
                 if name in self.executor.drivers:
                     await held.enter_async_context(self.executor.drivers[name].reserved())
-            if wanted != acting:
-                started = time.perf_counter()
-                await self.writer.call(self.control.rescope, wanted, self.clock.now())
+            started = time.perf_counter()
+            # (after a lost lease always: memory may still have the lost channel's cases and commands)
+            if await self.writer.call(self.control.rescope, wanted, self.clock.now()):
                 log.info("acting for channel(s) %s (%s); reloaded in %.2f s", ", ".join(sorted(wanted)) or "none",
                          "; ".join(x for x in (f"took {', '.join(sorted(gained))}" if gained else "",
                                                 f"gave up {', '.join(sorted(gone))}" if gone else "") if x),

@@ -206,6 +206,9 @@ class Cluster:
         self.releasing: set[str] = set()  # above the fair share: the gateway hands these over
         #: channel -> epoch the gateway works for; changed on the writer thread only (rescope, fence)
         self.acting: dict[str, int] = {}
+        #: channels the fence found lost since the gateway last rescoped (it stops their polls, closes their
+        #: links and reloads: ``acting`` no longer names them, so it cannot tell from that alone)
+        self.fenced: set[str] = set()
         self._owner_cache: tuple | None = None
         self._meter_cache: tuple | None = None
         self._stop = threading.Event()
@@ -315,6 +318,12 @@ class Cluster:
         with self._lock:
             return {c: e for c, e in self.held.items() if c not in self.releasing}
 
+    def take_fenced(self) -> set[str]:
+        """The channels the fence found lost since the last call (the gateway's rescope stops them)."""
+        with self._lock:
+            fenced, self.fenced = self.fenced, set()
+            return fenced
+
     def release(self, channel: str) -> None:
         """Hand a lease over (after the gateway stopped acting for it)."""
         with self._db:
@@ -348,6 +357,7 @@ class Cluster:
         lost = fence_sql(store, self.me, self.acting)
         if lost:
             with self._lock:
+                self.fenced |= lost
                 for c in lost:
                     self.acting.pop(c, None)
                     if self.held.get(c) is not None:

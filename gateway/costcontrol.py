@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 
 from gateway.accounting import Accounting, IngestResult
-from gateway.cluster import NotHeld, log_failure
+from gateway.cluster import LeaseLost, NotHeld, log_failure
 from gateway.core.commands import RelayAction, RelayExplanation, RelayStatus, ReconnectMode, explain
 from gateway.core.control import (
     AuditRecord,
@@ -87,15 +87,28 @@ class CostControl:
         """Act only for the accounts on channels ``cluster`` holds: every transaction fenced by its leases,
         decisions for others dropped, the controller restored with owned accounts only."""
         self.cluster = cluster
-        self.store.fence = cluster.fence
+        self.store.fence = self._fence
         self.accounting.owned = lambda: cluster.owned_accounts(self.engine)
         self.reload(now)
 
-    def rescope(self, acting: dict[str, int], now: float) -> None:
-        """The leases to act for changed: engine and controller rebuilt from the store, AFTER the leases were
-        taken (so what the previous holder committed is seen; its commands in flight are read back first)."""
+    def _fence(self, store) -> None:
+        """The cluster's fence, first in every transaction. A lease found lost makes memory stale (it still has
+        that channel's notices, cases and commands): rebuilt before any more work, whichever path failed."""
+        try:
+            self.cluster.fence(store)
+        except LeaseLost:
+            self._stale = True
+            raise
+
+    def rescope(self, acting: dict[str, int], now: float) -> bool:
+        """The leases to act for changed, or one was lost: engine and controller rebuilt from the store, AFTER
+        the leases were taken (so what the previous holder committed is seen; its commands in flight are read
+        back first). True if it reloaded (False: already loaded for exactly these)."""
+        if acting == self.cluster.acting and not self._stale:
+            return False
         self.cluster.acting = dict(acting)
         self.reload(now)
+        return True
 
     def owns_channel(self, channel: str) -> bool:
         return self.cluster is None or channel in self.cluster.acting
@@ -140,6 +153,7 @@ class CostControl:
         """Rebuild the engine and the controller from the store (after a failed transaction)."""
         self.accounting.reload()
         self.controller = self._load_controller(now)
+        self._stale = False
 
     def _fresh(self, now: float) -> None:
         """Never work on memory ahead of the store: a rebuild that failed is retried first (and raises)."""
@@ -371,12 +385,19 @@ class CostControl:
 
     def add_events(self, events: list[Event]) -> None:
         """Events from the edges (dead letters), committed on their own; an id already there is kept."""
-        with self.store.transaction():
-            self.store.add_events(events)
+        self._store_only(lambda: self.store.add_events(events), max((e.at for e in events), default=None))
 
     def mark_published(self, seqs: list[int], at: float) -> None:
-        with self.store.transaction():
-            self.store.mark_published(seqs, at)
+        self._store_only(lambda: self.store.mark_published(seqs, at), at)
+
+    def _store_only(self, work, now: float | None) -> None:
+        """A transaction that changes nothing in memory; a lease it finds lost still rebuilds memory."""
+        try:
+            with self.store.transaction():
+                work()
+        except LeaseLost:
+            self._rebuild_after_failure(now)
+            raise
 
     def ingest_receipts(self, receipts: list[NoticeReceiptIn], now: float, consumed: list[str] = ()) -> Effects:
         mine, theirs = self._route(receipts, self._receipt_account, self._account_channel)
@@ -483,12 +504,15 @@ class CostControl:
 
     # -- the executor's side ------------------------------------------------------------------------------
     def steps(self, now: float, bus: str | None = None) -> list[Step]:
+        self._fresh(now)
         return self.controller.steps(now, bus)
 
     def next_step(self, now: float, bus: str) -> Step | None:
+        self._fresh(now)
         return self.controller.next_step(now, bus)
 
     def due_buses(self, now: float) -> set[str]:
+        self._fresh(now)
         return self.controller.due_buses(now)
 
     def authorize(self, command_id: str, now: float) -> Permit | Block:

@@ -4,6 +4,7 @@ TCP buses and a real Mosquitto, one of them killed with SIGKILL."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
 from decimal import Decimal
@@ -587,3 +588,114 @@ async def test_the_api_refuses_a_relay_command_for_a_meter_another_instance_hold
         finally:
             other.close()
             cluster.db.close()
+
+
+# --------------------------------------------------------------------------- a gateway with leases, in process
+
+
+@contextlib.asynccontextmanager
+async def _sim_buses(groups: dict[str, list]):
+    """Simulated DL/T 645 buses over TCP: name -> port."""
+    from gateway.clock import SystemClock, local_naive
+    from simulators.dlt645 import SimBus, serve_tcp
+
+    local = local_naive(SystemClock())
+    servers = {name: await serve_tcp(SimBus.of(group, clock=local, turnaround_s=0.0)) for name, group in groups.items()}
+    try:
+        yield {name: s.sockets[0].getsockname()[1] for name, s in servers.items()}
+    finally:
+        for s in servers.values():
+            s.close()
+            await s.wait_closed()
+
+
+@contextlib.asynccontextmanager
+async def _instance(dsn: str, me: str, ports: dict[str, int], meters: dict[str, list[str]], ttl: float,
+                    poll_s: float = 0.3, tick_s: float = 0.2):
+    """A running gateway with leases (account A<i> owns the i-th meter, bus by bus), stopped cleanly at the end."""
+    from gateway.app import Bus, Gateway
+    from gateway.clock import SystemClock
+    from gateway.core.model import Meter
+    from protocols.dlt645.client import Dlt645Link
+
+    from .control_fixtures import LIVE_LINK, QUICK, account
+    from .core_fixtures import POLICY, tariffs
+
+    channels = [Bus(Dlt645Link.tcp("127.0.0.1", port, LIVE_LINK, name=name), meters[name])
+                for name, port in ports.items()]
+    gw = await Gateway(dsn, channels, QUICK, POLICY, SystemClock(), poll_interval_s=poll_s, tick_s=tick_s,
+                       cluster=Cluster(dsn, me, list(ports), ttl)).open()
+    if not gw.control.engine.account_ids:
+        ids = [m for name in ports for m in meters[name]]
+        bus_of = {m: name for name in ports for m in meters[name]}
+        await gw.writer.call(gw.control.accounting.register, tariffs(), [account(i) for i in range(len(ids))],
+                             [Meter(m, f"A{i}", channel=bus_of[m]) for i, m in enumerate(ids)])
+    stop = asyncio.Event()
+    task = asyncio.create_task(gw.run(stop))
+    try:
+        yield gw
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        await gw.close()
+
+
+async def _until(predicate, timeout: float, what: str) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < deadline, f"{what}: not within {timeout} s"
+        await asyncio.sleep(0.02)
+
+
+def _take_over(dsn: str, channel: str, me: str = "gw2", ttl: float = 30.0) -> int:
+    """Another instance takes the channel, as after this one's lease expired (a pause, a lost connection)."""
+    other = LeaseDb(dsn, me, ttl)
+    try:
+        other.conn.execute("UPDATE leases SET expires_at = now() - interval '1 second' WHERE channel = %s",
+                           (channel,))
+        epoch = other.acquire(channel)
+        assert epoch is not None
+        return epoch
+    finally:
+        other.close()
+
+
+async def test_a_lease_the_fence_finds_lost_stops_the_poll_loop_and_closes_the_link(pg_dsn):
+    """The fence notices first (the keeper renews only every ttl / 5): the poll loop still stops, the link is
+    closed for the new holder, and the bus is not read again."""
+    from simulators.dlt645 import SimMeter
+
+    sim = SimMeter("000000000001", energy=[Decimal("100.00")] * 5)
+    async with _sim_buses({"bus1": [sim]}) as ports, \
+            _instance(pg_dsn, "gw1", ports, {"bus1": [sim.address]}, ttl=30.0) as gw:
+        link = gw.channels[0].link
+        await _until(lambda: gw.cluster.acting and link.is_open and sim.requests > 0, 10, "polling bus1")
+        _take_over(pg_dsn, "bus1")
+        await _until(lambda: not gw.cluster.acting, 5, "the next tick's fence")
+        await _until(lambda: not link.is_open, 5, "the link closed")
+        seen = sim.requests
+        await asyncio.sleep(1.5)  # five poll intervals
+        assert sim.requests == seen and not link.is_open
+
+
+def test_a_lease_lost_in_a_store_only_transaction_rebuilds_memory_without_the_channel(pg_dsn):
+    """add_events and mark_published change nothing in memory, but a lease they find lost must still drop the
+    channel's commands and cases from it (else SENDING over the new holder's rows, duplicate notices)."""
+    from gateway.core.commands import RelayAction
+    from gateway.core.control import Event
+
+    shells, now = _two_shells(pg_dsn)
+    gw2 = shells["gw2"]
+    try:
+        cmd = gw2.manual("M2", RelayAction.CLOSE, "olga", "operator", "test", "k1", now)
+        _take_over(pg_dsn, "bus2", "gw1")
+        with pytest.raises(LeaseLost, match="bus2"):
+            gw2.add_events([Event("dl-1", "dead_letter", "", now, {})])
+        assert cmd.command_id not in gw2.controller.commands
+        assert gw2.steps(now + 60) == [] and gw2.due_buses(now + 60) == set()
+        assert "dl-1" not in {e[1] for e in gw2.store.outbox()}
+    finally:
+        for cc in shells.values():
+            cc.cluster.db.close()
+            cc.store.close()
