@@ -105,10 +105,17 @@ def plan(channels: Sequence[str], leases: dict[str, Lease], me: str, members: in
     return Plan(take=tuple((free[start:] + free[:start])[:share - len(mine)]))
 
 
-def owner_channels(engine) -> list[str]:
-    """Each account's channel (by account number): the channel of its first meter; "" for an account without
-    meters. The instance holding that channel acts for the account (notices, cases, commands of every meter)."""
-    return [engine.meters[ms[0]].channel if ms else "" for ms in engine.meters_of]
+def owner_channel(engine, account_no: int, home: str) -> str:
+    """The account's channel: that of its first meter; ``home`` (the first channel by name) for an account
+    without meters, so that exactly one instance acts for it (its payments, adjustments and notices). The
+    instance holding that channel acts for the account (notices, cases, commands of every meter)."""
+    ms = engine.meters_of[account_no]
+    return engine.meters[ms[0]].channel if ms else home
+
+
+def owner_channels(engine, home: str) -> list[str]:
+    """:func:`owner_channel` of every account, by account number."""
+    return [owner_channel(engine, no, home) for no in range(len(engine.meters_of))]
 
 
 # --------------------------------------------------------------------------- the SQL
@@ -197,6 +204,8 @@ class Cluster:
                  on_change: Callable[[], None] = lambda: None, on_inbox: Callable[[str], None] = lambda c: None,
                  monotonic: Callable[[], float] = time.monotonic) -> None:
         self.dsn, self.me, self.channels, self.ttl_s = dsn, me, list(channels), ttl_s
+        #: the channel of accounts without meters (every instance has the same channels: the same one)
+        self.home = min(self.channels, default="")
         self.on_change, self.on_inbox = on_change, on_inbox
         self.monotonic = monotonic
         self._lock = threading.Lock()
@@ -378,10 +387,13 @@ class Cluster:
             self._meter_cache = (key, np.array([m.channel in self.acting for m in engine.meters], dtype=bool))
         return self._meter_cache[1]
 
+    def account_channel(self, engine, account_id: str) -> str:
+        return owner_channel(engine, engine.account_no[account_id], self.home)
+
     def owned_accounts(self, engine) -> np.ndarray:
-        """Per account number: does this instance act for it (its first meter's channel is acting)?"""
+        """Per account number: does this instance act for it (its channel, :func:`owner_channel`, is acting)?"""
         key = (frozenset(self.acting), len(engine.meters), len(engine.account_ids))
         if self._owner_cache is None or self._owner_cache[0] != key:
-            owners = owner_channels(engine)
+            owners = owner_channels(engine, self.home)
             self._owner_cache = (key, np.array([c in self.acting for c in owners], dtype=bool))
         return self._owner_cache[1]

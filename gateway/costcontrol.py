@@ -121,8 +121,7 @@ class CostControl:
         return no is None or (no < len(mask) and bool(mask[no]))
 
     def _account_channel(self, account_id: str) -> str:
-        ms = self.engine.meters_of[self.engine.account_no[account_id]]
-        return self.engine.meters[ms[0]].channel if ms else ""
+        return self.cluster.account_channel(self.engine, account_id)
 
     @property
     def engine(self) -> Engine:

@@ -371,7 +371,8 @@ async def test_two_instances_share_the_buses_and_a_killed_ones_share_is_taken_ov
 
 
 def _two_shells(dsn: str):
-    """Two cost-control shells on one database: gw1 acting for bus1 (A0, A1), gw2 for bus2 (A2)."""
+    """Two cost-control shells on one database: gw1 acting for bus1 (A0, A1; and A3, which has no meter: the
+    first channel's), gw2 for bus2 (A2)."""
     from gateway.core.model import Meter
     from gateway.costcontrol import CostControl
 
@@ -381,7 +382,7 @@ def _two_shells(dsn: str):
     shells = {}
     for me in ("gw1", "gw2"):
         cc = CostControl(open_store(dsn), policy=POLICY, now=MONDAY, new_id=Ids())
-        cc.accounting.register(tariffs(), [account(i) for i in range(3)],
+        cc.accounting.register(tariffs(), [account(i) for i in range(4)],
                                [Meter(f"M{i}", f"A{i}", channel="bus1" if i < 2 else "bus2", max_kw=20)
                                 for i in range(3)])
         cluster = Cluster(dsn, me, ["bus1", "bus2"], 5.0)
@@ -419,6 +420,27 @@ def test_a_payment_for_another_instances_account_goes_through_the_inbox_once(pg_
         letters = [p for _, _, kind, _, _, p in gw2.store.outbox() if kind == "dead_letter"]
         assert len(letters) == 1 and "already used" in letters[0]["reason"]
         assert gw2.engine.balance_of("A2") == 700 and gw2.store.inbox_pending() == 0
+    finally:
+        for cc in shells.values():
+            cc.cluster.db.close()
+            cc.store.close()
+
+
+def test_payments_and_adjustments_for_an_account_without_meters_reach_one_instance(pg_dsn):
+    """An account without meters (the fleet allows it) belongs to the first channel by name: whichever instance
+    receives its payment, the holder of that channel applies it (before, nobody drained it: acknowledged, lost)."""
+    from gateway.core.model import Adjustment, Payment
+
+    shells, now = _two_shells(pg_dsn)
+    gw1, gw2 = shells["gw1"], shells["gw2"]
+    try:
+        gw2.ingest_credits([Payment("p-A3", "A3", 700, now - 60),
+                            Adjustment("adj-A3", "A3", 50, now - 60, "olga", "goodwill")], now)
+        assert gw2.store.inbox_pending() == 2 and gw2.drain_inbox(now) == 0  # not gw2's to apply
+        assert gw1.drain_inbox(now) == 2
+        assert gw1.engine.balance_of("A3") == 750 and gw1.store.inbox_pending() == 0
+        gw1.ingest_credits([Payment("p2-A3", "A3", 100, now - 30)], now + 1)  # received by its owner: directly
+        assert gw1.engine.balance_of("A3") == 850 and gw1.store.inbox_pending() == 0
     finally:
         for cc in shells.values():
             cc.cluster.db.close()
