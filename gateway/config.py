@@ -393,6 +393,8 @@ def check_service_config(path: str | Path) -> tuple[ServiceConfig | None, list[s
     policies = check.policies(tables["control"])
     tariffs, accounts, meters, devices = check.fleet(tables["fleet"], raw if isinstance(raw, list) else [],
                                                      channels, policies)
+    if tables.get("cluster") is not None and tables["fleet"] is not None:
+        check.one_channel_per_account(tables["fleet"].file, meters)
     if any(t is None for t in tables.values()) or any(c is None for c in channels) or check.problems:
         return None, check.problems
     return ServiceConfig(**tables, channels=tuple(channels), policies=policies, tariffs=tariffs,
@@ -539,6 +541,20 @@ class _Check:
                 named.setdefault(name, c)
         return (tariffs, *read_fleet(Path(fleet_file), named, set(tariffs), set(policies.notices.channels),
                                      self.problems))
+
+    def one_channel_per_account(self, fleet_file: str, meters) -> None:
+        """With ``[cluster]``: the instance holding an account's channel acts for all its meters (notices,
+        cases, every relay command), so they must all be on that one channel."""
+        channels: dict[str, list[str]] = {}
+        for m in meters:
+            if m.channel not in channels.setdefault(m.account_id, []):
+                channels[m.account_id].append(m.channel)
+        for account, names in channels.items():
+            if len(names) > 1:
+                self.problems.append(
+                    f"{fleet_file}: account {account} has meters on channels {', '.join(sorted(names))}; with "
+                    f"[cluster] every meter of an account must be on one channel (one instance acts for the "
+                    f"whole account and can send only on the channels it holds): put them on one channel")
 
 
 def _names(raw: list) -> list[str | None]:

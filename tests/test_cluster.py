@@ -90,6 +90,26 @@ def test_a_postgresql_config_with_cluster_is_read(tmp_path, pg_dsn):
     assert check_service_config(cfg)[0].cluster is None
 
 
+def test_with_cluster_an_account_with_meters_on_two_channels_is_a_config_error(tmp_path, pg_dsn):
+    """The instance holding an account's channel makes the commands for all its meters, and can send only on
+    channels it holds: with [cluster] such a fleet is refused, naming the account and the channels."""
+    (tmp_path / "fleet.csv").write_text("account_id,tariff,meter_id,channel\nA1,flat,000000000001,bus1\n"
+                                        "A1,,000000000002,bus2\nA2,flat,000000000003,bus2\n")
+    channels = "".join(f'[[channels]]\nkind = "dlt645_tcp"\nname = "{n}"\nhost = "127.0.0.1"\nport = {p}\n'
+                       for n, p in (("bus1", 9001), ("bus2", 9002)))
+    cfg = tmp_path / "gw.toml"
+    base = (f'[store]\nurl = "{pg_dsn}"\n[fleet]\nfile = "fleet.csv"\n'
+            f'tariffs = "{ROOT / "config" / "tariffs.example.json"}"\n')
+    cfg.write_text(base + channels)
+    config, errors = check_service_config(cfg)
+    assert errors == [] and len(config.meters) == 3  # one instance: allowed
+    cfg.write_text(base + "[cluster]\nlease_ttl_s = 3\n" + channels)
+    config, errors = check_service_config(cfg)
+    assert config is None and len(errors) == 1, errors
+    assert "account A1 has meters on channels bus1, bus2; with [cluster] every meter of an account must be on " \
+           "one channel" in errors[0] and "fleet.csv" in errors[0]
+
+
 def _migrated(dsn: str):
     store = open_store(dsn)
     store.migrate()
