@@ -673,12 +673,12 @@ async def _instance(dsn: str, me: str, ports: dict[str, int], meters: dict[str, 
         await gw.writer.call(gw.control.accounting.register, tariffs(), [account(i) for i in range(len(ids))],
                              [Meter(m, f"A{i}", channel=bus_of[m]) for i, m in enumerate(ids)])
     stop = asyncio.Event()
-    task = asyncio.create_task(gw.run(stop))
+    gw.test_stop, gw.test_run = stop, asyncio.create_task(gw.run(stop))  # (for a test that stops it itself)
     try:
         yield gw
     finally:
         stop.set()
-        await asyncio.wait_for(task, 30)
+        await asyncio.wait_for(gw.test_run, 30)
         await gw.close()
 
 
@@ -741,3 +741,21 @@ def test_a_lease_lost_in_a_store_only_transaction_rebuilds_memory_without_the_ch
         for cc in shells.values():
             cc.cluster.db.close()
             cc.store.close()
+
+
+async def test_a_clean_stop_hands_the_leases_back_only_once_the_buses_are_quiet(pg_dsn):
+    """SIGTERM while a relay exchange is on a bus: the lease is handed back after it, never during it (the next
+    holder would read the relay back before our frame is out, and send again)."""
+    from simulators.dlt645 import SimMeter
+
+    sim = SimMeter("000000000001", energy=[Decimal("100.00")] * 5)
+    async with _sim_buses({"bus1": [sim]}) as ports, \
+            _instance(pg_dsn, "gw1", ports, {"bus1": [sim.address]}, ttl=4.0) as gw:
+        await _until(lambda: gw.cluster.acting, 10, "bus1 taken")
+        async with gw.executor.drivers["bus1"].reserved():  # an exchange in progress (as the executor holds it)
+            gw.test_stop.set()
+            await asyncio.sleep(2.0)  # the keeper's round (every 0.8 s) has ended meanwhile
+            assert _holders(pg_dsn) == {"bus1": "gw1"}  # not handed back under a busy bus
+            assert not gw.test_run.done()
+        await asyncio.wait_for(gw.test_run, 10)
+        assert _holders(pg_dsn) == {"bus1": None}  # handed back once it was quiet
