@@ -222,8 +222,13 @@ class Cluster:
         self._meter_cache: tuple | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._writer_quiet = False
         self.db: LeaseDb | None = None
         self.renew_every_s = ttl_s / 5
+        #: the monotonic time of the writer's last commit (set by the gateway; None: not watched). The keeper
+        #: renews, heartbeats and takes leases only while that is within the ttl: an instance whose writer
+        #: cannot commit (its database connection lost, a stuck transaction) must let its channels go
+        self.writer_committed_at: Callable[[], float] | None = None
 
     # -- life -------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -291,6 +296,15 @@ class Cluster:
         with self._db:
             db = self.db
             sent = self.monotonic()
+            if not self._writer_commits(sent):
+                with self._lock:
+                    lost = set(self.held)
+                    self.held.clear()
+                    self.deadline.clear()
+                    self.releasing = set()
+                if lost:
+                    self.on_change()
+                return
             db.heartbeat()
             held = dict(self.held)
             renewed = db.renew(held)
@@ -320,6 +334,23 @@ class Cluster:
             log.info("took the lease on channel(s) %s", ", ".join(sorted(taken)))
         if changed:
             self.on_change()
+
+    def _writer_commits(self, now: float) -> bool:
+        """The writer committed within the ttl (the tick commits every ``tick_s``). If not, the leases are let
+        go: neither renewed nor taken, and no heartbeat (the others' fair share then counts without us)."""
+        if self.writer_committed_at is None:
+            return True
+        quiet = now - self.writer_committed_at()
+        if quiet <= self.ttl_s:
+            if self._writer_quiet:
+                log.warning("the writer commits again: taking leases again")
+                self._writer_quiet = False
+            return True
+        if not self._writer_quiet:
+            log.warning("the writer has committed nothing for %.1f s (more than lease_ttl_s): letting the leases "
+                        "of channel(s) %s go", quiet, ", ".join(sorted(self.held)) or "none")
+            self._writer_quiet = True
+        return False
 
     # -- the gateway's side -----------------------------------------------------------------------------
     def wanted(self) -> dict[str, int]:

@@ -395,6 +395,11 @@ def check_service_config(path: str | Path) -> tuple[ServiceConfig | None, list[s
                                                      channels, policies)
     if tables.get("cluster") is not None and tables["fleet"] is not None:
         check.one_channel_per_account(tables["fleet"].file, meters)
+    cluster, gateway = tables.get("cluster"), tables["gateway"]
+    if cluster is not None and gateway is not None and gateway.tick_s > cluster.lease_ttl_s / 2:
+        check.error("gateway.tick_s", f"{gateway.tick_s:g} with [cluster] lease_ttl_s {cluster.lease_ttl_s:g}: the "
+                                      f"leases are renewed only while the writer commits, and the tick commits "
+                                      f"every tick_s; allowed: at most lease_ttl_s / 2")
     if any(t is None for t in tables.values()) or any(c is None for c in channels) or check.problems:
         return None, check.problems
     return ServiceConfig(**tables, channels=tuple(channels), policies=policies, tariffs=tariffs,

@@ -88,6 +88,7 @@ class CostControl:
         decisions for others dropped, the controller restored with owned accounts only."""
         self.cluster = cluster
         self.store.fence = self._fence
+        cluster.writer_committed_at = lambda: self.store.committed_at
         self.accounting.owned = lambda: cluster.owned_accounts(self.engine)
         self.reload(now)
 

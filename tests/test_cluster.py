@@ -88,6 +88,11 @@ def test_a_postgresql_config_with_cluster_is_read(tmp_path, pg_dsn):
     assert errors == [] and config.cluster.lease_ttl_s == 3.0
     cfg.write_text(f'[store]\nurl = "{pg_dsn}"\n')
     assert check_service_config(cfg)[0].cluster is None
+    # the leases are renewed only while the writer commits, and the tick commits every tick_s
+    cfg.write_text(f'[store]\nurl = "{pg_dsn}"\n[gateway]\ntick_s = 2\n[cluster]\nlease_ttl_s = 3\n')
+    config, errors = check_service_config(cfg)
+    assert config is None and len(errors) == 1 and "gateway.tick_s: 2 with [cluster] lease_ttl_s 3" in errors[0]
+    assert "allowed: at most lease_ttl_s / 2" in errors[0]
 
 
 def test_with_cluster_an_account_with_meters_on_two_channels_is_a_config_error(tmp_path, pg_dsn):
@@ -759,3 +764,20 @@ async def test_a_clean_stop_hands_the_leases_back_only_once_the_buses_are_quiet(
             assert not gw.test_run.done()
         await asyncio.wait_for(gw.test_run, 10)
         assert _holders(pg_dsn) == {"bus1": None}  # handed back once it was quiet
+
+
+async def test_an_instance_whose_writer_commits_nothing_lets_its_leases_go_and_takes_them_back_after(pg_dsn):
+    """The keeper has a connection of its own: it could renew forever for a writer that cannot commit (its
+    connection lost, a stuck transaction). It renews only while the writer has committed within the ttl."""
+    from simulators.dlt645 import SimMeter
+
+    sim = SimMeter("000000000001", energy=[Decimal("100.00")] * 5)
+    async with _sim_buses({"bus1": [sim]}) as ports, \
+            _instance(pg_dsn, "gw1", ports, {"bus1": [sim.address]}, ttl=2.0) as gw:
+        await _until(lambda: gw.cluster.acting and _holders(pg_dsn) == {"bus1": "gw1"}, 10, "bus1 taken")
+        stuck = asyncio.ensure_future(gw.writer.call(time.sleep, 6.0))  # the writer commits nothing meanwhile
+        await _until(lambda: _holders(pg_dsn) == {"bus1": None}, 2 * 2.0 + 1.0, "the lease let go")
+        assert not gw.cluster.may_send("bus1") and gw.cluster.wanted() == {}
+        assert _query(pg_dsn, "SELECT COUNT(*) FROM members WHERE seen_at > now() - interval '2 seconds'") == [(0,)]
+        await stuck
+        await _until(lambda: gw.cluster.acting and _holders(pg_dsn) == {"bus1": "gw1"}, 10, "bus1 taken again")

@@ -7,6 +7,7 @@ migrations are versioned and run at start-up.
 from __future__ import annotations
 
 import json
+import time
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -196,6 +197,9 @@ class Store(ABC):
         #: called first in every transaction (``fence(store)``): raises when this instance may no longer act
         #: (gateway/cluster.py: its leases); None on a single instance
         self.fence = None
+        #: monotonic time of the last commit (or of opening): several instances renew their leases only while
+        #: their writer commits (gateway/cluster.py)
+        self.committed_at = time.monotonic()
 
     # -- adapter hooks ----------------------------------------------------------------
     @abstractmethod
@@ -249,6 +253,7 @@ class Store(ABC):
         except BaseException:  # a COMMIT that fails (busy, connection lost) must not leave the transaction open
             self._rollback()
             raise
+        self.committed_at = time.monotonic()
 
     def schema_version(self) -> int:
         rows = self._query("SELECT version FROM schema_version") if self._has_table("schema_version") else []
