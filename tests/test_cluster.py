@@ -781,3 +781,56 @@ async def test_an_instance_whose_writer_commits_nothing_lets_its_leases_go_and_t
         assert _query(pg_dsn, "SELECT COUNT(*) FROM members WHERE seen_at > now() - interval '2 seconds'") == [(0,)]
         await stuck
         await _until(lambda: gw.cluster.acting and _holders(pg_dsn) == {"bus1": "gw1"}, 10, "bus1 taken again")
+
+
+async def test_the_lease_is_checked_after_the_link_is_open_right_before_the_frame(pg_dsn):
+    """A TCP connect can take seconds: it comes before the last lease check, so only the write follows it."""
+    from gateway.core.commands import RelayAction
+    from simulators.dlt645 import SimMeter
+
+    sim = SimMeter("000000000001", relay_open=True, relay_command_open=True, energy=[Decimal("100.00")] * 5)
+    async with _sim_buses({"bus1": [sim]}) as ports, \
+            _instance(pg_dsn, "gw1", ports, {"bus1": [sim.address]}, ttl=30.0, poll_s=3600) as gw:
+        link = gw.channels[0].link
+        await _until(lambda: gw.cluster.acting and sim.requests > 0, 10, "bus1 taken and read")
+        async with gw.executor.drivers["bus1"].reserved():
+            await gw.channels[0].close()  # (a TCP serial server dropped us, say)
+        assert not link.is_open
+        open_at_check: list[bool] = []
+        lease_check = gw.executor.may_send
+        gw.executor.may_send = lambda bus: open_at_check.append(link.is_open) or lease_check(bus)
+        await gw.writer.call(gw.control.manual, sim.address, RelayAction.CLOSE, "olga", "operator", "test", "k1",
+                             gw.clock.now())
+        gw.executor.wake()
+        await _until(lambda: not sim.relay_open, 10, "the close sent")
+        assert open_at_check == [True], open_at_check
+
+
+async def test_a_connect_that_is_never_answered_times_out():
+    """A TCP serial server whose accept queue is full drops the SYN: the connect would hang for minutes."""
+    import socket
+
+    from protocols.dlt645.client import CONNECT_TIMEOUT_S, Dlt645Link, Dlt645LinkError
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    port = server.getsockname()[1]
+    queued = []
+    for _ in range(2):  # fill the accept queue (never accepted)
+        c = socket.socket()
+        c.setblocking(False)
+        c.connect_ex(("127.0.0.1", port))
+        queued.append(c)
+    await asyncio.sleep(0.2)
+    link = Dlt645Link.tcp("127.0.0.1", port, name="bus1")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        with pytest.raises(Dlt645LinkError, match="cannot open bus1"):
+            await asyncio.wait_for(link.open(), CONNECT_TIMEOUT_S + 10)
+        assert loop.time() - started < CONNECT_TIMEOUT_S + 1
+    finally:
+        for c in queued:
+            c.close()
+        server.close()
