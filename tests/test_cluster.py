@@ -834,3 +834,36 @@ async def test_a_connect_that_is_never_answered_times_out():
         for c in queued:
             c.close()
         server.close()
+
+
+def test_levels_one_instance_recalibrated_reach_the_others_at_their_next_tick(pg_dsn):
+    """Only the instance that finds recalibration due recalibrates (for every account); the others take the
+    stored levels up at their next tick and re-evaluate their own accounts against them."""
+    import numpy as np
+
+    from gateway.core.model import Payment
+    from gateway.core.thresholds import BAND_NAMES, Levels
+
+    shells, now = _two_shells(pg_dsn)
+    gw1, gw2 = shells["gw1"], shells["gw2"]
+    try:
+        gw2.ingest_credits([Payment("p-A2", "A2", 4000, now - 60)], now)  # between warning 2 and warning 1
+        a2 = gw2.engine.account_no["A2"]
+        assert BAND_NAMES[int(gw2.engine.state[a2])] != "normal"
+        gw1.tick(now)  # due: gw1 recalibrates, for every account
+        gw2.tick(now + 1)
+        assert gw2.store.last_calibration() == now
+        # gw1's view of the cost data gave lower levels (here written as its recalibration writes them)
+        n = len(gw1.engine.account_ids)
+        lower = Levels(np.full(n, 3000), np.full(n, 1000), np.zeros(n, np.int64), np.full(n, 1500))
+        with gw1.store.transaction():
+            gw1.store.save_levels(lower, now + 2)
+        gw2.tick(now + 3)
+        assert int(gw2.engine.levels.warn1[a2]) == 3000 and int(gw2.engine.levels.warn2[a2]) == 1000
+        assert BAND_NAMES[int(gw2.engine.state[a2])] == "normal"  # re-evaluated against them
+        assert gw2.store._query("SELECT state FROM account_state WHERE account_no = ?", (a2,))[0][0] == \
+            int(gw2.engine.state[a2])  # and committed
+    finally:
+        for cc in shells.values():
+            cc.cluster.db.close()
+            cc.store.close()

@@ -465,10 +465,16 @@ class Store(ABC):
         sa, ss, sq = arrays("SELECT account_no, state, seq FROM account_state", 3)
         rm, ro, rk, rc = arrays("SELECT meter_no, is_open, keep_power, COALESCE(commanded_open, -1) "
                                 "FROM relay_state", 4)
-        levels = arrays("SELECT account_no, warn1_fen, warn2_fen, trip_fen, close_fen FROM account_levels", 5)
+        levels = self.load_levels()
         return Snapshot(ca, cs, ka, ks, ya, yw, yy, pa, pw, last[0], last[1], np.stack(last[2:7], axis=1),
                         purse[0], purse[1], purse[2], sa, ss.astype(np.int8), sq, rm, ro.astype(bool),
-                        rk.astype(bool), rc.astype(np.int8), levels[0], np.stack(levels[1:5], axis=1))
+                        rk.astype(bool), rc.astype(np.int8), *levels)
+
+    def load_levels(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(account numbers, n x 4 levels: warning 1, warning 2, trip, close)`` as last calibrated."""
+        rows = self._query("SELECT account_no, warn1_fen, warn2_fen, trip_fen, close_fen FROM account_levels")
+        table = np.array(rows, dtype=np.int64).reshape(-1, 5)
+        return table[:, 0], table[:, 1:5]
 
     # -- queries ----------------------------------------------------------------------------------
     def statement(self, account_id: str, since: int = 0) -> Statement:
