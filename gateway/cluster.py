@@ -218,6 +218,11 @@ class Cluster:
         #: channels the fence found lost since the gateway last rescoped (it stops their polls, closes their
         #: links and reloads: ``acting`` no longer names them, so it cannot tell from that alone)
         self.fenced: set[str] = set()
+        #: channels the fence found lost that are still in ``held``: not wanted until the keeper's next round
+        #: settles them (its renewal fails: lost; it succeeds: the lease had only lapsed, nobody took it, and it
+        #: is ours again). ``held`` is the keeper's alone: a renewal in flight while the fence looked may have
+        #: extended it, and a lease the database says is ours must stay renewed
+        self.suspect: set[str] = set()
         self._owner_cache: tuple | None = None
         self._meter_cache: tuple | None = None
         self._stop = threading.Event()
@@ -302,16 +307,23 @@ class Cluster:
                     self.held.clear()
                     self.deadline.clear()
                     self.releasing = set()
+                    self.suspect = set()
                 if lost:
                     self.on_change()
                 return
             db.heartbeat()
-            held = dict(self.held)
+            with self._lock:
+                held, suspect = dict(self.held), set(self.suspect)  # (suspect before this renewal was sent)
             renewed = db.renew(held)
             lost = set(held) - renewed
             with self._lock:
                 for c in renewed:
                     self.deadline[c] = sent + self.ttl_s * SAFETY
+                settled = renewed & suspect
+                if settled:
+                    log.warning("lease on channel(s) %s had lapsed but nobody took it: ours again",
+                                ", ".join(sorted(settled)))
+                self.suspect -= settled | lost
                 for c in lost:
                     log.warning("lease on channel %s lost (taken by another instance or expired)", c)
                     self.held.pop(c, None)
@@ -325,10 +337,11 @@ class Cluster:
                     with self._lock:
                         self.held[c] = epoch
                         self.deadline[c] = sent + self.ttl_s * SAFETY
+                        self.suspect.discard(c)
                     taken.append(c)
             releasing = set(p.release)
             with self._lock:
-                changed = bool(lost or taken or releasing != self.releasing)
+                changed = bool(lost or taken or settled or releasing != self.releasing)
                 self.releasing = releasing
         if taken:
             log.info("took the lease on channel(s) %s", ", ".join(sorted(taken)))
@@ -356,7 +369,7 @@ class Cluster:
     def wanted(self) -> dict[str, int]:
         """The channels the gateway should act for now: held and not being handed over."""
         with self._lock:
-            return {c: e for c, e in self.held.items() if c not in self.releasing}
+            return {c: e for c, e in self.held.items() if c not in self.releasing and c not in self.suspect}
 
     def take_fenced(self) -> set[str]:
         """The channels the fence found lost since the last call (the gateway's rescope stops them)."""
@@ -371,6 +384,7 @@ class Cluster:
                 epoch = self.held.pop(channel, None)
                 self.deadline.pop(channel, None)
                 self.releasing.discard(channel)
+                self.suspect.discard(channel)
             if epoch is not None:
                 self.db.release(channel, epoch)
                 log.info("handed over channel %s (above the fair share)", channel)
@@ -400,9 +414,8 @@ class Cluster:
                 self.fenced |= lost
                 for c in lost:
                     self.acting.pop(c, None)
-                    if self.held.get(c) is not None:
-                        self.held.pop(c)
-                        self.deadline.pop(c, None)
+                    if c in self.held:
+                        self.suspect.add(c)
             log.warning("lease on channel(s) %s lost (found in a transaction): stopped acting for them",
                         ", ".join(sorted(lost)))
             try:

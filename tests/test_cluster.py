@@ -167,7 +167,7 @@ def test_the_fence_fails_a_transaction_once_the_lease_is_gone_and_nothing_commit
         with pytest.raises(LeaseLost, match="bus1"):
             with store.transaction():
                 store.put_inbox([("k2", "bus1", "credit", "{}", 2.0)])
-        assert cluster.acting == {} and "bus1" not in cluster.held  # stopped acting for it
+        assert cluster.acting == {} and "bus1" not in cluster.wanted()  # stopped acting for it
         store.fence = None
         assert [k for k, _ in store.inbox(["bus1"], "credit")] == ["k1"]  # k2 rolled back
     finally:
@@ -867,3 +867,33 @@ def test_levels_one_instance_recalibrated_reach_the_others_at_their_next_tick(pg
         for cc in shells.values():
             cc.cluster.db.close()
             cc.store.close()
+
+
+def test_a_lease_the_fence_finds_lapsed_while_a_renewal_is_in_flight_stays_renewed_and_is_taken_up_again(pg_dsn):
+    """The fence sees the lease expired while the keeper's renewal (from its snapshot of held) is on its way
+    and succeeds: the database says it is ours, so the keeper must keep renewing it, and the gateway act for it
+    again (before, nobody renewed it: unserved for up to a ttl)."""
+    store = _migrated(pg_dsn)
+    cluster = Cluster(pg_dsn, "gw1", ["bus1"], 30.0)
+    try:
+        cluster.db = LeaseDb(pg_dsn, "gw1", 30.0)
+        cluster.db.ensure(["bus1"])
+        epoch = cluster.db.acquire("bus1")
+        cluster.held = {"bus1": epoch}
+        cluster.acting = {"bus1": epoch}
+        store.fence = cluster.fence
+        store._execute("UPDATE leases SET expires_at = now() - interval '1 second'")  # lapsed (a pause)
+        with pytest.raises(LeaseLost, match="bus1"):
+            with store.transaction():
+                pass
+        assert cluster.acting == {} and cluster.wanted() == {}
+        assert cluster.db.renew({"bus1": epoch}) == {"bus1"}  # the renewal that was in flight
+        cluster._round()  # the keeper's next round
+        assert cluster.wanted() == {"bus1": epoch}  # ours again, same epoch: nobody acted meanwhile
+        assert _holders(pg_dsn) == {"bus1": "gw1"}
+        cluster.acting = cluster.wanted()  # (the gateway reloaded for it)
+        with store.transaction():
+            pass
+    finally:
+        cluster.db.close()
+        store.close()
