@@ -208,7 +208,7 @@ class CostControl:
                 for a in (result.credits.new if result.credits else ()) if isinstance(a, Adjustment)])
             self.store.add_events(self._report(outcome, result, now))
             if also is not None:
-                also()
+                also(result.credits.conflicts if result.credits else [])
 
         self._fresh(now)
         try:
@@ -258,7 +258,7 @@ class CostControl:
                 work()
                 fx = self._flush(now)
                 if also is not None:
-                    also()
+                    also(fx.rejected)
         except BaseException:
             log_failure(log, "control transaction failed; rebuilding from the store")
             self._rebuild_after_failure(now)
@@ -292,11 +292,11 @@ class CostControl:
         return self._with_engine(call, now, what="readings", size=len(batch))
 
     def ingest_credits(self, items: list[Payment | Adjustment], now: float, role: str = "billing",
-                       consumed: list[str] = ()) -> IngestResult:
+                       consumed: "Drained | None" = None) -> IngestResult:
         """Payments and adjustments: committed once, and any close they cause committed with them; each new
         adjustment audited (``role``: of the operators who made them). With several instances, those for
         accounts another instance acts for go to the inbox, in the same transaction; ``consumed``: the inbox
-        rows these items came from, deleted in it."""
+        rows these items came from, deleted in it (and what is refused dead-lettered in it)."""
         mine, theirs = self._route(items, lambda i: i.account_id, self._account_channel)
         return self._with_engine(self.accounting.ingest_credits, now, mine, int(now), credit_role=role,
                                  what="credits", size=len(items), also=self._to_inbox(theirs, consumed, now))
@@ -325,14 +325,17 @@ class CostControl:
                 theirs.append((item, channel_of(account)))
         return mine, theirs
 
-    def _to_inbox(self, theirs: list[tuple[object, str]], consumed, now: float):
-        """The step, inside the input's transaction, that takes ``consumed`` rows out of the inbox and puts
-        ``theirs`` in (after the delete: a row taken may go straight back, under the same key)."""
-        if not theirs and not consumed:
+    def _to_inbox(self, theirs: list[tuple[object, str]], consumed: "Drained | None", now: float):
+        """The step, inside the input's transaction (given what it refused), that takes ``consumed`` rows out
+        of the inbox, with a dead letter for each refused, and puts ``theirs`` in (after the delete: a row
+        taken may go straight back, under the same key)."""
+        if not theirs and consumed is None:
             return None
 
-        def step() -> None:
-            self.store.consume_inbox(list(consumed))
+        def step(refused: list[tuple[object, str]]) -> None:
+            if consumed is not None:
+                self.store.consume_inbox(consumed.keys)
+                self.store.add_events(consumed.dead_letters(refused, now))
             rows = []
             for item, channel in theirs:
                 body = _inbox_body(item)
@@ -366,13 +369,7 @@ class CostControl:
                 if not rows:
                     break
                 items = [_from_inbox(kind, body) for _, body in rows]
-                by_id = {id(item): (key, body) for item, (key, body) in zip(items, rows)}
-                out = ingest(items, now, consumed=[k for k, _ in rows])
-                refused = out.credits.conflicts if kind in ("credit", "adjustment") else out.rejected
-                letters = [_inbox_dead_letter(kind, *by_id[id(item)], reason, now)
-                           for item, reason in refused if id(item) in by_id]
-                if letters:
-                    self.add_events(letters)
+                ingest(items, now, consumed=Drained(kind, items, rows))
                 n += len(rows)
                 if len(rows) < limit:
                     break
@@ -399,12 +396,14 @@ class CostControl:
             self._rebuild_after_failure(now)
             raise
 
-    def ingest_receipts(self, receipts: list[NoticeReceiptIn], now: float, consumed: list[str] = ()) -> Effects:
+    def ingest_receipts(self, receipts: list[NoticeReceiptIn], now: float,
+                        consumed: "Drained | None" = None) -> Effects:
         mine, theirs = self._route(receipts, self._receipt_account, self._account_channel)
         return self._control(lambda: self.controller.on_receipts(mine, now), now, "receipts", len(receipts),
                              also=self._to_inbox(theirs, consumed, now))
 
-    def ingest_field_updates(self, updates: list[FieldUpdate], now: float, consumed: list[str] = ()) -> Effects:
+    def ingest_field_updates(self, updates: list[FieldUpdate], now: float,
+                             consumed: "Drained | None" = None) -> Effects:
         mine, theirs = self._route(updates, self._order_account, self._account_channel)
         fresh = [u for u in mine if not self.store.field_update_seen(u.update_id)]
         return self._control(lambda: self.controller.on_field_updates(fresh, now), now, "field_updates",
@@ -577,6 +576,20 @@ def _from_inbox(kind: str, body: str):
     if kind == "receipt":
         return NoticeReceiptIn(d["request_id"], ReceiptOutcome(d["outcome"]), d["at"], d["detail"])
     return FieldUpdate(d["update_id"], d["order_id"], FieldStatus(d["status"]), d["at"], d["crew"], d["note"])
+
+
+class Drained:
+    """Inbox rows of one kind taken for ingestion: deleted, and what the domain refuses dead-lettered, in the
+    transaction that ingests them (a dead letter committed later could be lost)."""
+
+    def __init__(self, kind: str, items: list, rows: list[tuple[str, str]]) -> None:
+        self.kind = kind
+        self.keys = [key for key, _ in rows]
+        self._rows = {id(item): row for item, row in zip(items, rows)}
+
+    def dead_letters(self, refused: list[tuple[object, str]], now: float) -> list[Event]:
+        return [_inbox_dead_letter(self.kind, *self._rows[id(item)], reason, now)
+                for item, reason in refused if id(item) in self._rows]
 
 
 def _inbox_dead_letter(kind: str, key: str, body: str, reason: str, now: float) -> Event:

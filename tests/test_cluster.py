@@ -897,3 +897,31 @@ def test_a_lease_the_fence_finds_lapsed_while_a_renewal_is_in_flight_stays_renew
     finally:
         cluster.db.close()
         store.close()
+
+
+def test_an_inbox_item_the_owner_refuses_is_dead_lettered_in_the_transaction_that_consumes_it(pg_dsn):
+    """Consumed and dead-lettered together: a crash (or a lost lease) between two transactions would otherwise
+    lose the dead letter of an item already taken out of the inbox."""
+    from gateway.core.model import Payment
+
+    shells, now = _two_shells(pg_dsn)
+    gw1, gw2 = shells["gw1"], shells["gw2"]
+    try:
+        gw2.ingest_credits([Payment("p-A0", "A0", 700, now - 60)], now)  # gw1's account: to the inbox
+        gw2.ingest_credits([Payment("p-A0", "A0", 9999, now - 60)], now + 1)  # the same id, another amount
+        assert gw1.store.inbox_pending() == 2
+        at_commit: list[tuple] = []
+
+        def look(done) -> None:  # right after each commit, before anything else runs on the writer
+            at_commit.append((done.input, gw1.store.inbox_pending(),
+                              [p["reason"] for *_, kind, _, _, p in gw1.store.outbox() if kind == "dead_letter"]))
+
+        gw1.listeners.append(look)
+        assert gw1.drain_inbox(now) == 2
+        assert gw1.engine.balance_of("A0") == 700
+        assert len(at_commit) == 1 and at_commit[0][:2] == ("credits", 0)
+        assert len(at_commit[0][2]) == 1 and "already used" in at_commit[0][2][0]
+    finally:
+        for cc in shells.values():
+            cc.cluster.db.close()
+            cc.store.close()
