@@ -339,20 +339,16 @@ class CostControl:
             rows = []
             for item, channel in theirs:
                 body = _inbox_body(item)
-                rows.append((inbox_key(item, body), channel, _INBOX_KIND[type(item)], body, now))
+                credit = (item.account_id, _credit_id(item), item.amount_fen) \
+                    if isinstance(item, (Payment, Adjustment)) else ()
+                rows.append((inbox_key(item, body), channel, _INBOX_KIND[type(item)], body, now, *credit))
             self.store.put_inbox(rows)
 
         return step
 
     def _inbox_paid(self, account_id: str) -> int:
-        """Payments for the account waiting in the inbox whose ids the ledger does not have yet (fen)."""
-        if self.cluster is None:
-            return 0
-        waiting = [p for p in (_from_inbox("credit", body) for _, body in
-                               self.store.inbox([self._account_channel(account_id)], "credit", 10_000))
-                   if p.account_id == account_id]
-        known = self.store.ledger_ids([p.payment_id for p in waiting])
-        return sum({p.payment_id: p.amount_fen for p in waiting if p.payment_id not in known}.values())
+        """Payments and adjustments for the account waiting in the inbox, not in the ledger yet (fen)."""
+        return 0 if self.cluster is None else self.store.inbox_credits_fen(account_id)
 
     def drain_inbox(self, now: float, limit: int = 500) -> int:
         """The inbox rows for the channels this instance acts for, ingested through the normal paths, each
@@ -553,6 +549,10 @@ class CostControl:
 # -- inbox rows: the domain's inputs as JSON ----------------------------------------------------------------
 _INBOX_KIND = {Payment: "credit", Adjustment: "adjustment", NoticeReceiptIn: "receipt",
                FieldUpdate: "field_update"}
+
+
+def _credit_id(item: Payment | Adjustment) -> str:
+    return item.payment_id if isinstance(item, Payment) else item.adjustment_id
 
 
 def _inbox_body(item) -> str:

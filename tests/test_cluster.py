@@ -925,3 +925,23 @@ def test_an_inbox_item_the_owner_refuses_is_dead_lettered_in_the_transaction_tha
         for cc in shells.values():
             cc.cluster.db.close()
             cc.store.close()
+
+
+def test_the_trip_check_sums_every_queued_credit_of_the_account_adjustments_too(pg_dsn):
+    """The fresh balance before a trip counts every payment and adjustment for the account waiting in the
+    inbox (before: at most the channel's 10,000 oldest payments, adjustments not at all)."""
+    from gateway.core.model import Adjustment, Payment
+
+    shells, now = _two_shells(pg_dsn)
+    gw1, gw2 = shells["gw1"], shells["gw2"]
+    try:
+        gw1.ingest_credits([Payment(f"p{i}", "A2", 1, now - 60) for i in range(10_001)], now)
+        gw1.ingest_credits([Adjustment("adj1", "A2", 500, now - 30, "olga", "goodwill")], now + 1)
+        assert gw2._inbox_paid("A2") == 10_001 + 500
+        gw1.ingest_credits([Payment("p0", "A2", 7, now - 60)], now + 2)  # p0 again, another amount: the smaller
+        assert gw2._inbox_paid("A2") == 10_001 + 500
+        assert gw2._inbox_paid("A0") == 0
+    finally:
+        for cc in shells.values():
+            cc.cluster.db.close()
+            cc.store.close()

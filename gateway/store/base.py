@@ -160,6 +160,12 @@ MIGRATIONS: list[list[str]] = [
             received_at {real} NOT NULL)""",
         "CREATE INDEX inbox_channel ON inbox (channel, received_at)",
     ],
+    [  # 6: a credit's account, id and amount in its inbox row: the fresh balance before a trip sums them
+        "ALTER TABLE inbox ADD COLUMN account_id TEXT",
+        "ALTER TABLE inbox ADD COLUMN entry_id TEXT",
+        "ALTER TABLE inbox ADD COLUMN amount_fen BIGINT",
+        "CREATE INDEX inbox_account ON inbox (account_id)",
+    ],
 ]
 
 #: PostgreSQL NOTIFY channel of the inbox: the payload is the (meter) channel a row was queued for
@@ -697,12 +703,23 @@ class Store(ABC):
                                   (*params, limit, offset))
 
     # -- the inbox: inputs for the instance acting for their account (gateway/cluster.py) -----------------
-    def put_inbox(self, rows: list[tuple[str, str, str, str, float]]) -> None:
-        """``(key, channel, kind, body, received_at)`` rows; a key already there is kept (a re-delivery)."""
+    def put_inbox(self, rows: list[tuple]) -> None:
+        """``(key, channel, kind, body, received_at)`` rows, a credit's with ``account_id, entry_id,
+        amount_fen`` after them; a key already there is kept (a re-delivery)."""
         if rows:
-            self._executemany("INSERT INTO inbox (key, channel, kind, body, received_at) VALUES (?, ?, ?, ?, ?) "
-                              "ON CONFLICT (key) DO NOTHING", rows)
+            self._executemany("INSERT INTO inbox (key, channel, kind, body, received_at, account_id, entry_id, "
+                              "amount_fen) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
+                              [(*r, *(None,) * (8 - len(r))) for r in rows])
             self.notify_inbox(sorted({r[1] for r in rows}))
+
+    def inbox_credits_fen(self, account_id: str) -> int:
+        """The account's payments and adjustments waiting in the inbox that the ledger does not have yet (each
+        id once; an id queued with two amounts, a conflict its owner will refuse, counts the smaller)."""
+        return int(self._query(
+            "SELECT COALESCE(CAST(SUM(amount_fen) AS BIGINT), 0) FROM (SELECT entry_id, MIN(amount_fen) AS amount_fen "
+            "FROM inbox i WHERE account_id = ? AND amount_fen IS NOT NULL AND NOT EXISTS "
+            "(SELECT 1 FROM ledger l WHERE l.entry_id = i.entry_id) GROUP BY entry_id) AS waiting",
+            (account_id,))[0][0])
 
     def notify_inbox(self, channels: list[str]) -> None:
         """Wake the instances listening (PostgreSQL: NOTIFY, delivered at the commit)."""
