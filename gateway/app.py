@@ -64,6 +64,7 @@ class Gateway:
         local = local_naive(self.clock, offset)
         drivers = {channel.name: channel.bind(local, offset) for channel in self.channels}
         if self.cluster is not None:
+            await asyncio.to_thread(self.cluster.check_config)  # (a clear refusal at start-up)
             await self.writer.call(self.control.attach, self.cluster, self.clock.now())
         self.executor = CommandExecutor(self.control, self.writer, drivers,
                                         lambda m: self.control.engine.meter(m).channel, self.clock,

@@ -60,6 +60,19 @@ def log_failure(logger: logging.Logger, message: str, *args) -> None:
         logger.exception(message, *args)
 
 
+class ConfigMismatch(RuntimeError):
+    """Live instances run another config (channels, fleet): this one does not join (routing, the fair share
+    and the inbox assume every instance has the same)."""
+
+    def __init__(self, me: str, digest: str, others: dict[str, str]) -> None:
+        self.others = others
+        super().__init__(
+            f"instance {me!r} has config digest {digest[:12]} (its channels, fleet and lease_ttl_s), but live "
+            f"instance(s) {', '.join(f'{i!r} has {d[:12]}' for i, d in sorted(others.items()))}: every instance "
+            f"must run the same config (only [mqtt] instance differs); not joining. To change the config, stop "
+            f"them all, then start them with the new one")
+
+
 class NotHeld(LookupError):
     """A meter on a channel another instance holds (an operator's command goes to that instance)."""
 
@@ -124,8 +137,8 @@ def owner_channels(engine, home: str) -> list[str]:
 class LeaseDb:
     """The lease and member tables (store migration 5), on a connection of its own."""
 
-    def __init__(self, dsn: str, me: str, ttl_s: float) -> None:
-        self.me, self.ttl_s = me, ttl_s
+    def __init__(self, dsn: str, me: str, ttl_s: float, digest: str | None = None) -> None:
+        self.me, self.ttl_s, self.digest = me, ttl_s, digest
         self.dsn = dsn
         self.conn = psycopg.connect(dsn, autocommit=True)
 
@@ -135,8 +148,19 @@ class LeaseDb:
                             "'-infinity') ON CONFLICT (channel) DO NOTHING", [(c,) for c in channels])
 
     def heartbeat(self) -> None:
-        self.conn.execute("INSERT INTO members (instance, seen_at) VALUES (%s, now()) ON CONFLICT (instance) "
-                          "DO UPDATE SET seen_at = now()", (self.me,))
+        self.conn.execute("INSERT INTO members (instance, seen_at, config_digest) VALUES (%s, now(), %s) "
+                          "ON CONFLICT (instance) DO UPDATE SET seen_at = now(), config_digest = excluded.config_digest",
+                          (self.me, self.digest))
+
+    def other_configs(self) -> dict[str, str]:
+        """Live instances (not this one) whose config digest differs from ours (one that records none, an
+        older version, is not compared)."""
+        if self.digest is None:
+            return {}
+        return dict(self.conn.execute(
+            "SELECT instance, config_digest FROM members WHERE instance <> %s AND config_digest IS NOT NULL "
+            "AND config_digest <> %s AND seen_at > now() - make_interval(secs => %s)",
+            (self.me, self.digest, self.ttl_s)).fetchall())
 
     def live_members(self) -> int:
         return self.conn.execute("SELECT COUNT(*) FROM members WHERE seen_at > now() - make_interval(secs => %s)",
@@ -202,8 +226,11 @@ class Cluster:
 
     def __init__(self, dsn: str, me: str, channels: Sequence[str], ttl_s: float,
                  on_change: Callable[[], None] = lambda: None, on_inbox: Callable[[str], None] = lambda c: None,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+                 monotonic: Callable[[], float] = time.monotonic, digest: str | None = None) -> None:
+        """``digest``: of this instance's config (:meth:`gateway.config.ServiceConfig.cluster_digest`); it does
+        not join live instances with another (None: not compared)."""
         self.dsn, self.me, self.channels, self.ttl_s = dsn, me, list(channels), ttl_s
+        self.digest = digest
         #: the channel of accounts without meters (every instance has the same channels: the same one)
         self.home = min(self.channels, default="")
         self.on_change, self.on_inbox = on_change, on_inbox
@@ -236,8 +263,19 @@ class Cluster:
         self.writer_committed_at: Callable[[], float] | None = None
 
     # -- life -------------------------------------------------------------------------------------------
+    def check_config(self) -> None:
+        """:class:`ConfigMismatch` if live instances run another config."""
+        db = LeaseDb(self.dsn, self.me, self.ttl_s, self.digest)
+        try:
+            others = db.other_configs()
+        finally:
+            db.close()
+        if others:
+            raise ConfigMismatch(self.me, self.digest, others)
+
     def start(self) -> None:
-        self.db = LeaseDb(self.dsn, self.me, self.ttl_s)
+        self.check_config()
+        self.db = LeaseDb(self.dsn, self.me, self.ttl_s, self.digest)
         self.db.ensure(self.channels)
         self._listen = psycopg.connect(self.dsn, autocommit=True)
         self._listen.execute(f"LISTEN {INBOX_NOTIFY}")
@@ -279,7 +317,7 @@ class Cluster:
             with self._db:
                 if self.db is not None:
                     self.db.close()
-                self.db = LeaseDb(self.dsn, self.me, self.ttl_s)
+                self.db = LeaseDb(self.dsn, self.me, self.ttl_s, self.digest)
             self._listen.close()
             self._listen = psycopg.connect(self.dsn, autocommit=True)
             self._listen.execute(f"LISTEN {INBOX_NOTIFY}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import re
@@ -340,6 +341,17 @@ class ServiceConfig:
     #: the meter passwords read from the channels' password files (channel name -> password); never logged
     passwords: dict = field(default_factory=dict, repr=False, compare=False)
     path: Path | None = field(default=None, compare=False)
+
+    def cluster_digest(self) -> str:
+        """What every instance of a cluster must have alike: the channels, the fleet (each meter's account and
+        channel, the accounts without meters) and the lease ttl. Not the instance's own settings."""
+        fleet = sorted((m.meter_id, m.account_id, m.channel) for m in self.meters)
+        with_meters = {m.account_id for m in self.meters}
+        text = json.dumps({"channels": sorted(c.name for c in self.channels), "meters": fleet,
+                           "without_meters": sorted(a.account_id for a in self.accounts
+                                                    if a.account_id not in with_meters),
+                           "lease_ttl_s": self.cluster.lease_ttl_s if self.cluster else None})
+        return hashlib.sha256(text.encode()).hexdigest()
 
     def meters_on(self, name: str) -> list[Meter]:
         return self._by_channel.get(name, [])

@@ -945,3 +945,41 @@ def test_the_trip_check_sums_every_queued_credit_of_the_account_adjustments_too(
         for cc in shells.values():
             cc.cluster.db.close()
             cc.store.close()
+
+
+def test_an_instance_with_another_config_does_not_join(tmp_path, pg_dsn):
+    """Routing, the fair share and the inbox assume every instance has the same channels and fleet: the
+    config's digest is in the members table, and an instance whose digest differs from a live one's refuses
+    to start, naming both."""
+    from gateway.cluster import ConfigMismatch
+
+    (tmp_path / "fleet.csv").write_text("account_id,tariff,meter_id,channel\nA1,flat,000000000001,bus1\n"
+                                        "A2,flat,000000000002,bus2\n")
+    channels = "".join(f'[[channels]]\nkind = "dlt645_tcp"\nname = "{n}"\nhost = "127.0.0.1"\nport = {p}\n'
+                       for n, p in (("bus1", 9001), ("bus2", 9002)))
+
+    def digest(instance: str, fleet: str = "fleet.csv") -> str:
+        cfg = tmp_path / f"{instance}.toml"
+        cfg.write_text(f'[store]\nurl = "{pg_dsn}"\n[mqtt]\ninstance = "{instance}"\n[fleet]\nfile = "{fleet}"\n'
+                       f'tariffs = "{ROOT / "config" / "tariffs.example.json"}"\n[cluster]\nlease_ttl_s = 3\n'
+                       + channels)
+        config, errors = check_service_config(cfg)
+        assert errors == []
+        return config.cluster_digest()
+
+    assert digest("gw1") == digest("gw2")  # only the instance differs
+    (tmp_path / "fleet2.csv").write_text("account_id,tariff,meter_id,channel\nA1,flat,000000000001,bus1\n"
+                                         "A2,flat,000000000002,bus1\n")  # a meter on another channel
+    other = digest("gw2", "fleet2.csv")
+    assert other != digest("gw1")
+    _migrated(pg_dsn).close()
+    a = Cluster(pg_dsn, "gw1", ["bus1", "bus2"], 3.0, digest=digest("gw1"))
+    try:
+        a.start()
+        with pytest.raises(ConfigMismatch, match=r"instance 'gw2' has config digest .* live instance\(s\) 'gw1' "
+                                                 r"has .*: every instance must run the same config"):
+            Cluster(pg_dsn, "gw2", ["bus1", "bus2"], 3.0, digest=other).start()
+        Cluster(pg_dsn, "gw3", ["bus1", "bus2"], 3.0, digest=digest("gw3")).check_config()  # the same: joins
+    finally:
+        a.stop()
+    Cluster(pg_dsn, "gw2", ["bus1", "bus2"], 3.0, digest=other).check_config()  # gw1 gone: nothing to compare

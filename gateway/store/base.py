@@ -160,11 +160,14 @@ MIGRATIONS: list[list[str]] = [
             received_at {real} NOT NULL)""",
         "CREATE INDEX inbox_channel ON inbox (channel, received_at)",
     ],
-    [  # 6: a credit's account, id and amount in its inbox row: the fresh balance before a trip sums them
+    [  # 6: a credit's account, id and amount in its inbox row (the fresh balance before a trip sums them);
+        # the members' config digests
         "ALTER TABLE inbox ADD COLUMN account_id TEXT",
         "ALTER TABLE inbox ADD COLUMN entry_id TEXT",
         "ALTER TABLE inbox ADD COLUMN amount_fen BIGINT",
         "CREATE INDEX inbox_account ON inbox (account_id)",
+        # each instance's config digest (channels and fleet): an instance with another config does not join
+        "ALTER TABLE members ADD COLUMN config_digest TEXT",
     ],
 ]
 
