@@ -149,17 +149,23 @@ def test_acquire_renew_expire_and_take_over(pg_dsn):
         b.close()
 
 
+def _fenced_holder(dsn: str, ttl: float):
+    """A store fenced by a cluster (no keeper thread) that holds and acts for bus1: ``(store, cluster, epoch)``."""
+    store = _migrated(dsn)
+    cluster = Cluster(dsn, "gw1", ["bus1"], ttl)
+    cluster.db = LeaseDb(dsn, "gw1", ttl)
+    cluster.db.ensure(["bus1"])
+    epoch = cluster.db.acquire("bus1")
+    cluster.acting = {"bus1": epoch}
+    cluster.held = {"bus1": epoch}
+    store.fence = cluster.fence
+    return store, cluster, epoch
+
+
 def test_the_fence_fails_a_transaction_once_the_lease_is_gone_and_nothing_commits(pg_dsn):
-    store = _migrated(pg_dsn)
-    cluster = Cluster(pg_dsn, "gw1", ["bus1"], 1.0)
+    store, cluster, epoch = _fenced_holder(pg_dsn, 1.0)
     other = LeaseDb(pg_dsn, "gw2", 1.0)
     try:
-        cluster.db = LeaseDb(pg_dsn, "gw1", 1.0)
-        cluster.db.ensure(["bus1"])
-        epoch = cluster.db.acquire("bus1")
-        cluster.acting = {"bus1": epoch}
-        cluster.held = {"bus1": epoch}
-        store.fence = cluster.fence
         with store.transaction():
             store.put_inbox([("k1", "bus1", "credit", "{}", 1.0)])
         time.sleep(1.2)
@@ -179,14 +185,8 @@ def test_the_fence_fails_a_transaction_once_the_lease_is_gone_and_nothing_commit
 def test_an_acquirer_waits_for_a_fenced_transaction_of_the_holder(pg_dsn):
     """FOR SHARE: the holder's transaction in progress is finished before another can take the lease, so the
     new holder's reload sees what it committed."""
-    store = _migrated(pg_dsn)
-    cluster = Cluster(pg_dsn, "gw1", ["bus1"], 1.0)
+    store, cluster, epoch = _fenced_holder(pg_dsn, 1.0)
     try:
-        cluster.db = LeaseDb(pg_dsn, "gw1", 1.0)
-        cluster.db.ensure(["bus1"])
-        epoch = cluster.db.acquire("bus1")
-        cluster.acting = {"bus1": epoch}
-        store.fence = cluster.fence
         taken: list[float] = []
 
         def acquirer():
@@ -873,15 +873,8 @@ def test_a_lease_the_fence_finds_lapsed_while_a_renewal_is_in_flight_stays_renew
     """The fence sees the lease expired while the keeper's renewal (from its snapshot of held) is on its way
     and succeeds: the database says it is ours, so the keeper must keep renewing it, and the gateway act for it
     again (before, nobody renewed it: unserved for up to a ttl)."""
-    store = _migrated(pg_dsn)
-    cluster = Cluster(pg_dsn, "gw1", ["bus1"], 30.0)
+    store, cluster, epoch = _fenced_holder(pg_dsn, 30.0)
     try:
-        cluster.db = LeaseDb(pg_dsn, "gw1", 30.0)
-        cluster.db.ensure(["bus1"])
-        epoch = cluster.db.acquire("bus1")
-        cluster.held = {"bus1": epoch}
-        cluster.acting = {"bus1": epoch}
-        store.fence = cluster.fence
         store._execute("UPDATE leases SET expires_at = now() - interval '1 second'")  # lapsed (a pause)
         with pytest.raises(LeaseLost, match="bus1"):
             with store.transaction():
