@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 
 #: a lease renewed at local monotonic time t is trusted locally until t + ttl * SAFETY (DB expiry: now() + ttl)
 SAFETY = 0.8
+#: the lease of the one instance that publishes the outbox and adopts the MQTT sessions of instances that are
+#: down (gateway/northbound/mqtt.py); held only while its bridge is connected. Channel names start with a
+#: letter or a digit, so it names no channel.
+PUBLISHER = "@outbox"
 
 
 class LeaseLost(Exception):
@@ -162,6 +166,11 @@ class LeaseDb:
             "AND config_digest <> %s AND seen_at > now() - make_interval(secs => %s)",
             (self.me, self.digest, self.ttl_s)).fetchall())
 
+    def members(self) -> dict[str, bool]:
+        """Every instance that ever joined: is its heartbeat younger than the ttl?"""
+        return dict(self.conn.execute("SELECT instance, seen_at > now() - make_interval(secs => %s) FROM members",
+                                      (self.ttl_s,)).fetchall())
+
     def live_members(self) -> int:
         return self.conn.execute("SELECT COUNT(*) FROM members WHERE seen_at > now() - make_interval(secs => %s)",
                                  (self.ttl_s,)).fetchone()[0]
@@ -195,7 +204,9 @@ class LeaseDb:
 
     def leave(self) -> None:
         self.conn.execute("UPDATE leases SET holder = NULL, expires_at = '-infinity' WHERE holder = %s", (self.me,))
-        self.conn.execute("DELETE FROM members WHERE instance = %s", (self.me,))
+        # the row stays, its heartbeat gone: the broker keeps dealing messages to a stopped instance's session,
+        # which the publisher then adopts (gateway/northbound/mqtt.py)
+        self.conn.execute("UPDATE members SET seen_at = '-infinity' WHERE instance = %s", (self.me,))
 
     def holder(self, channel: str) -> str | None:
         row = self.conn.execute("SELECT holder FROM leases WHERE channel = %s AND expires_at > now()",
@@ -261,6 +272,12 @@ class Cluster:
         #: renews, heartbeats and takes leases only while that is within the ttl: an instance whose writer
         #: cannot commit (its database connection lost, a stuck transaction) must let its channels go
         self.writer_committed_at: Callable[[], float] | None = None
+        #: set by the MQTT bridge: is it connected to the broker? The publisher lease is held only while it is
+        self.broker_connected: Callable[[], bool] = lambda: False
+        self.publisher_epoch: int | None = None
+        self.publisher_deadline = 0.0
+        #: every instance that ever joined -> is its heartbeat fresh (as of the last round)
+        self.members: dict[str, bool] = {}
 
     # -- life -------------------------------------------------------------------------------------------
     def check_config(self) -> None:
@@ -276,7 +293,7 @@ class Cluster:
     def start(self) -> None:
         self.check_config()
         self.db = LeaseDb(self.dsn, self.me, self.ttl_s, self.digest)
-        self.db.ensure(self.channels)
+        self.db.ensure([*self.channels, PUBLISHER])
         self._listen = psycopg.connect(self.dsn, autocommit=True)
         self._listen.execute(f"LISTEN {INBOX_NOTIFY}")
         self._round()  # the first share taken before the gateway starts its loops
@@ -294,6 +311,7 @@ class Cluster:
                 self.db.leave()
                 with self._lock:
                     self.held.clear()
+                    self.publisher_epoch = None
             except psycopg.Error as exc:
                 log.warning("handing the leases back failed (%s): they expire within %.0f s", exc, self.ttl_s)
             finally:
@@ -346,10 +364,14 @@ class Cluster:
                     self.deadline.clear()
                     self.releasing = set()
                     self.suspect = set()
+                    publisher, self.publisher_epoch, self.publisher_deadline = self.publisher_epoch, None, 0.0
+                if publisher is not None:  # (no writer transaction locks it: handed back at once)
+                    db.release(PUBLISHER, publisher)
                 if lost:
                     self.on_change()
                 return
             db.heartbeat()
+            self.members = db.members()
             with self._lock:
                 held, suspect = dict(self.held), set(self.suspect)  # (suspect before this renewal was sent)
             renewed = db.renew(held)
@@ -381,6 +403,7 @@ class Cluster:
             with self._lock:
                 changed = bool(lost or taken or settled or releasing != self.releasing)
                 self.releasing = releasing
+            self._publisher_round(db)
         if taken:
             log.info("took the lease on channel(s) %s", ", ".join(sorted(taken)))
         if changed:
@@ -402,6 +425,31 @@ class Cluster:
                         "of channel(s) %s go", quiet, ", ".join(sorted(self.held)) or "none")
             self._writer_quiet = True
         return False
+
+    def _publisher_round(self, db: LeaseDb) -> None:
+        """The publisher lease taken or renewed while the bridge is connected, and handed back at once when it
+        is not: a connected instance takes it in its next round."""
+        epoch = self.publisher_epoch
+        if self.broker_connected():
+            sent = self.monotonic()
+            if epoch is not None and not db.renew({PUBLISHER: epoch}):
+                log.warning("the publisher lease was lost")
+                epoch = None
+            if epoch is None and (epoch := db.acquire(PUBLISHER)) is not None:
+                log.info("took the publisher lease (%s): this instance publishes the outbox", PUBLISHER)
+            with self._lock:
+                self.publisher_epoch = epoch
+                self.publisher_deadline = sent + self.ttl_s * SAFETY if epoch is not None else 0.0
+        elif epoch is not None:
+            with self._lock:
+                self.publisher_epoch, self.publisher_deadline = None, 0.0
+            db.release(PUBLISHER, epoch)
+            log.info("handed the publisher lease back: not connected to the broker")
+
+    def is_publisher(self) -> bool:
+        """This instance holds the publisher lease (local, conservative deadline)."""
+        with self._lock:
+            return self.publisher_epoch is not None and self.publisher_deadline > self.monotonic()
 
     # -- the gateway's side -----------------------------------------------------------------------------
     def wanted(self) -> dict[str, int]:

@@ -15,6 +15,12 @@ status is retained at ``feikong/v1/status/<instance>``, with a last will saying 
 
 paho runs on the event loop (``_OnLoop``), with a read-ahead under it (``_ReadAhead``): its callbacks run
 there too, between our own steps; only a connection attempt goes to a worker thread.
+
+Several instances (docs/scaling.md): the broker keeps dealing shared messages to the persistent session of an
+instance that is down. The instance holding the publisher lease (``gateway.cluster.PUBLISHER``, held only
+while its bridge is connected) publishes the outbox and adopts such sessions: it connects with the down
+instance's client id, resuming its session, takes it out of the shared group and handles what was queued
+there through this same inbound path (:func:`adoptable`, :meth:`BillingBridge._adopt`).
 """
 from __future__ import annotations
 
@@ -25,11 +31,12 @@ import sqlite3
 import ssl
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import msgspec
 import paho.mqtt.client as paho
 import psycopg
 from paho.mqtt.packettypes import PacketTypes
@@ -171,6 +178,8 @@ class BridgeStats:
     connected: bool = False
     connects: int = 0
     last_error: str = ""
+    adoptions: int = 0  # other instances' sessions adopted (several instances: they were down)
+    adopted: int = 0  # of those, held now
 
 
 @dataclass
@@ -189,12 +198,50 @@ class _Run:
     messages: list[_Inbound] = field(default_factory=list)
 
 
-class BillingBridge:
-    """Runs beside a :class:`gateway.app.Gateway`: billing's messages in, the gateway's outbox out."""
+@dataclass(frozen=True)
+class StatusSeen:
+    """An instance's last status message heard (``feikong/v1/status/<instance>``, retained)."""
 
-    def __init__(self, gateway, config: BrokerConfig) -> None:
+    state: str  # "online" or "offline" (its last will, or a clean stop)
+    count: int  # status messages heard for it so far: a new one, a change
+
+
+@dataclass(frozen=True)
+class AdoptionEnded:
+    status_count: int  # the instance's StatusSeen.count when our adoption of its session ended
+    at: float  # monotonic
+
+
+def adoptable(members: dict[str, bool], statuses: dict[str, StatusSeen], me: str,
+              ended: dict[str, AdoptionEnded], now: float, grace_s: float) -> set[str]:
+    """The instances whose MQTT sessions the publisher adopts: members of the cluster (``members``: name ->
+    heartbeat fresh) other than this one whose bridge is down (their status says offline) or whose heartbeat
+    has stopped. Not one whose adoption by us just ended (most likely its instance came back and took its
+    session over) until it says offline again or ``grace_s`` has passed: an instance that is starting
+    connects before its first heartbeat, and must not have its session taken back and forth."""
+    out = set()
+    for name, live in members.items():
+        seen = statuses.get(name)
+        offline = seen is not None and seen.state == "offline"
+        if name == me or (live and not offline):
+            continue
+        end = ended.get(name)
+        if end is not None and now - end.at < grace_s and not (offline and seen.count != end.status_count):
+            continue
+        out.add(name)
+    return out
+
+
+class BillingBridge:
+    """Runs beside a :class:`gateway.app.Gateway`: billing's messages in, the gateway's outbox out.
+
+    With ``adopted_by`` (another bridge of this gateway), it is an adoption of the session of the instance
+    ``config.instance`` names, which is down: inbound only, no status, no will, never reconnected."""
+
+    def __init__(self, gateway, config: BrokerConfig, adopted_by: "BillingBridge | None" = None) -> None:
         self.gateway = gateway
         self.config = config
+        self.adopted_by = adopted_by
         self.stats = BridgeStats()
         self.zone = timezone(timedelta(seconds=gateway.config.calendar.utc_offset_s))
         self._client: paho.Client | None = None
@@ -207,6 +254,9 @@ class BillingBridge:
         self._refused = False  # the broker refused the last connection attempt (credentials, say)
         self._wake = asyncio.Event()
         self._refusal_logged_at = float("-inf")
+        self.statuses: dict[str, StatusSeen] = {}  # several instances: each one's last status heard
+        self.adoptions: dict[str, tuple[BillingBridge, asyncio.Task]] = {}  # instance -> its session's adoption
+        self.ended = asyncio.Event()  # an adoption: its connection is gone (taken over, most likely)
 
     # -- paho callbacks (on the event loop) -------------------------------------------------------------
     def _on_connect(self, client, userdata, flags, reason, properties) -> None:
@@ -217,19 +267,36 @@ class BillingBridge:
             return  # the broker closes the connection next: the disconnect reconnects
         self._net.connected()
         self._generation += 1
-        client.subscribe([(topic, SubscribeOptions(qos=1)) for topic in inbound_subscriptions(self.config)])
-        client.publish(contract.status_topic(self.config.instance), self._status("online"), qos=1, retain=True)
         self.stats.connects += 1
+        if self.adopted_by is not None:
+            # out of the shared group: the broker deals what comes next to the live instances; what it queued
+            # here still comes, and is handled as our own (the session's other subscriptions stay: global inputs)
+            shared = [t for t in inbound_subscriptions(self.config) if t.startswith("$share/")]
+            client.unsubscribe(shared)
+            log.warning("MQTT: adopted the session of instance %s (session present: %s): handling what the "
+                        "broker queued for it", self.config.instance, flags.session_present)
+            self._set_connected(True)
+            return
+        topics = inbound_subscriptions(self.config)
+        if self._clustered():
+            topics.append(contract.status_topic("+"))  # which instances are down: their sessions are adopted
+        client.subscribe([(topic, SubscribeOptions(qos=1)) for topic in topics])
+        client.publish(contract.status_topic(self.config.instance), self._status("online"), qos=1, retain=True)
         log.info("MQTT: connected to %s:%s (session present: %s)", self.config.host, self.config.port,
                  flags.session_present)
         self._set_connected(True)
 
     def _on_disconnect(self, client, userdata, flags, reason, properties) -> None:
         self._generation += 1
+        self._set_connected(False)
+        if self.adopted_by is not None:
+            # taken over by its instance come back (Mosquitto just closes the connection), or the link dropped:
+            # never reconnected from here; the publisher decides whether to adopt it again (``adoptable``)
+            self.ended.set()
+            return
         if reason.is_failure and not self._refused:  # a refusal already said why; keep that
             self.stats.last_error = f"disconnected: {reason}"
             log.warning("MQTT: %s; reconnecting", self.stats.last_error)
-        self._set_connected(False)
         self._net.lost()
 
     def _on_subscribe(self, client, userdata, mid, reasons, properties) -> None:
@@ -241,7 +308,22 @@ class BillingBridge:
         self._subscribed.set()
 
     def _on_message(self, client, userdata, msg) -> None:
+        if msg.topic.startswith(contract.STATUS + "/"):
+            self._heard_status(msg)
+            if msg.qos > 0:
+                client.ack(msg.mid, msg.qos)  # a state, not an input: nothing to commit
+            return
         self._queue.put_nowait(_Inbound(self._generation, msg.mid, msg.qos, msg.topic, msg.payload))
+
+    def _heard_status(self, msg) -> None:
+        instance = msg.topic[len(contract.STATUS) + 1:]
+        try:
+            state = msgspec.json.decode(msg.payload, type=contract.Status).state
+        except msgspec.DecodeError as exc:  # (a ValidationError too)
+            log.warning("MQTT: status of %s not understood (%s): ignored", instance, exc)
+            return
+        before = self.statuses.get(instance)
+        self.statuses[instance] = StatusSeen(state, (before.count if before else 0) + 1)
 
     def _on_publish(self, client, userdata, mid, reason, properties) -> None:
         fut = self._acks.pop(mid, None)
@@ -267,13 +349,20 @@ class BillingBridge:
 
     def wake(self) -> None:
         """New events are committed: publish now rather than at the next look."""
+        if self.adopted_by is not None:
+            self.adopted_by.wake()
         self._wake.set()
+
+    def _clustered(self) -> bool:
+        """Several instances sharing the inbound messages: their sessions are adopted when they are down."""
+        return bool(self.config.shared_group) and getattr(self.gateway, "cluster", None) is not None
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         cfg = self.config
         client = make_client(cfg)
-        client.will_set(contract.status_topic(cfg.instance), self._status("offline"), qos=1, retain=True)
+        if self.adopted_by is None:  # (an adoption says nothing for the instance it stands in for)
+            client.will_set(contract.status_topic(cfg.instance), self._status("offline"), qos=1, retain=True)
         client.max_inflight_messages_set(cfg.publish_batch)
         client.on_connect, client.on_disconnect = self._on_connect, self._on_disconnect
         client.on_message, client.on_publish = self._on_message, self._on_publish
@@ -281,10 +370,13 @@ class BillingBridge:
         if cfg.shared_group and getattr(self.gateway, "cluster", None) is None:
             log.warning("MQTT: sharing inbound messages in group %r without [cluster]: every instance acts on "
                         "every meter it hears of (docs/scaling.md)", cfg.shared_group)
+        if self.adopted_by is None and getattr(self.gateway, "cluster", None) is not None:
+            self.gateway.cluster.broker_connected = lambda: self.stats.connected  # (the publisher lease)
         client.connect_async(cfg.host, cfg.port, cfg.keepalive_s, clean_start=False,
                              properties=session_properties(cfg))
         self._client = client
-        self._net = _OnLoop(self._loop, client, cfg.reconnect_max_s)
+        self._net = _OnLoop(self._loop, client, cfg.reconnect_max_s,
+                            give_up=self.ended.set if self.adopted_by is not None else None)
         self._net.start()
 
     async def ready(self, timeout: float = 10.0) -> None:
@@ -299,24 +391,75 @@ class BillingBridge:
         if self._client is None:
             await self.start()
         tasks = [asyncio.create_task(self._consume()), asyncio.create_task(self._publish_loop(stop))]
+        if self._clustered():
+            tasks.append(asyncio.create_task(self._adopt_loop(stop)))
         try:
             await stop.wait()
         finally:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            for name in list(self.adoptions):
+                await self._end_adoption(name)
             await self.close()
 
     async def close(self) -> None:
         client, self._client = self._client, None
         if client is None:
             return
-        if self.stats.connected:
+        if self.stats.connected and self.adopted_by is None:
             info = client.publish(contract.status_topic(self.config.instance), self._status("offline"), qos=1,
                                   retain=True)
             said = self._acks[info.mid] = self._loop.create_future()
             await asyncio.wait([said], timeout=2.0)
         await self._net.stop()
+
+    # -- several instances: the sessions of those that are down ---------------------------------------------
+    async def _adopt_loop(self, stop: asyncio.Event) -> None:
+        """While this instance holds the publisher lease (and so is connected), adopt the sessions of the
+        instances that are down; end an adoption once its instance is back or the lease is gone."""
+        cluster = self.gateway.cluster
+        grace_s = max(3 * cluster.ttl_s, 10.0)
+        ended: dict[str, AdoptionEnded] = {}
+        while not stop.is_set():
+            for name, (adoption, _) in list(self.adoptions.items()):
+                if adoption.ended.is_set():  # taken over, the link dropped, or refused: again only as adoptable says
+                    seen = self.statuses.get(name)
+                    ended[name] = AdoptionEnded(seen.count if seen else 0, time.monotonic())
+                    await self._end_adoption(name)
+            wanted = set()
+            if cluster.is_publisher() and self.stats.connected:
+                wanted = adoptable(cluster.members, self.statuses, self.config.instance, ended, time.monotonic(),
+                                   grace_s)
+            for name in sorted(set(self.adoptions) - wanted):  # back (heartbeat and status), or not ours to do
+                await self._end_adoption(name)
+            for name in sorted(wanted - set(self.adoptions)):
+                ended.pop(name, None)
+                await self._adopt(name)
+            try:
+                await asyncio.wait_for(stop.wait(), cluster.renew_every_s)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _adopt(self, instance: str) -> None:
+        adoption = BillingBridge(self.gateway, replace(self.config, instance=instance), adopted_by=self)
+        self.stats.adoptions += 1
+        log.info("MQTT: instance %s is down (status %s, heartbeat %s): adopting its session %s", instance,
+                 getattr(self.statuses.get(instance), "state", "unknown"),
+                 "fresh" if self.gateway.cluster.members.get(instance) else "stopped", adoption.config.client_id)
+        await adoption.start()
+        self.adoptions[instance] = (adoption, asyncio.create_task(adoption._consume()))
+        self.stats.adopted = len(self.adoptions)
+
+    async def _end_adoption(self, instance: str) -> None:
+        adoption, consumer = self.adoptions.pop(instance)
+        self.stats.adopted = len(self.adoptions)
+        consumer.cancel()  # (a batch not yet acknowledged is delivered again, to its instance or an adopter)
+        await asyncio.gather(consumer, return_exceptions=True)
+        await adoption.close()
+        log.info("MQTT: adoption of instance %s's session ended after %d messages (%s)", instance,
+                 adoption.stats.committed, "taken over or the link dropped" if adoption.ended.is_set()
+                 else "it is back, or this instance no longer publishes")
 
     # -- inbound ---------------------------------------------------------------------------------------------
     async def _consume(self) -> None:
@@ -486,8 +629,8 @@ class BillingBridge:
         """One batch of unpublished outbox events: publish, wait for the broker's acks, mark what was acked.
         Returns how many were acknowledged."""
         control = self.gateway.control
-        if control.cluster is not None and not control.owns_channel(publisher_channel(self.gateway)):
-            return 0  # several instances: the outbox is published by the one holding the first channel
+        if control.cluster is not None and not control.cluster.is_publisher():
+            return 0  # several instances: the outbox is published by the holder of the publisher lease
         rows = await self.gateway.writer.call(control.store.outbox, 0, self.config.publish_batch, True)
         if not rows or not self._connected.is_set():  # lost while we read: paho may be reconnecting in its thread
             return 0
@@ -539,12 +682,6 @@ def inbound_subscriptions(cfg: BrokerConfig) -> list[str]:
     return [topic if kind in GLOBAL_INBOUND else prefix + topic for topic, kind in contract.INBOUND.items()]
 
 
-def publisher_channel(gateway) -> str:
-    """Several instances: the outbox is published by the holder of the first channel by name (one publisher
-    at a time, taken over with that channel's lease)."""
-    return min((c.name for c in gateway.channels), default="")
-
-
 def _store_away(exc: BaseException) -> bool:
     """The store (not the message) failed: a lost connection, a locked or unwritable database. Both drivers
     call that an OperationalError."""
@@ -559,8 +696,11 @@ class _OnLoop:
     add_reader/add_writer, keepalive runs from a task, reconnects back off. With paho on its own thread,
     the two threads' fight for the GIL cost a third of the bridge's throughput (docs/performance.md)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, client: _ReadAhead, reconnect_max_s: float) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, client: _ReadAhead, reconnect_max_s: float,
+                 give_up: "Callable[[], None] | None" = None) -> None:
+        """``give_up``: called instead of trying again when a connection attempt fails (an adoption)."""
         self.loop, self.client, self.reconnect_max_s = loop, client, reconnect_max_s
+        self.give_up = give_up
         self._thread = threading.get_ident()
         self._tasks: set[asyncio.Task] = set()
         self._connecting: asyncio.Task | None = None
@@ -642,9 +782,14 @@ class _OnLoop:
                 await asyncio.shield(self._attempting)  # a stop waits for it rather than leaving it behind
                 return
             except (OSError, ValueError) as exc:  # refused, unreachable, TLS failure
+                if self.give_up is not None:
+                    log.warning("MQTT: cannot connect (%s); given up", exc)
+                    return self.give_up()
                 log.warning("MQTT: cannot connect (%s); again in %.1fs", exc, self._delay)
             except Exception:  # never end this task: nothing else would connect again
                 log.exception("MQTT: connecting failed; again in %.1fs", self._delay)
+                if self.give_up is not None:
+                    return self.give_up()
 
     def _attempt(self) -> None:
         """One connection attempt, in a worker thread."""

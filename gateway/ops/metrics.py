@@ -453,6 +453,8 @@ class _Collector:
 def _bridge(s):
     yield GaugeMetricFamily("feikong_mqtt_connected", "1 when the billing bridge is connected to its broker",
                             value=int(s.connected))
+    yield GaugeMetricFamily("feikong_mqtt_adopted_sessions", "Sessions of other instances that are down, adopted "
+                            "by this one (the publisher) now", value=s.adopted)
     for name, value, doc in (
             ("feikong_mqtt_connects", s.connects, "Broker connections the billing bridge made"),
             ("feikong_mqtt_messages_received", s.received, "Inbound billing messages received"),
@@ -461,7 +463,8 @@ def _bridge(s):
             ("feikong_mqtt_dead_letters", s.dead_letters, "Inbound messages sent to the dead letters"),
             ("feikong_mqtt_events_published", s.published, "Outbox events published and acknowledged"),
             ("feikong_mqtt_publish_refused", s.publish_refused, "Outbox events the broker refused"),
-            ("feikong_mqtt_batch_retries", s.retries, "Inbound batches tried again")):
+            ("feikong_mqtt_batch_retries", s.retries, "Inbound batches tried again"),
+            ("feikong_mqtt_adoptions", s.adoptions, "Sessions of other instances that were down, adopted")):
         yield CounterMetricFamily(name, doc, value=value)
 
 
