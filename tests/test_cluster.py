@@ -977,3 +977,29 @@ def test_an_instance_with_another_config_does_not_join(tmp_path, pg_dsn):
     finally:
         a.stop()
     Cluster(pg_dsn, "gw2", ["bus1", "bus2"], 3.0, digest=other).check_config()  # gw1 gone: nothing to compare
+
+
+def test_a_keeper_whose_writer_commits_nothing_hands_the_publisher_lease_back_at_once(pg_dsn):
+    from gateway.cluster import PUBLISHER
+
+    _migrated(pg_dsn).close()
+    committed = [time.monotonic()]
+    a = Cluster(pg_dsn, "gw1", ["bus1"], 3.0)
+    a.broker_connected = lambda: True
+    a.writer_committed_at = lambda: committed[0]
+
+    def publisher() -> str | None:
+        return _query(pg_dsn, f"SELECT CASE WHEN expires_at > now() THEN holder END FROM leases "
+                              f"WHERE channel = '{PUBLISHER}'")[0][0]
+
+    try:
+        a.start()
+        assert a.is_publisher() and publisher() == "gw1"
+        committed[0] = time.monotonic() - 4.0  # nothing committed for more than the ttl
+        started = time.monotonic()
+        while publisher() is not None or a.wanted():  # (not renewed, it would expire only after up to 3 s)
+            assert time.monotonic() - started < 1.5, "the publisher lease handed back in the next round"
+            time.sleep(0.02)
+        assert not a.is_publisher()
+    finally:
+        a.stop()
