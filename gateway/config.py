@@ -21,6 +21,7 @@ from gateway.core.control import ControlConfig
 from gateway.core.model import Account, Meter
 from gateway.core.thresholds import ThresholdPolicy
 from gateway.northbound.mqtt import BrokerConfig
+from gateway.southbound.poller import DEFAULT_ITEMS
 
 
 class ConfigErrors(ConfigError):
@@ -175,6 +176,19 @@ def _check_channel(c) -> None:
         raise ValueError(f"unreachable_after must be 1 or more (failed cycles), got {c.unreachable_after}")
 
 
+#: what every poll must read: the energy registers (billing) and status word 3 (the relay's position)
+_REQUIRED_ITEMS = ("forward_active_energy_block", "status_word_3")
+
+
+def _check_items(items: tuple[str, ...]) -> None:
+    missing = [name for name in _REQUIRED_ITEMS if name not in items]
+    if missing:
+        raise ValueError(f"items {list(items)}: must include {', '.join(missing)} (the energy registers bill, "
+                         f"status word 3 is the relay's position)")
+    if len(set(items)) != len(items):
+        raise ValueError(f"items {list(items)}: an item is named twice")
+
+
 @dataclass(frozen=True, kw_only=True)
 class _Dlt645Line:
     """What every DL/T 645 channel has: the line's rate, the timeouts, the edition, the meters' credentials."""
@@ -191,16 +205,18 @@ class _Dlt645Line:
     #: a file holding the meters' relay password (6 hex digits); "" = 000000
     password_file: str = ""
     operator: str = "00000000"
+    #: what each poll reads from every meter (DL/T 645 data item names)
+    items: tuple[str, ...] = DEFAULT_ITEMS
 
     def __post_init__(self) -> None:
         _check_channel(self)
-        from gateway.southbound.poller import DEFAULT_ITEMS
         from protocols.dlt645 import di
         from protocols.dlt645.codes import Edition
 
-        missing = [name for name in DEFAULT_ITEMS if di.by_name(name, Edition(self.edition)) is None]
+        _check_items(self.items)
+        missing = [name for name in self.items if di.by_name(name, Edition(self.edition)) is None]
         if missing:
-            raise ValueError(f"edition {self.edition}: the gateway reads {', '.join(DEFAULT_ITEMS)} from every meter "
+            raise ValueError(f"edition {self.edition}: the gateway reads {', '.join(self.items)} from every meter "
                              f"and DL/T 645-{self.edition} has no {', '.join(missing)} (the relay's read-back); "
                              f"allowed: 2007")
 
@@ -282,10 +298,24 @@ class ConcentratorChannel:
     relay_timeout_s: float = 10.0
     password_file: str = ""
     operator: str = "00000000"
+    #: what each poll reads from every meter (frame mode: DL/T 645 item names; json mode: the contract's)
+    items: tuple[str, ...] = DEFAULT_ITEMS
 
     def __post_init__(self) -> None:
         _check_channel(self)
+        _check_items(self.items)
         from protocols.mqtt import concentrator as contract
+
+        known = contract.ITEMS if self.mode == "json" else None
+        if known is None:
+            from protocols.dlt645 import di
+            from protocols.dlt645.codes import Edition
+
+            unknown = [name for name in self.items if di.by_name(name, Edition.DLT645_2007) is None]
+        else:
+            unknown = [name for name in self.items if name not in known]
+        if unknown:
+            raise ValueError(f"items: unknown item(s) {unknown} in {self.mode} mode")
 
         try:
             contract.topic(self.id, contract.STATUS)

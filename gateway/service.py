@@ -216,7 +216,7 @@ class Service:
                                     turnaround_s=c.timeout_s, margin_s=c.margin_s, retries=c.retries)
             link = (Dlt645Link.tcp(c.host, c.port, settings, name=c.name) if c.kind == "dlt645_tcp"
                     else Dlt645Link.serial(c.device, settings, name=c.name))
-            return Bus(link, meters, edition=Edition(c.edition), operator=c.operator, **secret)
+            return Bus(link, meters, items=c.items, edition=Edition(c.edition), operator=c.operator, **secret)
         if c.kind in ("modbus_tcp", "modbus_rtu"):
             from protocols.modbus import load_profile
 
@@ -230,11 +230,11 @@ class Service:
                                      unreachable_after=c.unreachable_after)
         if c.mode == "json":
             return self.hub.json_channel(c.id, meters, read_timeout_s=c.read_timeout_s,
-                                         relay_timeout_s=c.relay_timeout_s, name=c.name)
+                                         relay_timeout_s=c.relay_timeout_s, items=c.items, name=c.name)
         settings = LinkSettings(baud=c.baud, parity="E", turnaround_s=c.timeout_s, margin_s=c.margin_s,
                                 retries=c.retries)
-        return Bus(Dlt645Link(self.hub.frame_opener(c.id), settings, c.name, "mqtt"), meters, operator=c.operator,
-                   **secret)
+        return Bus(Dlt645Link(self.hub.frame_opener(c.id), settings, c.name, "mqtt"), meters, items=c.items,
+                   operator=c.operator, **secret)
 
     async def _register(self) -> None:
         """The fleet file's tariffs, accounts and meters into the store; ids already there are left as they

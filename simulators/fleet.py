@@ -7,6 +7,11 @@ Modbus TCP server per line (device ids 1..247), and one MQTT connection per conc
 ``frame`` mode or ``json`` mode). :attr:`Fleet.lines` tells a head-end where each line is and which meters
 are on it.
 
+Some DL/T 645 TCP buses may emulate their RS-485 line (``line_rate_lines`` of ``line_rate_per_line`` meters at
+``line_rate_baud``: every byte takes its time, and each line's statistics say how long it carried bytes); a
+share of meters may start tripped (``tripped``: relay open, as customers in arrears); ``per_line_by_kind``
+sizes each kind's lines apart (a 100,000-meter fleet: config/simfleet.100k.json).
+
 Faults, drawn once per meter from the spec's seed: a share of meters whose relay acknowledges but does not
 move (``stuck_relay``), a share that stop answering a few seconds after they were tripped (a dead
 communication module, ``silent_after_trip``), and per-request transient faults on the DL/T 645 lines
@@ -17,8 +22,9 @@ In-process (tests, the demo): ``fleet = await Fleet(spec, broker=(host, port)).s
 ``python -m simulators.fleet SPEC.json [--broker HOST:PORT] [--commands]`` prints :meth:`Fleet.describe` as
 one JSON line on standard output once everything listens, and serves until SIGINT or SIGTERM (with
 ``--commands``: it also takes one JSON command a line on standard input, ``{"repair": ADDRESS, "relay_open":
-false}``, and stops when standard input closes, so it never outlives its parent). :class:`FleetProcess` is that
-child seen from the parent, with the same ``describe``, ``faulty``, ``repair`` and ``stop``.
+false}`` or ``{"report": [ADDRESS, ...]}`` (answered with :meth:`Fleet.report` as one JSON line), and stops
+when standard input closes, so it never outlives its parent). :class:`FleetProcess` is that
+child seen from the parent, with the same ``describe``, ``faulty``, ``repair``, ``report`` and ``stop``.
 """
 from __future__ import annotations
 
@@ -56,6 +62,7 @@ class FleetError(ValueError):
 class FleetSpec:
     meters: dict[str, int]  # kind (one of KINDS) -> how many meters
     per_line: int = 100  # meters sharing one bus, listener, Modbus line or concentrator
+    per_line_by_kind: dict = field(default_factory=dict)  # kind -> meters per line, where not per_line
     first_address: int = 1
     load_kw: tuple[float, float] = (0.4, 3.0)  # mean load of each meter at the hour the fleet starts
     stuck_relay: float = 0.0  # share of meters whose relay does not move
@@ -66,6 +73,12 @@ class FleetSpec:
     modbus_profile: str = "hiking_dds238_2_znsr"
     utc_offset_s: int | None = None  # the meters keep local time at this offset (None: the host's local time)
     seed: int = 0
+    #: the first this many DL/T 645 TCP buses emulate their RS-485 line: bytes take their time at this baud
+    #: (11 bits a character, 8E1), with this many meters each (taken from the dlt645_tcp count)
+    line_rate_lines: int = 0
+    line_rate_per_line: int = 40
+    line_rate_baud: int = 2400
+    tripped: float = 0.0  # share of meters whose relay is open when the fleet starts (customers in arrears)
 
     def __post_init__(self) -> None:
         unknown = [k for k in self.meters if k not in KINDS]
@@ -78,6 +91,11 @@ class FleetSpec:
             raise FleetError("meters: the fleet has no meters")
         if not isinstance(self.per_line, int) or self.per_line < 1:
             raise FleetError(f"per_line must be a whole number >= 1, got {self.per_line!r}")
+        for kind, n in self.per_line_by_kind.items():
+            if kind not in KINDS:
+                raise FleetError(f"per_line_by_kind: unknown channel kind {kind!r}; allowed: {', '.join(KINDS)}")
+            if not isinstance(n, int) or n < 1:
+                raise FleetError(f"per_line_by_kind.{kind} must be a whole number >= 1, got {n!r}")
         lo, hi = self.load_kw
         if not 0 < lo <= hi:
             raise FleetError(f"load_kw must be (low, high) with 0 < low <= high, got {self.load_kw!r}")
@@ -90,6 +108,16 @@ class FleetSpec:
             raise FleetError(f"silent_delay_s must not be negative, got {self.silent_delay_s!r}")
         if self.turnaround_s < 0:
             raise FleetError(f"turnaround_s must not be negative, got {self.turnaround_s!r}")
+        for name in ("line_rate_lines", "line_rate_per_line", "line_rate_baud"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < (0 if name == "line_rate_lines" else 1):
+                raise FleetError(f"{name} must be a whole number >= {0 if name == 'line_rate_lines' else 1}, "
+                                 f"got {getattr(self, name)!r}")
+        if self.line_rate_lines * self.line_rate_per_line > self.meters.get("dlt645_tcp", 0):
+            raise FleetError(f"line_rate_lines x line_rate_per_line ({self.line_rate_lines} x "
+                             f"{self.line_rate_per_line}) exceeds meters.dlt645_tcp "
+                             f"({self.meters.get('dlt645_tcp', 0)}): the emulated lines are DL/T 645 TCP buses")
+        if not 0.0 <= self.tripped <= 1.0:
+            raise FleetError(f"tripped must be a share between 0 and 1, got {self.tripped!r}")
         if self.first_address < 0 or self.first_address + self.total > 10**12:
             raise FleetError(f"first_address {self.first_address}: the addresses run past 999999999999")
 
@@ -121,11 +149,23 @@ class Line:
     kind: str
     where: str  # host:port (TCP kinds), the pty's path, or the concentrator id (MQTT kinds)
     meters: list[SimMeter]
+    baud: int | None = None  # the emulated line rate (None: as fast as the host)
+    bus: SimBus | None = None  # DL/T 645 kinds: the bus, with its statistics
 
     def describe(self) -> dict:
         out = {"kind": self.kind, "where": self.where, "meters": [m.address for m in self.meters]}
         if self.kind == "modbus_tcp":
             out["device_ids"] = [m.device_id for m in self.meters]
+        if self.baud is not None:
+            out["baud"] = self.baud
+        return out
+
+    def stats(self) -> dict:
+        """What the line carried: requests and replies, and how long the emulated line was busy (s)."""
+        out = {"where": self.where, "kind": self.kind, "baud": self.baud}
+        if self.bus is not None:
+            st = self.bus.stats
+            out.update(requests=st.requests, replies=st.replies, busy_s=round(st.busy_s, 6))
         return out
 
 
@@ -140,6 +180,8 @@ class Fleet:
     faulty: dict[str, str] = field(default_factory=dict)
     #: addresses of the silent-after-trip meters that have gone silent
     silenced: set[str] = field(default_factory=set)
+    #: addresses of the meters whose relay was open at the start (``FleetSpec.tripped``)
+    tripped: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.clock is None:
@@ -155,16 +197,20 @@ class Fleet:
     def _build(self) -> dict[str, list[list[SimMeter]]]:
         s = self.spec
         rng = random.Random(s.seed)
+        # its own generator: a spec without tripped meters draws the same fleet as before the option existed
+        tripped_rng = random.Random(s.seed * 7919 + 1)
         hour_factor = _PROFILE[self.clock().hour]  # the meters' profile shapes load by hour: start at the mean
         profile = load_profile(s.modbus_profile) if s.meters.get("modbus_tcp") else None
         address = s.first_address
         groups: dict[str, list[list[SimMeter]]] = {}
         for kind in KINDS:
             count = s.meters.get(kind, 0)
-            per = min(s.per_line, MODBUS_MAX_DEVICES) if kind == "modbus_tcp" else s.per_line
+            per = s.per_line_by_kind.get(kind, s.per_line)
+            per = min(per, MODBUS_MAX_DEVICES) if kind == "modbus_tcp" else per
             lines = groups.setdefault(kind, [])
+            emulated = s.line_rate_lines * s.line_rate_per_line if kind == "dlt645_tcp" else 0
             for i in range(count):
-                if i % per == 0:
+                if i < emulated and i % s.line_rate_per_line == 0 or i >= emulated and (i - emulated) % per == 0:
                     lines.append([])
                 draw = rng.random()
                 fault = ("stuck_relay" if draw < s.stuck_relay else
@@ -181,6 +227,9 @@ class Fleet:
                     meter = SimMeter(addr, faults=faults, **common)
                 if fault:
                     self.faulty[addr] = fault
+                if s.tripped and tripped_rng.random() < s.tripped:
+                    meter.relay_open = meter.relay_command_open = True
+                    self.tripped.append(addr)
                 self.meters[addr] = meter
                 lines[-1].append(meter)
                 address += 1
@@ -193,7 +242,8 @@ class Fleet:
         try:
             for kind, groups in self._build().items():
                 for n, meters in enumerate(groups, 1):
-                    self.lines.append(await self._serve(kind, n, meters))
+                    baud = self.spec.line_rate_baud if kind == "dlt645_tcp" and n <= self.spec.line_rate_lines else None
+                    self.lines.append(await self._serve(kind, n, meters, baud))
         except BaseException:
             await self.stop()
             raise
@@ -201,17 +251,19 @@ class Fleet:
             self._watch = asyncio.create_task(self._silence_tripped(), name="fleet-silent-after-trip")
         return self
 
-    async def _serve(self, kind: str, n: int, meters: list[SimMeter]) -> Line:
-        bus = lambda: SimBus.of(meters, clock=self.clock, turnaround_s=self.spec.turnaround_s)  # noqa: E731
+    async def _serve(self, kind: str, n: int, meters: list[SimMeter], baud: int | None = None) -> Line:
+        bus = lambda: SimBus.of(meters, clock=self.clock, turnaround_s=self.spec.turnaround_s,  # noqa: E731
+                                baud=baud)
         if kind == "dlt645_tcp":
-            server = await serve_tcp(bus())
+            line_bus = bus()
+            server = await serve_tcp(line_bus)
             self._closers.append(lambda: _close_server(server))
             host, port = server.sockets[0].getsockname()[:2]
-            return Line(kind, f"{host}:{port}", meters)
+            return Line(kind, f"{host}:{port}", meters, baud, line_bus)
         if kind == "dlt645_pty":
             pty = PtyBus(bus())
             self._closers.append(pty.close)
-            return Line(kind, pty.path, meters)
+            return Line(kind, pty.path, meters, bus=pty.bus)
         if kind == "modbus_tcp":
             server = await serve_modbus_tcp(meters)
             self._closers.append(server.close)
@@ -220,7 +272,7 @@ class Fleet:
         concentrator = SimConcentrator(cid, bus(), *self.broker, mode="frame" if kind == "mqtt_frame" else "json")
         self._closers.append(concentrator.stop)
         await concentrator.start()
-        return Line(kind, cid, meters)
+        return Line(kind, cid, meters, bus=concentrator.bus)
 
     async def stop(self) -> None:
         """Stop every line (concentrators say goodbye); safe to call twice."""
@@ -267,7 +319,15 @@ class Fleet:
     # -- what happened ----------------------------------------------------------------------------------------
     def describe(self) -> dict:
         return {"spec": self.spec.to_dict(), "lines": [line.describe() for line in self.lines],
-                "faulty": dict(self.faulty)}
+                "faulty": dict(self.faulty), "tripped": list(self.tripped)}
+
+    def report(self, addresses: list[str] | None = None) -> dict:
+        """The simulators' own record: each line's statistics, and for each of ``addresses`` (default: none)
+        its relay's position and every relay action it carried out (``relay_log``)."""
+        return {"lines": [line.stats() for line in self.lines],
+                "meters": {a: {"relay_open": self.meters[a].relay_open,
+                               "relay_log": [action for _, action, _ in self.meters[a].relay_log]}
+                           for a in addresses or ()}}
 
 
 def _registers(rng: random.Random) -> list[Decimal]:
@@ -281,6 +341,10 @@ async def _close_server(server: asyncio.Server) -> None:
 
 
 # ------------------------------------------------------------------------------------------- child process
+
+#: the child's description is one JSON line: 100,000 meters' addresses are some 2 MB (asyncio's default: 64 KiB)
+_LINE_LIMIT = 256 * 1024 * 1024
+
 
 class FleetProcess:
     """A fleet served by a child process (``python -m simulators.fleet --commands``), seen from the parent."""
@@ -299,7 +363,8 @@ class FleetProcess:
             args += ["--broker", f"{self.broker[0]}:{self.broker[1]}"]
         # a session of its own: Ctrl-C reaches the parent, which stops the fleet after the gateway
         self.proc = await asyncio.create_subprocess_exec(*args, stdin=asyncio.subprocess.PIPE,
-                                                         stdout=asyncio.subprocess.PIPE, start_new_session=True)
+                                                         stdout=asyncio.subprocess.PIPE, start_new_session=True,
+                                                         limit=_LINE_LIMIT)
         try:
             line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
             if not line:
@@ -317,6 +382,14 @@ class FleetProcess:
     def repair(self, address: str, relay_open: bool) -> None:
         self.faulty.pop(address, None)
         self.proc.stdin.write(json.dumps({"repair": address, "relay_open": relay_open}).encode() + b"\n")
+
+    async def report(self, addresses: list[str] | None = None, timeout: float = 60.0) -> dict:
+        """:meth:`Fleet.report`, from the child: one command, one JSON line back."""
+        self.proc.stdin.write(json.dumps({"report": list(addresses or ())}).encode() + b"\n")
+        line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+        if not line:
+            raise RuntimeError(f"the fleet process ended (exit {await self.proc.wait()})")
+        return json.loads(line)
 
     async def stop(self, timeout: float = 10.0) -> None:
         if self.proc is None or self.proc.returncode is not None:
@@ -348,7 +421,7 @@ async def _serve_until_signalled(spec: FleetSpec, broker: tuple[str, int] | None
 
 async def _obey(fleet: Fleet, stop: asyncio.Event) -> None:
     """Commands a line on standard input until it closes (the parent went away: stop)."""
-    reader = asyncio.StreamReader()
+    reader = asyncio.StreamReader(limit=_LINE_LIMIT)  # a report names thousands of meters
     await asyncio.get_running_loop().connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     while True:
         line = await reader.readline()
@@ -357,7 +430,10 @@ async def _obey(fleet: Fleet, stop: asyncio.Event) -> None:
             return
         try:
             command = json.loads(line)
-            fleet.repair(command["repair"], bool(command["relay_open"]))
+            if "report" in command:
+                print(json.dumps(fleet.report(command["report"])), flush=True)
+            else:
+                fleet.repair(command["repair"], bool(command["relay_open"]))
         except (ValueError, KeyError, TypeError) as exc:
             print(f"fleet: bad command {line!r}: {exc!r}", file=sys.stderr, flush=True)
 
@@ -368,7 +444,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--broker", metavar="HOST:PORT", help="the MQTT broker the concentrators connect to")
     p.add_argument("--commands", action="store_true",
                    help='take commands on standard input, one JSON object a line ({"repair": ADDRESS, '
-                        '"relay_open": false}), and stop when it closes')
+                        '"relay_open": false} or {"report": [ADDRESS, ...]}, answered with one JSON line), '
+                        'and stop when it closes')
     args = p.parse_args(argv)
     try:
         text = sys.stdin.read() if args.spec == "-" else open(args.spec, encoding="utf-8").read()

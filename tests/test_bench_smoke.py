@@ -1,7 +1,8 @@
 """Smoke tests: each benchmark's --quick run verifies its own results before it reports (see each bench's
 docstring); here: it ran, reported positive figures on its last line, and saved the same in its file.
 bench/codec.py: both codecs; bench/engine.py: the engine, SQLite, PostgreSQL and the naive baseline;
-bench/relay.py: both verification strategies; bench/mqtt.py: the gateway beside paho's floor."""
+bench/relay.py: both verification strategies; bench/mqtt.py: the gateway beside paho's floor; bench/e2e.py: a
+5,000-meter fleet through the whole service with payments over MQTT, every close verified in the simulators."""
 from __future__ import annotations
 
 import json
@@ -54,3 +55,15 @@ def test_mqtt_bench_quick(tmp_path):
                                          "payments_over_floor"), 300)
     assert saved["machine"]["broker"].startswith("mosquitto")
     assert saved["results"]["rounds"] == len(saved["results"]["runs"])
+
+
+def test_e2e_bench_quick(tmp_path):
+    saved = run_quick("e2e", tmp_path, ("meters", "read_cycle_s", "bus_utilisation", "close_latency_p50_s",
+                                        "close_latency_p99_s", "engine_readings_per_s", "peak_rss_mb",
+                                        "fleet_peak_rss_mb", "payments"), 600)
+    results, verified = saved["results"], saved["details"]["verified"]
+    assert results["verified"] is True
+    assert verified["closes_confirmed"] == verified["payments_in_ledger_once"] == results["payments"]
+    assert verified["relays_closed_by_one_close_in_the_simulators"] == results["payments"]
+    assert verified["second_cycle_readings"] == results["meters"] == 5000
+    assert saved["items"] == ["forward_active_energy_block", "status_word_3"]

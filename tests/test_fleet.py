@@ -142,6 +142,53 @@ async def test_a_fleet_process_takes_a_crews_repair_on_its_standard_input_and_st
     assert await asyncio.wait_for(again.proc.wait(), 10) == 0
 
 
+async def test_line_rate_buses_take_their_wire_time_and_tripped_meters_start_open_as_the_report_says(tmp_path):
+    spec = FleetSpec({"dlt645_tcp": 6}, per_line=2, line_rate_lines=1, line_rate_per_line=2, line_rate_baud=2400,
+                     tripped=0.5, seed=3, turnaround_s=0.0)
+    fleet = await FleetProcess(spec, workdir=tmp_path).start()
+    try:
+        lines = fleet.describe()["lines"]
+        assert [line.get("baud") for line in lines] == [2400, None, None]
+        tripped = fleet.describe()["tripped"]
+        assert 1 <= len(tripped) <= 5
+        slow, fast = lines[0], lines[1]
+        timings = []
+        for line in (slow, fast):
+            host, port = line["where"].rsplit(":", 1)
+            client = Dlt645Client(Dlt645Link.tcp(host, int(port), replace(LINK, baud=2400, turnaround_s=0.3)))
+            try:
+                started = asyncio.get_running_loop().time()
+                for meter in line["meters"]:
+                    word = await client.relay_state(meter)
+                    assert word["relay"] == ("open" if meter in tripped else "closed")
+                timings.append(asyncio.get_running_loop().time() - started)
+            finally:
+                await client.link.close()
+        # a status word 3 read: 20 request bytes (with the FE preamble) and 22 reply bytes, 11 bits each
+        wire = 2 * (20 + 22) * 11 / 2400
+        assert timings[0] >= wire > timings[1]
+        report = await fleet.report(slow["meters"][:1])
+        assert report["lines"][0]["requests"] == 2 and report["lines"][0]["busy_s"] == pytest.approx(wire)
+        assert report["lines"][1]["busy_s"] == 0
+        first = slow["meters"][0]
+        assert report["meters"] == {first: {"relay_open": first in tripped, "relay_log": []}}
+    finally:
+        await fleet.stop()
+    with pytest.raises(FleetError, match="line_rate_lines x line_rate_per_line"):
+        FleetSpec({"dlt645_tcp": 6}, line_rate_lines=2, line_rate_per_line=4)
+    with pytest.raises(FleetError, match="per_line_by_kind: unknown channel kind 'zigbee'"):
+        FleetSpec({"dlt645_tcp": 6}, per_line_by_kind={"zigbee": 4})
+
+
+async def test_each_kind_of_line_may_have_its_own_size_and_the_100k_fleet_is_valid():
+    spec = FleetSpec({"dlt645_tcp": 7, "modbus_tcp": 3}, per_line=2, per_line_by_kind={"dlt645_tcp": 4})
+    async with Fleet(spec) as fleet:
+        assert [(line.kind, len(line.meters)) for line in fleet.lines] == [
+            ("dlt645_tcp", 4), ("dlt645_tcp", 3), ("modbus_tcp", 2), ("modbus_tcp", 1)]
+    big = Path(__file__).resolve().parent.parent / "config" / "simfleet.100k.json"
+    assert FleetSpec.from_dict(json.loads(big.read_text())).total == 100_000
+
+
 def test_the_example_description_is_valid_and_feikong_sim_fleet_serves_one(tmp_path, broker):
     example = Path(__file__).resolve().parent.parent / "config" / "simfleet.example.json"
     assert FleetSpec.from_dict(json.loads(example.read_text())).total == 1000

@@ -310,6 +310,26 @@ def test_feikong_run_that_cannot_open_its_store_says_so_in_one_line(tmp_path):
     assert "cannot start:" in r.stderr and "Traceback" not in r.stderr and "stopped" in r.stderr
 
 
+def test_a_channel_reads_the_items_it_is_given_and_at_least_energy_and_the_relay(tmp_path):
+    path = tmp_path / "gw.toml"
+    path.write_text('[[channels]]\nkind = "dlt645_tcp"\nname = "lean"\nhost = "h"\nport = 1\n'
+                    'items = ["forward_active_energy_block", "status_word_3"]\n'
+                    '[[channels]]\nkind = "dlt645_tcp"\nname = "blind"\nhost = "h"\nport = 2\nitems = ["voltage_a"]\n'
+                    '[[channels]]\nkind = "concentrator"\nname = "c"\nid = "c1"\nmode = "json"\n'
+                    'items = ["forward_active_energy_block", "status_word_3", "colour"]\n')
+    config, errors = check_service_config(path)
+    assert errors == [
+        f"{path}: channels[1]: items ['voltage_a']: must include forward_active_energy_block, status_word_3 (the "
+        f"energy registers bill, status word 3 is the relay's position)",
+        f"{path}: channels[2]: items: unknown item(s) ['colour'] in json mode"]
+    path.write_text('[[channels]]\nkind = "dlt645_tcp"\nname = "lean"\nhost = "h"\nport = 1\n'
+                    'items = ["forward_active_energy_block", "status_word_3"]\n')
+    config, errors = check_service_config(path)
+    assert errors == []
+    from gateway.service import Service
+    assert Service(config)._channel(config.channels[0]).items == ("forward_active_energy_block", "status_word_3")
+
+
 CLASHES = """
 [http]
 port = 9108

@@ -117,15 +117,28 @@ class CommandExecutor:
             return
         await self.writer.call(self.control.read_result, step, self.clock.now(), status)
 
-    async def run(self, stop: asyncio.Event, idle_s: float = 1.0, min_sleep_s: float = 0.01) -> None:
+    async def run(self, stop: asyncio.Event, idle_s: float = 1.0, min_sleep_s: float = 0.01,
+                  min_pass_s: float = 0.05) -> None:
         """Real time: a worker per bus with steps due, started as soon as its bus has work, so a close on one
         bus never waits behind another bus's slow exchanges (a silent meter's timeouts); between passes, sleep
         until the next step is due, a wake(), a worker finishing or ``idle_s`` (never less than
-        ``min_sleep_s``: a step that cannot be done yet must not spin the loop). On ``stop`` each worker
-        finishes the step it is in."""
+        ``min_sleep_s``: a step that cannot be done yet must not spin the loop). Passes are at least
+        ``min_pass_s`` apart: each one scans every pending command, and at thousands of closes a second a pass
+        per payment batch and per finished worker made those scans most of the writer's work (the queue behind
+        it held closes for tens of seconds). On ``stop`` each worker finishes the step it is in."""
         workers: dict[str, asyncio.Task] = {}
+        loop = asyncio.get_running_loop()
+        last_pass = float("-inf")
         try:
             while not stop.is_set():
+                gap = last_pass + min_pass_s - loop.time()
+                if gap > 0:
+                    try:
+                        await asyncio.wait_for(stop.wait(), gap)
+                    except asyncio.TimeoutError:
+                        pass
+                    continue
+                last_pass = loop.time()
                 self._wake.clear()
                 nxt = None
                 try:
@@ -136,9 +149,9 @@ class CommandExecutor:
                 except Exception:
                     log.exception("executor pass failed; trying again")
                 now = self.clock.now()
-                # a step due now is its bus's worker's to do: wait for that worker, not in a spin
-                delay = idle_s if nxt is None or (nxt <= now and workers) else \
-                    min(max(nxt - now, min_sleep_s), idle_s)
+                # a step due now may be a busy worker's or a bus's whose worker just finished: look again after
+                # min_pass_s (waiting for a worker to finish held a read-back due on an idle bus up to idle_s)
+                delay = idle_s if nxt is None else min(max(nxt - now, min_sleep_s), idle_s)
                 waits = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())]
                 await asyncio.wait([*waits, *workers.values()], timeout=delay, return_when=asyncio.FIRST_COMPLETED)
                 for w in waits:

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 #: What a prepaid head-end reads by default: energy per tariff in one block, voltage,
 #: the meter's own purse (local cost control) and the relay state.
+#: (A channel's ``items`` setting chooses; energy and status word 3 are the least a poll must read.)
 DEFAULT_ITEMS = ("forward_active_energy_block", "voltage_a", "remaining_amount", "status_word_3")
 
 

@@ -231,11 +231,14 @@ class Dlt645Link:
                 # a broadcast occupies the line; the next request waits for it to drain
                 await asyncio.sleep(len(wire) * self.settings.bits_per_char / self.settings.baud)
                 return None
-            self._waiter = loop.create_future()
+            self._waiter = waiter = loop.create_future()
             self._match = match
             self._protocol.transport.write(wire)
+            # one future and one timer per exchange (wait_for(shield(...)) made two more tasks' worth of
+            # futures and callbacks: a fifth of the client's time at thousands of exchanges a second)
+            timer = loop.call_at(loop.time() + timeout, _expire, waiter)
             try:
-                return await asyncio.wait_for(asyncio.shield(self._waiter), timeout)
+                return await waiter
             except Dlt645LinkError:
                 await self.close()
                 if attempt > retries:
@@ -250,6 +253,7 @@ class Dlt645Link:
                         f"{request.control:02X} within {timeout:.2f}s ({attempt} attempt(s))") from None
                 log.debug("timeout from %s on %s, retry %d", request.address, self.name, attempt)
             finally:
+                timer.cancel()
                 self._waiter = None
                 self._match = None
 
@@ -280,6 +284,11 @@ class Dlt645Link:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_exception(Dlt645LinkError(f"{self.name} closed: {exc or 'by peer'}", written=True))
+
+
+def _expire(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_exception(asyncio.TimeoutError())
 
 
 def _reply_matcher(request: Frame) -> Callable[[Frame], bool]:

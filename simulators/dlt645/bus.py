@@ -33,6 +33,7 @@ class BusStats:
     broadcasts: int = 0
     collisions: int = 0
     ignored: int = 0  # frames for no meter on this bus, or malformed
+    busy_s: float = 0.0  # with line-rate emulation: how long the line carried bytes (requests and replies)
 
 
 @dataclass
@@ -65,7 +66,9 @@ class SimBus:
                 continue
             # the request itself occupied the line for its own length
             start = max(now_mono, self._busy_until)
-            arrived = start + self.wire_time(len(ev.raw) + (4 if self.preamble else 0))
+            wire = self.wire_time(len(ev.raw) + (4 if self.preamble else 0))
+            arrived = start + wire
+            self.stats.busy_s += wire
             self._busy_until = arrived
             out.extend(self._dispatch(ev.frame, arrived))
         return out
@@ -114,5 +117,6 @@ class SimBus:
     def _emit(self, start: float, wire: bytes) -> Transmission:
         start = max(start, self._busy_until)
         done = start + self.wire_time(len(wire))
+        self.stats.busy_s += done - start
         self._busy_until = done
         return Transmission(done, wire)

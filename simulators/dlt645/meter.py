@@ -10,6 +10,7 @@ import random
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import ROUND_DOWN, Decimal
+from typing import Callable
 
 from protocols.dlt645 import messages as m
 from protocols.dlt645.codes import Edition, Function2007, RelayAction, error_word
@@ -90,6 +91,7 @@ class SimMeter:
         self._fractional_kwh = 0.0
         self._followups: dict[int, list[bytes]] = {}  # DI -> remaining chunks of a multi-frame reply
         self._relay_moves: tuple[datetime, bool] | None = None  # (when, to open?) of a contact still moving
+        self._payload_cache: dict[int, tuple[object, bytes]] = {}  # DI -> (the value's key, its encoded payload)
 
     # -- physics ------------------------------------------------------------
 
@@ -148,37 +150,40 @@ class SimMeter:
 
     def values(self) -> dict[int, object]:
         """Current value of every DI this meter serves (2007 table)."""
-        status3 = {"relay": "open" if self.relay_open else "closed",
-                   "relay_command": "open" if self.relay_command_open else "closed",
-                   "pre_trip_alarm": self.pre_trip_alarm, "keep_power": self.keep_power,
-                   "meter_type": "money_prepaid" if self.local_cost_control else "not_prepaid",
-                   "remote_account_open": True, "identity_authenticated": False}
-        power = Decimal("0.0000") if self.relay_open else Decimal(str(round(self.power_kw, 4)))
-        vals: dict[int, object] = {0x00000000: self.energy[0] - self.reverse_energy[0]}
-        for t, _ in enumerate(TARIFF_NAMES):
-            vals[0x00010000 | t << 8] = self.energy[t]
-            vals[0x00020000 | t << 8] = self.reverse_energy[t]
-        vals[0x0001FF00] = {f"forward_active_energy_{n}": self.energy[t] for t, n in enumerate(TARIFF_NAMES)}
-        for p in (1, 2, 3):
-            vals[0x02010000 | p << 8] = self.voltage
-            vals[0x02020000 | p << 8] = self.current_a()
-            vals[0x02030000 | p << 8] = (power / 3).quantize(Decimal("0.0001"))
-        vals[0x02030000] = power
-        vals[0x02800002] = Decimal("50.00")
-        now = self.last_update or datetime.now()
-        vals[0x04000101] = now.date()
-        vals[0x04000102] = now.time().replace(microsecond=0)
-        vals[0x04000401] = self.address
-        vals[0x04000402] = self.address
-        vals[0x04000501] = {}
-        vals[0x04000502] = {}
-        vals[0x04000503] = status3
-        for w in (4, 5, 6, 7):
-            vals[0x04000500 | w] = {}
-        remaining = self.remaining_amount
-        vals[0x00900200] = max(remaining, Decimal("0.00"))
-        vals[0x00900201] = max(-remaining, Decimal("0.00"))
-        return vals
+        return {di: get(self) for di, get in _SERVED.items()}
+
+    def value(self, di: int) -> object | None:
+        """Current value of one DI (``None``: not served): a read computes only what it was asked for."""
+        get = _SERVED.get(di)
+        return None if get is None else get(self)
+
+    def _status3(self) -> dict:
+        return {"relay": "open" if self.relay_open else "closed",
+                "relay_command": "open" if self.relay_command_open else "closed",
+                "pre_trip_alarm": self.pre_trip_alarm, "keep_power": self.keep_power,
+                "meter_type": "money_prepaid" if self.local_cost_control else "not_prepaid",
+                "remote_account_open": True, "identity_authenticated": False}
+
+    def _power(self) -> Decimal:
+        return Decimal("0.0000") if self.relay_open else Decimal(str(round(self.power_kw, 4)))
+
+    def _payload(self, di: int, value) -> bytes:
+        """The encoded value, reused while the value is unchanged: at 100,000 meters the encoding (BCD of
+        Decimals, construct for status words) was most of the simulator's time, and most reads repeat it."""
+        if isinstance(value, dict):  # status words and blocks: many meters show the same few; share them
+            key = (di, *value.values())
+            payload = _SHARED_PAYLOADS.get(key)
+            if payload is None:
+                if len(_SHARED_PAYLOADS) >= 50_000:
+                    _SHARED_PAYLOADS.clear()
+                payload = _SHARED_PAYLOADS[key] = encode_value(di, value, E07)
+            return payload
+        cached = self._payload_cache.get(di)
+        if cached is not None and cached[0] == value:
+            return cached[1]
+        payload = encode_value(di, value, E07)
+        self._payload_cache[di] = (value, payload)
+        return payload
 
     def handle(self, request: m.Message, now: datetime) -> ReplyPlan:
         """Decide the reply to one request addressed to this meter."""
@@ -207,11 +212,11 @@ class SimMeter:
                 return m.AbnormalReply(addr, Function2007.READ_DATA, error_word(self.faults.abnormal_error))
             if self.faults.ack_instead_of_data and self.rng.random() < self.faults.ack_instead_of_data:
                 return m.Ack(addr, Function2007.READ_DATA)
-            value = self.values().get(request.di)
+            value = self.value(request.di)
             if value is None:
                 return m.AbnormalReply(addr, Function2007.READ_DATA, error_word("no_data_requested"))
             try:
-                payload = encode_value(request.di, value, E07)
+                payload = self._payload(request.di, value)
             except FormatError:
                 return m.AbnormalReply(addr, Function2007.READ_DATA, error_word("other_error"))
             if len(payload) > self.max_reply_data:
@@ -273,6 +278,37 @@ class SimMeter:
             self.keep_power = False
         self.relay_log.append((now, action.label, request.operator))
         return m.Ack(addr, fn)
+
+
+def _served() -> dict:
+    """DI -> how a meter computes its current value: the 2007 items this simulator serves."""
+    out: dict[int, Callable[[SimMeter], object]] = {
+        0x00000000: lambda mt: mt.energy[0] - mt.reverse_energy[0]}
+    for t, _ in enumerate(TARIFF_NAMES):
+        out[0x00010000 | t << 8] = lambda mt, t=t: mt.energy[t]
+        out[0x00020000 | t << 8] = lambda mt, t=t: mt.reverse_energy[t]
+    out[0x0001FF00] = lambda mt: {f"forward_active_energy_{n}": mt.energy[t] for t, n in enumerate(TARIFF_NAMES)}
+    for p in (1, 2, 3):
+        out[0x02010000 | p << 8] = lambda mt: mt.voltage
+        out[0x02020000 | p << 8] = lambda mt: mt.current_a()
+        out[0x02030000 | p << 8] = lambda mt: (mt._power() / 3).quantize(Decimal("0.0001"))
+    out[0x02030000] = lambda mt: mt._power()
+    out[0x02800002] = lambda mt: Decimal("50.00")
+    out[0x04000101] = lambda mt: (mt.last_update or datetime.now()).date()
+    out[0x04000102] = lambda mt: (mt.last_update or datetime.now()).time().replace(microsecond=0)
+    out[0x04000401] = out[0x04000402] = lambda mt: mt.address
+    out[0x04000501] = out[0x04000502] = lambda mt: {}
+    out[0x04000503] = SimMeter._status3
+    for w in (4, 5, 6, 7):
+        out[0x04000500 | w] = lambda mt: {}
+    out[0x00900200] = lambda mt: max(mt.remaining_amount, Decimal("0.00"))
+    out[0x00900201] = lambda mt: max(-mt.remaining_amount, Decimal("0.00"))
+    return out
+
+
+_SERVED = _served()
+#: (DI, the dict value's items) -> encoded payload, across meters
+_SHARED_PAYLOADS: dict[tuple, bytes] = {}
 
 
 def fleet_addresses(first: str | int, count: int) -> list[str]:
