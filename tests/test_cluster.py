@@ -1003,3 +1003,23 @@ def test_a_keeper_whose_writer_commits_nothing_hands_the_publisher_lease_back_at
         assert not a.is_publisher()
     finally:
         a.stop()
+
+
+async def test_after_its_database_connection_is_cut_the_writer_reconnects_and_the_instance_acts_again(pg_dsn):
+    """A PostgreSQL restart or failover cuts every connection. The writer's store opens a new one before its
+    next transaction, so the instance commits again and keeps (or takes back) its channels, and a payment is
+    applied and closes its meter."""
+    from gateway.core.model import Payment
+    from simulators.dlt645 import SimMeter
+
+    sim = SimMeter("000000000001", relay_open=True, relay_command_open=True, energy=[Decimal("100.00")] * 5)
+    async with _sim_buses({"bus1": [sim]}) as ports, \
+            _instance(pg_dsn, "gw1", ports, {"bus1": [sim.address]}, ttl=2.0) as gw:
+        await _until(lambda: gw.cluster.acting and _holders(pg_dsn) == {"bus1": "gw1"}, 10, "bus1 taken")
+        store = gw.control.store
+        _query(pg_dsn, f"SELECT pg_terminate_backend({store.conn.info.backend_pid})")
+        cut_at = time.monotonic()
+        await _until(lambda: store.committed_at > cut_at + 1.0 and gw.cluster.acting
+                     and _holders(pg_dsn) == {"bus1": "gw1"}, 15, "committing and acting for bus1 again")
+        await gw.credits([Payment("p1", "A0", 50_000, int(gw.clock.now()) - 60)])
+        await _until(lambda: not sim.relay_open, 15, "the payment's close")
