@@ -357,6 +357,8 @@ class CostControl:
             return 0
         n = 0
         channels = sorted(self.cluster.acting)
+        if self.cluster.home in self.cluster.acting:
+            channels.append("")  # (rows for accounts without meters queued before they had a channel)
         for kind, ingest in (("credit", self.ingest_credits), ("adjustment", self.ingest_credits),
                              ("receipt", self.ingest_receipts),
                              ("field_update", self.ingest_field_updates)):

@@ -467,6 +467,14 @@ def test_payments_and_adjustments_for_an_account_without_meters_reach_one_instan
         assert gw1.engine.balance_of("A3") == 750 and gw1.store.inbox_pending() == 0
         gw1.ingest_credits([Payment("p2-A3", "A3", 100, now - 30)], now + 1)  # received by its owner: directly
         assert gw1.engine.balance_of("A3") == 850 and gw1.store.inbox_pending() == 0
+        # a row an earlier version queued under channel "" (nobody drained those) is drained by the same owner
+        from gateway.costcontrol import _inbox_body, inbox_key
+
+        old = Payment("p3-A3", "A3", 25, now - 20)
+        with gw2.store.transaction():
+            gw2.store.put_inbox([(inbox_key(old, _inbox_body(old)), "", "credit", _inbox_body(old), now + 2)])
+        assert gw2.drain_inbox(now + 2) == 0 and gw1.drain_inbox(now + 2) == 1
+        assert gw1.engine.balance_of("A3") == 875 and gw1.store.inbox_pending() == 0
     finally:
         for cc in shells.values():
             cc.cluster.db.close()
