@@ -144,7 +144,8 @@ def test_a_trip_sent_after_a_payment_that_cleared_the_arrears_was_committed_fail
                          confirmations=[*story.confirmations, ("e3", "PAY-2", "A1", 50)])
     assert failures(too_little) == {}  # -100 + 50: still in arrears
     # the charges of readings (not ledger rows) count the same
-    from_readings = replace(paid, ledger=[r for r in paid.ledger if r[0] != "C-1"], charges=[("A1", T0 + 20, 1100_000_000)])
+    from_readings = replace(paid, ledger=[r for r in paid.ledger if r[0] != "C-1"],
+                            charges=[("A1", T0 + 20, 1100_000_000)])
     assert "the balance checked at the send missed a payment" in only_failure(from_readings, "trips_gated")
     assert failures(replace(from_readings, charges=[("A1", T0 + 20, 1500_000_000)])) == {}
     same_second = replace(paid, ledger=[*story.ledger, ("PAY-2", "A1", "payment", 300, T0 + 30)])
@@ -200,7 +201,8 @@ def test_a_paid_up_meter_must_close_within_the_deadline_of_the_payment(story):
     """Finding 1: from the meter's log: closed at the end is not enough; it must close in time."""
     log = story.records["M1"]["relay_log"]
     late = replace(story, records={**story.records, "M1": {"relay_open": False, "relay_log": [
-        log[0], [local(T0 + 160), "direct_close", GW]]}}, audit=[story.audit[0], sent_record("close", "M1", T0 + 159, "K1")])
+        log[0], [local(T0 + 160), "direct_close", GW]]}},
+        audit=[story.audit[0], sent_record("close", "M1", T0 + 159, "K1")])
     assert "closed only at" in only_failure(late, "paid_reconnected")
     by_crew_in_time = replace(late, records={**story.records, "M1": {"relay_open": False, "relay_log": [
         log[0], [local(T0 + 140), "close", "field-crew"]]}}, audit=story.audit[:1])
@@ -222,7 +224,8 @@ def test_any_payment_that_clears_the_arrears_owes_a_close_and_a_stuck_relay_has_
     log = story.records["M1"]["relay_log"]
     rows = [story.ledger[0], story.ledger[1], ("PAY-2", "A1", "payment", 500, T0 + 40), story.ledger[3]]
     small = replace(story, ledger=rows,
-                    sent={"PAY-1": story.sent["PAY-1"], "PAY-2": ("A1", 500, T0 + 40), "CLEAR-A2": story.sent["CLEAR-A2"]},
+                    sent={"PAY-1": story.sent["PAY-1"], "PAY-2": ("A1", 500, T0 + 40),
+                          "CLEAR-A2": story.sent["CLEAR-A2"]},
                     confirmations=[story.confirmations[0], ("e3", "PAY-2", "A1", 500), story.confirmations[2]])
     assert "closed only at 1800000102.3, after its deadline 1800000085" in only_failure(small, "paid_reconnected")
     # a stuck relay's frames do not move it: its trip opened nothing, so no close is owed (until a crew opens it)

@@ -267,7 +267,8 @@ def trips_gated(ev: Evidence) -> CheckResult:
         lowest = _lowest_balance_before(ledger.get(account, []), at)
         if lowest > p["trip_level_fen"]:
             r.failures.append(f"{where}: account {account}'s ledger committed before the send leaves at least "
-                              f"{lowest:.0f} fen (above the trip level): the balance checked at the send missed a payment")
+                              f"{lowest:.0f} fen (above the trip level): the balance checked at the send missed a "
+                              f"payment")
         if account in ev.protected:
             r.failures.append(f"{where}: account {account} is protected: never tripped automatically")
         if not any(d + p["notice_lead_s"] <= frame_at + SLACK_S and frame_at - d <= p["notice_max_age_s"]
@@ -307,8 +308,8 @@ def protected_never_tripped(ev: Evidence) -> CheckResult:
     for meter, account in sorted(ev.account_of.items()):
         stored = ev.classes.get(account)
         if (account in ev.protected) != (stored in NOT_AUTO):
-            r.failures.append(f"account {account}: the harness made it {'protected' if account in ev.protected else 'residential'}, "
-                              f"the store has class {stored}")
+            made = "protected" if account in ev.protected else "residential"
+            r.failures.append(f"account {account}: the harness made it {made}, the store has class {stored}")
         if account not in ev.protected:
             continue
         r.checked += 1
