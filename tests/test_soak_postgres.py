@@ -1,11 +1,13 @@
 """The soak's private PostgreSQL server (tests/soak/postgres.py), and what the gateway's PostgreSQL store does
 when that server restarts under it: the statement that meets the dropped connection fails, the next
 transaction runs on a new connection, nothing committed is lost and nothing half-done survives."""
+from pathlib import Path
+
 import psycopg
 import pytest
 
 from gateway.store import open_store
-from tests.soak.postgres import PrivatePostgres
+from tests.soak.postgres import PrivatePostgres, restart_safe_port
 
 pytestmark = pytest.mark.slow
 
@@ -14,6 +16,14 @@ pytestmark = pytest.mark.slow
 def server():
     with PrivatePostgres() as pg:
         yield pg
+
+
+def test_the_server_listens_below_the_ephemeral_range_so_a_restart_can_re_bind_its_port(server):
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    assert 10000 <= server.port < low
+    assert 10000 <= restart_safe_port() < low
+    with psycopg.connect(server.dsn) as conn:
+        assert conn.info.port == server.port
 
 
 def count(store) -> int:
