@@ -65,6 +65,7 @@ class Gateway:
         drivers = {channel.name: channel.bind(local, offset) for channel in self.channels}
         if self.cluster is not None:
             await self.writer.call(self.control.attach, self.cluster, self.clock.now())
+        self.writer.group = lambda: self.control.group(self.clock.now())  # group commit (gateway/writer.py)
         self.executor = CommandExecutor(self.control, self.writer, drivers,
                                         lambda m: self.control.engine.meter(m).channel, self.clock,
                                         may_send=self.cluster.may_send if self.cluster is not None else None)
@@ -84,7 +85,7 @@ class Gateway:
 
     async def _commit(self, method, *args):
         """An input committed through the writer; the executor woken when it made relay work."""
-        result = await self.writer.call(method, *args, self.clock.now())
+        result = await self.writer.call_grouped(method, *args, self.clock.now())
         if getattr(result, "decisions", None) or getattr(result, "commands", None):
             self.executor.wake()
         return result

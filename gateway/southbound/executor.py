@@ -9,6 +9,9 @@ It asks the cost-control shell (through the single writer) which steps are due, 
 * **read**: read the relay back (status word 3) and report it, for a command being verified, a command whose
   last outcome is unknown, or a completed field order.
 
+Every writer call here is a grouped one (:meth:`gateway.writer.Writer.call_grouped`): the steps of many buses
+share a commit, and a result (a permit to send) comes back only once it is committed.
+
 Settling is not waited out on the bus: after a frame the bus serves other meters, and the verification read
 is a step of its own, due a moment later. So a batch of trips on one bus is paced by the bus.
 """
@@ -49,7 +52,7 @@ class CommandExecutor:
 
     async def drain(self) -> int:
         """Perform every step due now; buses in parallel, one step at a time on each. Returns steps done."""
-        buses = sorted(await self.writer.call(self.control.due_buses, self.clock.now()))
+        buses = sorted(await self.writer.call_grouped(self.control.due_buses, self.clock.now()))
         done = await asyncio.gather(*(self._drain_bus(bus) for bus in buses), return_exceptions=True)
         for bus, result in zip(buses, done):
             if isinstance(result, BaseException):
@@ -60,7 +63,7 @@ class CommandExecutor:
         n = 0
         while stop is None or not stop.is_set():
             # asked afresh before each step: a close made meanwhile goes first
-            step = await self.writer.call(self.control.next_step, self.clock.now(), bus)
+            step = await self.writer.call_grouped(self.control.next_step, self.clock.now(), bus)
             if step is None:
                 return n
             await self.perform(step)
@@ -79,7 +82,7 @@ class CommandExecutor:
         status = None
         errors: tuple[str, ...] = ()
         async with driver.reserved():
-            permit = await self.writer.call(self.control.authorize, step.subject_id, self.clock.now())
+            permit = await self.writer.call_grouped(self.control.authorize, step.subject_id, self.clock.now())
             if isinstance(permit, Block):
                 log.info("command %s not sent: %s: %s", step.subject_id, permit.gate.value, permit.reason)
                 return
@@ -101,7 +104,7 @@ class CommandExecutor:
             except Exception as exc:  # whatever went wrong, the frame may have gone out: read back before more
                 log.exception("meter %s: sending command %s failed", step.meter_id, step.subject_id)
                 result, detail = SendResult.NO_ANSWER, f"{type(exc).__name__}: {exc}"
-        await self.writer.call(self.control.send_result, step.subject_id, self.clock.now(), result, detail,
+        await self.writer.call_grouped(self.control.send_result, step.subject_id, self.clock.now(), result, detail,
                                errors, status)
 
     async def _read(self, driver: RelayDriver, step: Step) -> None:
@@ -110,10 +113,10 @@ class CommandExecutor:
         except Exception as exc:
             if not isinstance(exc, RelayDriverError):
                 log.exception("meter %s: reading the relay failed", step.meter_id)
-            await self.writer.call(self.control.read_result, step, self.clock.now(), None,
+            await self.writer.call_grouped(self.control.read_result, step, self.clock.now(), None,
                                    str(exc) if isinstance(exc, RelayDriverError) else f"{type(exc).__name__}: {exc}")
             return
-        await self.writer.call(self.control.read_result, step, self.clock.now(), status)
+        await self.writer.call_grouped(self.control.read_result, step, self.clock.now(), status)
 
     async def run(self, stop: asyncio.Event, idle_s: float = 1.0, min_sleep_s: float = 0.01,
                   min_pass_s: float = 0.05) -> None:
@@ -140,10 +143,10 @@ class CommandExecutor:
                 self._wake.clear()
                 nxt = None
                 try:
-                    for bus in sorted(await self.writer.call(self.control.due_buses, self.clock.now())):
+                    for bus in sorted(await self.writer.call_grouped(self.control.due_buses, self.clock.now())):
                         if bus not in workers:
                             workers[bus] = asyncio.create_task(self._drain_bus(bus, stop), name=f"executor {bus}")
-                    nxt = await self.writer.call(self.control.controller.next_step_at)
+                    nxt = await self.writer.call_grouped(self.control.controller.next_step_at)
                 except Exception:
                     log.exception("executor pass failed; trying again")
                 now = self.clock.now()
