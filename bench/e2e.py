@@ -374,7 +374,7 @@ async def run(args, spec_dict: dict, workdir: Path) -> dict:
         problems.append(f"ledger: {len(ledger)} E2E payments for {len(paid_ids)} published (each once, 50 yuan)")
     # DL/T 645 meters log the direct close by its DL/T 645 name, Modbus meters as a close
     not_closed = [m for m, r in report["meters"].items()
-                  if r["relay_open"] or len(r["relay_log"]) != 1 or r["relay_log"][0] not in CLOSE_ACTIONS]
+                  if r["relay_open"] or len(r["relay_log"]) != 1 or r["relay_log"][0][1] not in CLOSE_ACTIONS]
     if not_closed:
         problems.append(f"simulators: {len(not_closed)} paid meters not closed by exactly one close: "
                         f"{[(m, report['meters'][m]) for m in not_closed[:5]]}")

@@ -14,8 +14,10 @@ sizes each kind's lines apart (a 100,000-meter fleet: config/simfleet.100k.json)
 
 Faults, drawn once per meter from the spec's seed: a share of meters whose relay acknowledges but does not
 move (``stuck_relay``), a share that stop answering a few seconds after they were tripped (a dead
-communication module, ``silent_after_trip``), and per-request transient faults on the DL/T 645 lines
-(``transient``, the serial simulator's mix). :meth:`Fleet.repair` is the field crew on site: the fault gone, the relay set by hand.
+communication module, ``silent_after_trip``), a share of DL/T 645 meters whose replies come back corrupted
+(bad checksum) half the time (``corrupt_frames``: a failing line driver), and per-request transient faults on
+the DL/T 645 lines (``transient``, the serial simulator's mix). :meth:`Fleet.repair` is the field crew on site:
+the fault gone, the relay set by hand.
 
 In-process (tests, the demo): ``fleet = await Fleet(spec, broker=(host, port)).start()`` ...
 ``await fleet.stop()``. As a child process, so the simulators do not share a core with the gateway:
@@ -52,6 +54,8 @@ from simulators.modbus import serve_tcp as serve_modbus_tcp
 KINDS = ("dlt645_tcp", "dlt645_pty", "modbus_tcp", "mqtt_frame", "mqtt_json")
 MQTT_KINDS = ("mqtt_frame", "mqtt_json")
 MODBUS_MAX_DEVICES = 247
+#: a ``corrupt_frames`` meter's replies: this share of them has a bad checksum
+CORRUPT_REPLY_RATE = 0.5
 
 
 class FleetError(ValueError):
@@ -68,6 +72,7 @@ class FleetSpec:
     stuck_relay: float = 0.0  # share of meters whose relay does not move
     silent_after_trip: float = 0.0  # share of meters that stop answering once tripped...
     silent_delay_s: float = 3.0  # ...this long after the relay opened (so the trip itself is verified)
+    corrupt_frames: float = 0.0  # share of DL/T 645 meters whose replies are often corrupted (CORRUPT_REPLY_RATE)
     transient: float = 0.0  # per-request transient faults on DL/T 645 meters (Faults.uniform)
     turnaround_s: float = 0.005  # DL/T 645 meters answer this long after the request (the line: host speed)
     modbus_profile: str = "hiking_dds238_2_znsr"
@@ -99,11 +104,11 @@ class FleetSpec:
         lo, hi = self.load_kw
         if not 0 < lo <= hi:
             raise FleetError(f"load_kw must be (low, high) with 0 < low <= high, got {self.load_kw!r}")
-        for name in ("stuck_relay", "silent_after_trip", "transient"):
+        for name in ("stuck_relay", "silent_after_trip", "corrupt_frames", "transient"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise FleetError(f"{name} must be a share between 0 and 1, got {getattr(self, name)!r}")
-        if self.stuck_relay + self.silent_after_trip > 1.0:
-            raise FleetError("stuck_relay + silent_after_trip must not exceed 1")
+        if self.stuck_relay + self.silent_after_trip + self.corrupt_frames > 1.0:
+            raise FleetError("stuck_relay + silent_after_trip + corrupt_frames must not exceed 1")
         if self.silent_delay_s < 0:
             raise FleetError(f"silent_delay_s must not be negative, got {self.silent_delay_s!r}")
         if self.turnaround_s < 0:
@@ -176,7 +181,7 @@ class Fleet:
     clock: Callable[[], datetime] | None = None  # the meters' (local, naive) time; None: by spec.utc_offset_s
     lines: list[Line] = field(default_factory=list)
     meters: dict[str, SimMeter] = field(default_factory=dict)
-    #: address -> the fault the meter was built with ("stuck_relay" or "silent_after_trip")
+    #: address -> the fault the meter was built with ("stuck_relay", "silent_after_trip" or "corrupt_frames")
     faulty: dict[str, str] = field(default_factory=dict)
     #: addresses of the silent-after-trip meters that have gone silent
     silenced: set[str] = field(default_factory=set)
@@ -214,7 +219,9 @@ class Fleet:
                     lines.append([])
                 draw = rng.random()
                 fault = ("stuck_relay" if draw < s.stuck_relay else
-                         "silent_after_trip" if draw < s.stuck_relay + s.silent_after_trip else "")
+                         "silent_after_trip" if draw < s.stuck_relay + s.silent_after_trip else
+                         "corrupt_frames" if draw < s.stuck_relay + s.silent_after_trip + s.corrupt_frames and
+                         kind != "modbus_tcp" else "")
                 common = dict(power_kw=round(rng.uniform(*s.load_kw) / hour_factor, 3),
                               energy=_registers(rng), seed=s.seed * 1_000_003 + address)
                 addr = f"{address:012d}"
@@ -224,6 +231,8 @@ class Fleet:
                 else:
                     faults = Faults.uniform(s.transient) if s.transient else Faults()
                     faults.stuck_relay = fault == "stuck_relay"
+                    if fault == "corrupt_frames":
+                        faults.corrupt_checksum = max(faults.corrupt_checksum, CORRUPT_REPLY_RATE)
                     meter = SimMeter(addr, faults=faults, **common)
                 if fault:
                     self.faulty[addr] = fault
@@ -323,10 +332,12 @@ class Fleet:
 
     def report(self, addresses: list[str] | None = None) -> dict:
         """The simulators' own record: each line's statistics, and for each of ``addresses`` (default: none)
-        its relay's position and every relay action it carried out (``relay_log``)."""
+        its relay's position and every relay action it carried out, in order (``relay_log``: [ISO local time,
+        action, operator]; a crew's repair is logged with the operator ``field-crew``)."""
         return {"lines": [line.stats() for line in self.lines],
                 "meters": {a: {"relay_open": self.meters[a].relay_open,
-                               "relay_log": [action for _, action, _ in self.meters[a].relay_log]}
+                               "relay_log": [[when.isoformat(), action, operator]
+                                             for when, action, operator in self.meters[a].relay_log]}
                            for a in addresses or ()}}
 
 

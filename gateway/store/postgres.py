@@ -23,24 +23,35 @@ class PostgresStore(Store):
     def __init__(self, dsn: str) -> None:
         super().__init__()
         self.dsn = dsn
+        self.conn = self._connect()
+
+    def _connect(self) -> psycopg.Connection:
         try:
-            self.conn = psycopg.connect(dsn, autocommit=True)
+            return psycopg.connect(self.dsn, autocommit=True, connect_timeout=10)
         except psycopg.OperationalError as exc:
-            raise ConnectionError(f"cannot connect to PostgreSQL at {_redact(dsn)}: {exc}".strip()) from None
+            raise ConnectionError(f"cannot connect to PostgreSQL at {_redact(self.dsn)}: {exc}".strip()) from None
+
+    def _live(self) -> psycopg.Connection:
+        """The connection, opened anew if the server dropped it (a restart, a failover): only between
+        transactions, so that one never spans two connections (the statement that met the dropped connection
+        has already raised to its caller, who tries again)."""
+        if self.conn.closed and not self._in_tx:
+            self.conn = self._connect()
+        return self.conn
 
     def _execute(self, sql, params=()):
-        return self.conn.execute(_pg(sql), params)
+        return self._live().execute(_pg(sql), params)
 
     def _executemany(self, sql, rows) -> None:
         rows = list(rows)
         if rows:
-            with self.conn.cursor() as cur:
+            with self._live().cursor() as cur:
                 cur.executemany(_pg(sql), rows)
 
     def _insert_readings(self, rows: list[tuple]) -> None:
         # COPY cannot skip conflicts: stage, then insert what is new (re-delivered readings are ignored)
         cols = ", ".join(READING_COLUMNS)
-        with self.conn.cursor() as cur:
+        with self._live().cursor() as cur:
             cur.execute("CREATE TEMP TABLE IF NOT EXISTS readings_in (LIKE readings) ON COMMIT DELETE ROWS")
             with cur.copy(f"COPY readings_in ({cols}) FROM STDIN") as copy:
                 for row in rows:
@@ -48,13 +59,13 @@ class PostgresStore(Store):
             cur.execute(f"INSERT INTO readings ({cols}) SELECT {cols} FROM readings_in ON CONFLICT DO NOTHING")
 
     def _begin(self) -> None:
-        self.conn.execute("BEGIN")
+        self._live().execute("BEGIN")
 
     def _commit(self) -> None:
         self.conn.execute("COMMIT")
 
     def _rollback(self) -> None:
-        if self.conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        if not self.conn.closed and self.conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
             self.conn.execute("ROLLBACK")
 
     def _has_table(self, name: str) -> bool:
