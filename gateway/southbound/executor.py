@@ -61,31 +61,39 @@ class CommandExecutor:
 
     async def _drain_bus(self, bus: str, stop: asyncio.Event | None = None) -> int:
         n = 0
-        while stop is None or not stop.is_set():
-            # asked afresh before each step: a close made meanwhile goes first
-            step = await self.writer.call_grouped(self.control.next_step, self.clock.now(), bus)
-            if step is None:
-                return n
-            await self.perform(step)
+        if stop is not None and stop.is_set():
+            return n
+        step = await self.writer.call_grouped(self.control.next_step, self.clock.now(), bus)
+        while step is not None:
+            # the next step comes back with the last one's outcome, asked afresh: a close made meanwhile goes first
+            step = await self.perform(step, next_on=bus)
             n += 1
+            if stop is not None and stop.is_set():
+                break
         return n
 
-    async def perform(self, step: Step) -> None:
+    async def perform(self, step: Step, next_on: str | None = None) -> Step | None:
+        """Do ``step``; with ``next_on``, the most urgent step due on that bus once its outcome is committed
+        (asked in the same writer call: one round trip fewer per step)."""
         bus = self.bus_of(step.meter_id)
         driver = self.drivers.get(bus) or _Unconfigured(bus)
         if step.kind == StepKind.SEND:
-            await self._send(driver, step)
-        else:
-            await self._read(driver, step)
+            return await self._send(driver, step, next_on)
+        return await self._read(driver, step, next_on)
 
-    async def _send(self, driver: RelayDriver, step: Step) -> None:
+    def _reported(self, report, args: tuple, next_on: str | None) -> Step | None:
+        """On the writer thread: a step's outcome, then (with ``next_on``) that bus's next step."""
+        report(*args)
+        return None if next_on is None else self.control.next_step(self.clock.now(), next_on)
+
+    async def _send(self, driver: RelayDriver, step: Step, next_on: str | None) -> Step | None:
         status = None
         errors: tuple[str, ...] = ()
         async with driver.reserved():
             permit = await self.writer.call_grouped(self.control.authorize, step.subject_id, self.clock.now())
             if isinstance(permit, Block):
                 log.info("command %s not sent: %s: %s", step.subject_id, permit.gate.value, permit.reason)
-                return
+                return await self.writer.call_grouped(self._reported, _nothing, (), next_on)
             try:
                 if self.may_send is not None and not self.may_send(bus := self.bus_of(step.meter_id)):
                     raise RelayLinkDown(f"the lease on bus {bus} may have lapsed: not sent", written=False)
@@ -104,19 +112,21 @@ class CommandExecutor:
             except Exception as exc:  # whatever went wrong, the frame may have gone out: read back before more
                 log.exception("meter %s: sending command %s failed", step.meter_id, step.subject_id)
                 result, detail = SendResult.NO_ANSWER, f"{type(exc).__name__}: {exc}"
-        await self.writer.call_grouped(self.control.send_result, step.subject_id, self.clock.now(), result, detail,
-                               errors, status)
+        return await self.writer.call_grouped(
+            self._reported, self.control.send_result,
+            (step.subject_id, self.clock.now(), result, detail, errors, status), next_on)
 
-    async def _read(self, driver: RelayDriver, step: Step) -> None:
+    async def _read(self, driver: RelayDriver, step: Step, next_on: str | None) -> Step | None:
         try:
             status = await driver.read(step.meter_id)
         except Exception as exc:
             if not isinstance(exc, RelayDriverError):
                 log.exception("meter %s: reading the relay failed", step.meter_id)
-            await self.writer.call_grouped(self.control.read_result, step, self.clock.now(), None,
-                                   str(exc) if isinstance(exc, RelayDriverError) else f"{type(exc).__name__}: {exc}")
-            return
-        await self.writer.call_grouped(self.control.read_result, step, self.clock.now(), status)
+            why = str(exc) if isinstance(exc, RelayDriverError) else f"{type(exc).__name__}: {exc}"
+            return await self.writer.call_grouped(self._reported, self.control.read_result,
+                                                  (step, self.clock.now(), None, why), next_on)
+        return await self.writer.call_grouped(self._reported, self.control.read_result,
+                                              (step, self.clock.now(), status), next_on)
 
     async def run(self, stop: asyncio.Event, idle_s: float = 1.0, min_sleep_s: float = 0.01,
                   min_pass_s: float = 0.05) -> None:
@@ -164,6 +174,10 @@ class CommandExecutor:
                             log.error("bus %s: executor pass failed: %r", bus, task.exception())
         finally:
             await asyncio.gather(*workers.values(), return_exceptions=True)
+
+
+def _nothing() -> None:
+    """The outcome of a send the gates blocked: already committed by ``authorize``."""
 
 
 class _Unconfigured:
