@@ -50,6 +50,8 @@ class Accounting:
         #: acts for the account; the others' decisions and band states are neither written nor handed on
         #: (their owner's engine makes them). None: every account is ours.
         self.owned: Callable[[], np.ndarray] | None = None
+        #: the calibration (its time, as the store records it) the engine's levels are from
+        self.levels_at: int | None = None
         store.migrate()
         self.engine = self._load()
 
@@ -57,6 +59,7 @@ class Accounting:
         engine = Engine(self.store.load_tariffs(), self.policy)
         engine.add_accounts(self.store.load_accounts())
         engine.add_meters(self.store.load_meters())
+        self.levels_at = self.store.last_calibration()
         engine.restore(self.store.snapshot())
         return engine
 
@@ -109,16 +112,29 @@ class Accounting:
         def work():
             outcome = self.engine.recalibrate(avg, now)
             self.store.save_levels(self.engine.levels, now)
+            self.levels_at = now
             return outcome
 
         return self._run(work, now, then=then)
 
     def tick(self, now: int, then: Then = None) -> IngestResult:
-        """Time passing: recalibrate when the schedule says so (the clock is injected; tests fast-forward it)."""
+        """Time passing: recalibrate when the schedule says so (the clock is injected; tests fast-forward it).
+        Levels another instance calibrated (the store's calibration is not the one loaded) are taken up, and
+        every account re-evaluated against them."""
         last = self.store.last_calibration()
         if last is None or now - last >= self.policy.recalibrate_every_s:
             return self.recalibrate(now, then)
+        if last != self.levels_at:  # (not "newer": the instances' clocks may differ)
+            return self._adopt_levels(now, then)
         return IngestResult()
+
+    def _adopt_levels(self, now: int, then: Then) -> IngestResult:
+        def work():
+            self.levels_at = self.store.last_calibration()
+            self.engine.set_levels(*self.store.load_levels())
+            return self.engine.reevaluate(now, "warning levels recalibrated by another instance")
+
+        return self._run(work, now, then=then)
 
     def change_tariffs(self, tariffs: dict[str, Tariff], now: int, then: Then = None) -> IngestResult:
         """A new tariff version: future intervals are priced by it; levels (which are costs) are recalibrated

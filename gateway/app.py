@@ -64,6 +64,7 @@ class Gateway:
         local = local_naive(self.clock, offset)
         drivers = {channel.name: channel.bind(local, offset) for channel in self.channels}
         if self.cluster is not None:
+            await asyncio.to_thread(self.cluster.check_config)  # (a clear refusal at start-up)
             await self.writer.call(self.control.attach, self.cluster, self.clock.now())
         self.writer.group = lambda: self.control.group(self.clock.now())  # group commit (gateway/writer.py)
         self.executor = CommandExecutor(self.control, self.writer, drivers,
@@ -181,18 +182,20 @@ class Gateway:
             await _sleep_or_stop(stop, self.tick_s)
 
     async def run(self, stop: asyncio.Event) -> None:
-        tasks = [asyncio.create_task(self.executor.run(stop)), asyncio.create_task(self._tick(stop))]
+        executor = asyncio.create_task(self.executor.run(stop))
+        tasks = [executor, asyncio.create_task(self._tick(stop))]
         if self.cluster is None:
             tasks += [asyncio.create_task(self._poll(c, stop)) for c in self.channels]
         else:
-            tasks.append(asyncio.create_task(self._leases(stop)))
+            tasks.append(asyncio.create_task(self._leases(stop, executor)))
         await asyncio.gather(*tasks)
 
     # -- several instances ------------------------------------------------------------------------------
-    async def _leases(self, stop: asyncio.Event) -> None:
+    async def _leases(self, stop: asyncio.Event, executor: asyncio.Task) -> None:
         """The lease keeper started; whenever the leases change, the gateway rescoped (engine and controller
         reloaded after the takeover, polls started and stopped, excess handed over); the inbox drained when
-        notified, after every change and every ``inbox_every_s``. On stop the leases are handed back."""
+        notified, after every change and every ``inbox_every_s``. On stop the leases are handed back once the
+        buses are quiet (:meth:`_quiet`)."""
         loop = asyncio.get_running_loop()
         changed, inbox = asyncio.Event(), asyncio.Event()
         cluster = self.cluster
@@ -230,13 +233,34 @@ class Gateway:
             for task in polls.values():
                 task.cancel()
             await asyncio.gather(*polls.values(), return_exceptions=True)
-            await asyncio.to_thread(cluster.stop)
+            async with contextlib.AsyncExitStack() as quiet:
+                await asyncio.to_thread(cluster.stop, await self._quiet(executor, quiet))
+
+    async def _quiet(self, executor: asyncio.Task, held: contextlib.AsyncExitStack) -> bool:
+        """At a stop, before the leases are handed back: the executor has finished the step it was in (its
+        result committed) and every bus is reserved in ``held`` (an exchange in progress, an operator's read,
+        ends first; nothing starts after). Else the next holder could read a relay back before our frame is
+        out, and send again. False when that takes longer than the ttl: the leases are then left to expire
+        (the executor's local deadline stops frames before that)."""
+        try:
+            async with asyncio.timeout(self.cluster.ttl_s):
+                await asyncio.wait([executor])
+                for name in sorted(self.executor.drivers):
+                    await held.enter_async_context(self.executor.drivers[name].reserved())
+            return True
+        except TimeoutError:
+            log.warning("a relay exchange did not end within %.0f s of the stop: the leases are left to expire",
+                        self.cluster.ttl_s)
+            return False
 
     async def _rescope(self, polls: dict[str, asyncio.Task], stop: asyncio.Event) -> bool:
-        """Act for the channels the leases say; True if some were taken up (drain their inbox)."""
+        """Act for the channels the leases say; True if some were taken up (drain their inbox). What is given
+        up is what actually runs (poll tasks) or was acted for, less what is wanted: a lease the fence found
+        lost is no longer in ``acting``, but its poll loop and its link still are."""
         cluster = self.cluster
+        fenced = cluster.take_fenced()
         wanted, acting = cluster.wanted(), dict(cluster.acting)
-        gone = set(acting) - set(wanted)
+        gone = (set(acting) | set(polls) | fenced) - set(wanted)
         by_name = {c.name: c for c in self.channels}
         for name in gone:  # their readings would be dropped anyway: stop reading
             task = polls.pop(name, None)
@@ -250,9 +274,9 @@ class Gateway:
             for name in sorted(gone):
                 if name in self.executor.drivers:
                     await held.enter_async_context(self.executor.drivers[name].reserved())
-            if wanted != acting:
-                started = time.perf_counter()
-                await self.writer.call(self.control.rescope, wanted, self.clock.now())
+            started = time.perf_counter()
+            # (after a lost lease always: memory may still have the lost channel's cases and commands)
+            if await self.writer.call(self.control.rescope, wanted, self.clock.now()):
                 log.info("acting for channel(s) %s (%s); reloaded in %.2f s", ", ".join(sorted(wanted)) or "none",
                          "; ".join(x for x in (f"took {', '.join(sorted(gained))}" if gained else "",
                                                 f"gave up {', '.join(sorted(gone))}" if gone else "") if x),

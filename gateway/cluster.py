@@ -64,6 +64,19 @@ def log_failure(logger: logging.Logger, message: str, *args) -> None:
         logger.exception(message, *args)
 
 
+class ConfigMismatch(RuntimeError):
+    """Live instances run another config (channels, fleet): this one does not join (routing, the fair share
+    and the inbox assume every instance has the same)."""
+
+    def __init__(self, me: str, digest: str, others: dict[str, str]) -> None:
+        self.others = others
+        super().__init__(
+            f"instance {me!r} has config digest {digest[:12]} (its channels, fleet and lease_ttl_s), but live "
+            f"instance(s) {', '.join(f'{i!r} has {d[:12]}' for i, d in sorted(others.items()))}: every instance "
+            f"must run the same config (only [mqtt] instance differs); not joining. To change the config, stop "
+            f"them all, then start them with the new one")
+
+
 class NotHeld(LookupError):
     """A meter on a channel another instance holds (an operator's command goes to that instance)."""
 
@@ -109,10 +122,17 @@ def plan(channels: Sequence[str], leases: dict[str, Lease], me: str, members: in
     return Plan(take=tuple((free[start:] + free[:start])[:share - len(mine)]))
 
 
-def owner_channels(engine) -> list[str]:
-    """Each account's channel (by account number): the channel of its first meter; "" for an account without
-    meters. The instance holding that channel acts for the account (notices, cases, commands of every meter)."""
-    return [engine.meters[ms[0]].channel if ms else "" for ms in engine.meters_of]
+def owner_channel(engine, account_no: int, home: str) -> str:
+    """The account's channel: that of its first meter; ``home`` (the first channel by name) for an account
+    without meters, so that exactly one instance acts for it (its payments, adjustments and notices). The
+    instance holding that channel acts for the account (notices, cases, commands of every meter)."""
+    ms = engine.meters_of[account_no]
+    return engine.meters[ms[0]].channel if ms else home
+
+
+def owner_channels(engine, home: str) -> list[str]:
+    """:func:`owner_channel` of every account, by account number."""
+    return [owner_channel(engine, no, home) for no in range(len(engine.meters_of))]
 
 
 # --------------------------------------------------------------------------- the SQL
@@ -121,8 +141,8 @@ def owner_channels(engine) -> list[str]:
 class LeaseDb:
     """The lease and member tables (store migration 5), on a connection of its own."""
 
-    def __init__(self, dsn: str, me: str, ttl_s: float) -> None:
-        self.me, self.ttl_s = me, ttl_s
+    def __init__(self, dsn: str, me: str, ttl_s: float, digest: str | None = None) -> None:
+        self.me, self.ttl_s, self.digest = me, ttl_s, digest
         self.dsn = dsn
         self.conn = psycopg.connect(dsn, autocommit=True)
 
@@ -132,8 +152,19 @@ class LeaseDb:
                             "'-infinity') ON CONFLICT (channel) DO NOTHING", [(c,) for c in channels])
 
     def heartbeat(self) -> None:
-        self.conn.execute("INSERT INTO members (instance, seen_at) VALUES (%s, now()) ON CONFLICT (instance) "
-                          "DO UPDATE SET seen_at = now()", (self.me,))
+        self.conn.execute("INSERT INTO members (instance, seen_at, config_digest) VALUES (%s, now(), %s) "
+                          "ON CONFLICT (instance) DO UPDATE SET seen_at = now(), config_digest = excluded.config_digest",
+                          (self.me, self.digest))
+
+    def other_configs(self) -> dict[str, str]:
+        """Live instances (not this one) whose config digest differs from ours (one that records none, an
+        older version, is not compared)."""
+        if self.digest is None:
+            return {}
+        return dict(self.conn.execute(
+            "SELECT instance, config_digest FROM members WHERE instance <> %s AND config_digest IS NOT NULL "
+            "AND config_digest <> %s AND seen_at > now() - make_interval(secs => %s)",
+            (self.me, self.digest, self.ttl_s)).fetchall())
 
     def members(self) -> dict[str, bool]:
         """Every instance that ever joined: is its heartbeat younger than the ttl?"""
@@ -206,8 +237,13 @@ class Cluster:
 
     def __init__(self, dsn: str, me: str, channels: Sequence[str], ttl_s: float,
                  on_change: Callable[[], None] = lambda: None, on_inbox: Callable[[str], None] = lambda c: None,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+                 monotonic: Callable[[], float] = time.monotonic, digest: str | None = None) -> None:
+        """``digest``: of this instance's config (:meth:`gateway.config.ServiceConfig.cluster_digest`); it does
+        not join live instances with another (None: not compared)."""
         self.dsn, self.me, self.channels, self.ttl_s = dsn, me, list(channels), ttl_s
+        self.digest = digest
+        #: the channel of accounts without meters (every instance has the same channels: the same one)
+        self.home = min(self.channels, default="")
         self.on_change, self.on_inbox = on_change, on_inbox
         self.monotonic = monotonic
         self._lock = threading.Lock()
@@ -217,12 +253,25 @@ class Cluster:
         self.releasing: set[str] = set()  # above the fair share: the gateway hands these over
         #: channel -> epoch the gateway works for; changed on the writer thread only (rescope, fence)
         self.acting: dict[str, int] = {}
+        #: channels the fence found lost since the gateway last rescoped (it stops their polls, closes their
+        #: links and reloads: ``acting`` no longer names them, so it cannot tell from that alone)
+        self.fenced: set[str] = set()
+        #: channels the fence found lost that are still in ``held``: not wanted until the keeper's next round
+        #: settles them (its renewal fails: lost; it succeeds: the lease had only lapsed, nobody took it, and it
+        #: is ours again). ``held`` is the keeper's alone: a renewal in flight while the fence looked may have
+        #: extended it, and a lease the database says is ours must stay renewed
+        self.suspect: set[str] = set()
         self._owner_cache: tuple | None = None
         self._meter_cache: tuple | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._writer_quiet = False
         self.db: LeaseDb | None = None
         self.renew_every_s = ttl_s / 5
+        #: the monotonic time of the writer's last commit (set by the gateway; None: not watched). The keeper
+        #: renews, heartbeats and takes leases only while that is within the ttl: an instance whose writer
+        #: cannot commit (its database connection lost, a stuck transaction) must let its channels go
+        self.writer_committed_at: Callable[[], float] | None = None
         #: set by the MQTT bridge: is it connected to the broker? The publisher lease is held only while it is
         self.broker_connected: Callable[[], bool] = lambda: False
         self.publisher_epoch: int | None = None
@@ -231,8 +280,19 @@ class Cluster:
         self.members: dict[str, bool] = {}
 
     # -- life -------------------------------------------------------------------------------------------
+    def check_config(self) -> None:
+        """:class:`ConfigMismatch` if live instances run another config."""
+        db = LeaseDb(self.dsn, self.me, self.ttl_s, self.digest)
+        try:
+            others = db.other_configs()
+        finally:
+            db.close()
+        if others:
+            raise ConfigMismatch(self.me, self.digest, others)
+
     def start(self) -> None:
-        self.db = LeaseDb(self.dsn, self.me, self.ttl_s)
+        self.check_config()
+        self.db = LeaseDb(self.dsn, self.me, self.ttl_s, self.digest)
         self.db.ensure([*self.channels, PUBLISHER])
         self._listen = psycopg.connect(self.dsn, autocommit=True)
         self._listen.execute(f"LISTEN {INBOX_NOTIFY}")
@@ -275,7 +335,7 @@ class Cluster:
             with self._db:
                 if self.db is not None:
                     self.db.close()
-                self.db = LeaseDb(self.dsn, self.me, self.ttl_s)
+                self.db = LeaseDb(self.dsn, self.me, self.ttl_s, self.digest)
             self._listen.close()
             self._listen = psycopg.connect(self.dsn, autocommit=True)
             self._listen.execute(f"LISTEN {INBOX_NOTIFY}")
@@ -297,14 +357,33 @@ class Cluster:
         with self._db:
             db = self.db
             sent = self.monotonic()
+            if not self._writer_commits(sent):
+                with self._lock:
+                    lost = set(self.held)
+                    self.held.clear()
+                    self.deadline.clear()
+                    self.releasing = set()
+                    self.suspect = set()
+                    publisher, self.publisher_epoch, self.publisher_deadline = self.publisher_epoch, None, 0.0
+                if publisher is not None:  # (no writer transaction locks it: handed back at once)
+                    db.release(PUBLISHER, publisher)
+                if lost:
+                    self.on_change()
+                return
             db.heartbeat()
             self.members = db.members()
-            held = dict(self.held)
+            with self._lock:
+                held, suspect = dict(self.held), set(self.suspect)  # (suspect before this renewal was sent)
             renewed = db.renew(held)
             lost = set(held) - renewed
             with self._lock:
                 for c in renewed:
                     self.deadline[c] = sent + self.ttl_s * SAFETY
+                settled = renewed & suspect
+                if settled:
+                    log.warning("lease on channel(s) %s had lapsed but nobody took it: ours again",
+                                ", ".join(sorted(settled)))
+                self.suspect -= settled | lost
                 for c in lost:
                     log.warning("lease on channel %s lost (taken by another instance or expired)", c)
                     self.held.pop(c, None)
@@ -318,16 +397,34 @@ class Cluster:
                     with self._lock:
                         self.held[c] = epoch
                         self.deadline[c] = sent + self.ttl_s * SAFETY
+                        self.suspect.discard(c)
                     taken.append(c)
             releasing = set(p.release)
             with self._lock:
-                changed = bool(lost or taken or releasing != self.releasing)
+                changed = bool(lost or taken or settled or releasing != self.releasing)
                 self.releasing = releasing
             self._publisher_round(db)
         if taken:
             log.info("took the lease on channel(s) %s", ", ".join(sorted(taken)))
         if changed:
             self.on_change()
+
+    def _writer_commits(self, now: float) -> bool:
+        """The writer committed within the ttl (the tick commits every ``tick_s``). If not, the leases are let
+        go: neither renewed nor taken, and no heartbeat (the others' fair share then counts without us)."""
+        if self.writer_committed_at is None:
+            return True
+        quiet = now - self.writer_committed_at()
+        if quiet <= self.ttl_s:
+            if self._writer_quiet:
+                log.warning("the writer commits again: taking leases again")
+                self._writer_quiet = False
+            return True
+        if not self._writer_quiet:
+            log.warning("the writer has committed nothing for %.1f s (more than lease_ttl_s): letting the leases "
+                        "of channel(s) %s go", quiet, ", ".join(sorted(self.held)) or "none")
+            self._writer_quiet = True
+        return False
 
     def _publisher_round(self, db: LeaseDb) -> None:
         """The publisher lease taken or renewed while the bridge is connected, and handed back at once when it
@@ -358,7 +455,13 @@ class Cluster:
     def wanted(self) -> dict[str, int]:
         """The channels the gateway should act for now: held and not being handed over."""
         with self._lock:
-            return {c: e for c, e in self.held.items() if c not in self.releasing}
+            return {c: e for c, e in self.held.items() if c not in self.releasing and c not in self.suspect}
+
+    def take_fenced(self) -> set[str]:
+        """The channels the fence found lost since the last call (the gateway's rescope stops them)."""
+        with self._lock:
+            fenced, self.fenced = self.fenced, set()
+            return fenced
 
     def release(self, channel: str) -> None:
         """Hand a lease over (after the gateway stopped acting for it)."""
@@ -367,6 +470,7 @@ class Cluster:
                 epoch = self.held.pop(channel, None)
                 self.deadline.pop(channel, None)
                 self.releasing.discard(channel)
+                self.suspect.discard(channel)
             if epoch is not None:
                 self.db.release(channel, epoch)
                 log.info("handed over channel %s (above the fair share)", channel)
@@ -393,11 +497,11 @@ class Cluster:
         lost = fence_sql(store, self.me, self.acting)
         if lost:
             with self._lock:
+                self.fenced |= lost
                 for c in lost:
                     self.acting.pop(c, None)
-                    if self.held.get(c) is not None:
-                        self.held.pop(c)
-                        self.deadline.pop(c, None)
+                    if c in self.held:
+                        self.suspect.add(c)
             log.warning("lease on channel(s) %s lost (found in a transaction): stopped acting for them",
                         ", ".join(sorted(lost)))
             try:
@@ -413,10 +517,13 @@ class Cluster:
             self._meter_cache = (key, np.array([m.channel in self.acting for m in engine.meters], dtype=bool))
         return self._meter_cache[1]
 
+    def account_channel(self, engine, account_id: str) -> str:
+        return owner_channel(engine, engine.account_no[account_id], self.home)
+
     def owned_accounts(self, engine) -> np.ndarray:
-        """Per account number: does this instance act for it (its first meter's channel is acting)?"""
+        """Per account number: does this instance act for it (its channel, :func:`owner_channel`, is acting)?"""
         key = (frozenset(self.acting), len(engine.meters), len(engine.account_ids))
         if self._owner_cache is None or self._owner_cache[0] != key:
-            owners = owner_channels(engine)
+            owners = owner_channels(engine, self.home)
             self._owner_cache = (key, np.array([c in self.acting for c in owners], dtype=bool))
         return self._owner_cache[1]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import re
@@ -371,6 +372,17 @@ class ServiceConfig:
     passwords: dict = field(default_factory=dict, repr=False, compare=False)
     path: Path | None = field(default=None, compare=False)
 
+    def cluster_digest(self) -> str:
+        """What every instance of a cluster must have alike: the channels, the fleet (each meter's account and
+        channel, the accounts without meters) and the lease ttl. Not the instance's own settings."""
+        fleet = sorted((m.meter_id, m.account_id, m.channel) for m in self.meters)
+        with_meters = {m.account_id for m in self.meters}
+        text = json.dumps({"channels": sorted(c.name for c in self.channels), "meters": fleet,
+                           "without_meters": sorted(a.account_id for a in self.accounts
+                                                    if a.account_id not in with_meters),
+                           "lease_ttl_s": self.cluster.lease_ttl_s if self.cluster else None})
+        return hashlib.sha256(text.encode()).hexdigest()
+
     def meters_on(self, name: str) -> list[Meter]:
         return self._by_channel.get(name, [])
 
@@ -423,6 +435,13 @@ def check_service_config(path: str | Path) -> tuple[ServiceConfig | None, list[s
     policies = check.policies(tables["control"])
     tariffs, accounts, meters, devices = check.fleet(tables["fleet"], raw if isinstance(raw, list) else [],
                                                      channels, policies)
+    if tables.get("cluster") is not None and tables["fleet"] is not None:
+        check.one_channel_per_account(tables["fleet"].file, meters)
+    cluster, gateway = tables.get("cluster"), tables["gateway"]
+    if cluster is not None and gateway is not None and gateway.tick_s > cluster.lease_ttl_s / 2:
+        check.error("gateway.tick_s", f"{gateway.tick_s:g} with [cluster] lease_ttl_s {cluster.lease_ttl_s:g}: the "
+                                      f"leases are renewed only while the writer commits, and the tick commits "
+                                      f"every tick_s; allowed: at most lease_ttl_s / 2")
     if any(t is None for t in tables.values()) or any(c is None for c in channels) or check.problems:
         return None, check.problems
     return ServiceConfig(**tables, channels=tuple(channels), policies=policies, tariffs=tariffs,
@@ -569,6 +588,20 @@ class _Check:
                 named.setdefault(name, c)
         return (tariffs, *read_fleet(Path(fleet_file), named, set(tariffs), set(policies.notices.channels),
                                      self.problems))
+
+    def one_channel_per_account(self, fleet_file: str, meters) -> None:
+        """With ``[cluster]``: the instance holding an account's channel acts for all its meters (notices,
+        cases, every relay command), so they must all be on that one channel."""
+        channels: dict[str, list[str]] = {}
+        for m in meters:
+            if m.channel not in channels.setdefault(m.account_id, []):
+                channels[m.account_id].append(m.channel)
+        for account, names in channels.items():
+            if len(names) > 1:
+                self.problems.append(
+                    f"{fleet_file}: account {account} has meters on channels {', '.join(sorted(names))}; with "
+                    f"[cluster] every meter of an account must be on one channel (one instance acts for the "
+                    f"whole account and can send only on the channels it holds): put them on one channel")
 
 
 def _names(raw: list) -> list[str | None]:

@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 
 from gateway.accounting import Accounting, IngestResult
-from gateway.cluster import NotHeld, log_failure
+from gateway.cluster import LeaseLost, NotHeld, log_failure
 from gateway.core.commands import RelayAction, RelayExplanation, RelayStatus, ReconnectMode, explain
 from gateway.core.control import (
     AuditRecord,
@@ -88,15 +88,29 @@ class CostControl:
         """Act only for the accounts on channels ``cluster`` holds: every transaction fenced by its leases,
         decisions for others dropped, the controller restored with owned accounts only."""
         self.cluster = cluster
-        self.store.fence = cluster.fence
+        self.store.fence = self._fence
+        cluster.writer_committed_at = lambda: self.store.committed_at
         self.accounting.owned = lambda: cluster.owned_accounts(self.engine)
         self.reload(now)
 
-    def rescope(self, acting: dict[str, int], now: float) -> None:
-        """The leases to act for changed: engine and controller rebuilt from the store, AFTER the leases were
-        taken (so what the previous holder committed is seen; its commands in flight are read back first)."""
+    def _fence(self, store) -> None:
+        """The cluster's fence, first in every transaction. A lease found lost makes memory stale (it still has
+        that channel's notices, cases and commands): rebuilt before any more work, whichever path failed."""
+        try:
+            self.cluster.fence(store)
+        except LeaseLost:
+            self._stale = True
+            raise
+
+    def rescope(self, acting: dict[str, int], now: float) -> bool:
+        """The leases to act for changed, or one was lost: engine and controller rebuilt from the store, AFTER
+        the leases were taken (so what the previous holder committed is seen; its commands in flight are read
+        back first). True if it reloaded (False: already loaded for exactly these)."""
+        if acting == self.cluster.acting and not self._stale:
+            return False
         self.cluster.acting = dict(acting)
         self.reload(now)
+        return True
 
     def owns_channel(self, channel: str) -> bool:
         return self.cluster is None or channel in self.cluster.acting
@@ -109,8 +123,7 @@ class CostControl:
         return no is None or (no < len(mask) and bool(mask[no]))
 
     def _account_channel(self, account_id: str) -> str:
-        ms = self.engine.meters_of[self.engine.account_no[account_id]]
-        return self.engine.meters[ms[0]].channel if ms else ""
+        return self.cluster.account_channel(self.engine, account_id)
 
     @property
     def engine(self) -> Engine:
@@ -141,6 +154,7 @@ class CostControl:
         """Rebuild the engine and the controller from the store (after a failed transaction)."""
         self.accounting.reload()
         self.controller = self._load_controller(now)
+        self._stale = False
 
     def _fresh(self, now: float) -> None:
         """Never work on memory ahead of the store: a rebuild that failed is retried first (and raises)."""
@@ -213,7 +227,7 @@ class CostControl:
                 for a in (result.credits.new if result.credits else ()) if isinstance(a, Adjustment)])
             self.store.add_events(self._report(outcome, result, now))
             if also is not None:
-                also()
+                also(result.credits.conflicts if result.credits else [])
 
         self._fresh(now)
         try:
@@ -263,7 +277,7 @@ class CostControl:
                 work()
                 fx = self._flush(now)
                 if also is not None:
-                    also()
+                    also(fx.rejected)
         except BaseException:
             log_failure(log, "control transaction failed; rebuilding from the store")
             self._rebuild_after_failure(now)
@@ -297,11 +311,11 @@ class CostControl:
         return self._with_engine(call, now, what="readings", size=len(batch))
 
     def ingest_credits(self, items: list[Payment | Adjustment], now: float, role: str = "billing",
-                       consumed: list[str] = ()) -> IngestResult:
+                       consumed: "Drained | None" = None) -> IngestResult:
         """Payments and adjustments: committed once, and any close they cause committed with them; each new
         adjustment audited (``role``: of the operators who made them). With several instances, those for
         accounts another instance acts for go to the inbox, in the same transaction; ``consumed``: the inbox
-        rows these items came from, deleted in it."""
+        rows these items came from, deleted in it (and what is refused dead-lettered in it)."""
         mine, theirs = self._route(items, lambda i: i.account_id, self._account_channel)
         return self._with_engine(self.accounting.ingest_credits, now, mine, int(now), credit_role=role,
                                  what="credits", size=len(items), also=self._to_inbox(theirs, consumed, now))
@@ -330,31 +344,30 @@ class CostControl:
                 theirs.append((item, channel_of(account)))
         return mine, theirs
 
-    def _to_inbox(self, theirs: list[tuple[object, str]], consumed, now: float):
-        """The step, inside the input's transaction, that takes ``consumed`` rows out of the inbox and puts
-        ``theirs`` in (after the delete: a row taken may go straight back, under the same key)."""
-        if not theirs and not consumed:
+    def _to_inbox(self, theirs: list[tuple[object, str]], consumed: "Drained | None", now: float):
+        """The step, inside the input's transaction (given what it refused), that takes ``consumed`` rows out
+        of the inbox, with a dead letter for each refused, and puts ``theirs`` in (after the delete: a row
+        taken may go straight back, under the same key)."""
+        if not theirs and consumed is None:
             return None
 
-        def step() -> None:
-            self.store.consume_inbox(list(consumed))
+        def step(refused: list[tuple[object, str]]) -> None:
+            if consumed is not None:
+                self.store.consume_inbox(consumed.keys)
+                self.store.add_events(consumed.dead_letters(refused, now))
             rows = []
             for item, channel in theirs:
                 body = _inbox_body(item)
-                rows.append((inbox_key(item, body), channel, _INBOX_KIND[type(item)], body, now))
+                credit = (item.account_id, _credit_id(item), item.amount_fen) \
+                    if isinstance(item, (Payment, Adjustment)) else ()
+                rows.append((inbox_key(item, body), channel, _INBOX_KIND[type(item)], body, now, *credit))
             self.store.put_inbox(rows)
 
         return step
 
     def _inbox_paid(self, account_id: str) -> int:
-        """Payments for the account waiting in the inbox whose ids the ledger does not have yet (fen)."""
-        if self.cluster is None:
-            return 0
-        waiting = [p for p in (_from_inbox("credit", body) for _, body in
-                               self.store.inbox([self._account_channel(account_id)], "credit", 10_000))
-                   if p.account_id == account_id]
-        known = self.store.ledger_ids([p.payment_id for p in waiting])
-        return sum({p.payment_id: p.amount_fen for p in waiting if p.payment_id not in known}.values())
+        """Payments and adjustments for the account waiting in the inbox, not in the ledger yet (fen)."""
+        return 0 if self.cluster is None else self.store.inbox_credits_fen(account_id)
 
     def drain_inbox(self, now: float, limit: int = 500) -> int:
         """The inbox rows for the channels this instance acts for, ingested through the normal paths, each
@@ -363,6 +376,8 @@ class CostControl:
             return 0
         n = 0
         channels = sorted(self.cluster.acting)
+        if self.cluster.home in self.cluster.acting:
+            channels.append("")  # (rows for accounts without meters queued before they had a channel)
         for kind, ingest in (("credit", self.ingest_credits), ("adjustment", self.ingest_credits),
                              ("receipt", self.ingest_receipts),
                              ("field_update", self.ingest_field_updates)):
@@ -371,13 +386,7 @@ class CostControl:
                 if not rows:
                     break
                 items = [_from_inbox(kind, body) for _, body in rows]
-                by_id = {id(item): (key, body) for item, (key, body) in zip(items, rows)}
-                out = ingest(items, now, consumed=[k for k, _ in rows])
-                refused = out.credits.conflicts if kind in ("credit", "adjustment") else out.rejected
-                letters = [_inbox_dead_letter(kind, *by_id[id(item)], reason, now)
-                           for item, reason in refused if id(item) in by_id]
-                if letters:
-                    self.add_events(letters)
+                ingest(items, now, consumed=Drained(kind, items, rows))
                 n += len(rows)
                 if len(rows) < limit:
                     break
@@ -390,19 +399,28 @@ class CostControl:
 
     def add_events(self, events: list[Event]) -> None:
         """Events from the edges (dead letters), committed on their own; an id already there is kept."""
-        with self.store.transaction():
-            self.store.add_events(events)
+        self._store_only(lambda: self.store.add_events(events), max((e.at for e in events), default=None))
 
     def mark_published(self, seqs: list[int], at: float) -> None:
-        with self.store.transaction():
-            self.store.mark_published(seqs, at)
+        self._store_only(lambda: self.store.mark_published(seqs, at), at)
 
-    def ingest_receipts(self, receipts: list[NoticeReceiptIn], now: float, consumed: list[str] = ()) -> Effects:
+    def _store_only(self, work, now: float | None) -> None:
+        """A transaction that changes nothing in memory; a lease it finds lost still rebuilds memory."""
+        try:
+            with self.store.transaction():
+                work()
+        except LeaseLost:
+            self._rebuild_after_failure(now)
+            raise
+
+    def ingest_receipts(self, receipts: list[NoticeReceiptIn], now: float,
+                        consumed: "Drained | None" = None) -> Effects:
         mine, theirs = self._route(receipts, self._receipt_account, self._account_channel)
         return self._control(lambda: self.controller.on_receipts(mine, now), now, "receipts", len(receipts),
                              also=self._to_inbox(theirs, consumed, now))
 
-    def ingest_field_updates(self, updates: list[FieldUpdate], now: float, consumed: list[str] = ()) -> Effects:
+    def ingest_field_updates(self, updates: list[FieldUpdate], now: float,
+                             consumed: "Drained | None" = None) -> Effects:
         mine, theirs = self._route(updates, self._order_account, self._account_channel)
         fresh = [u for u in mine if not self.store.field_update_seen(u.update_id)]
         return self._control(lambda: self.controller.on_field_updates(fresh, now), now, "field_updates",
@@ -502,12 +520,15 @@ class CostControl:
 
     # -- the executor's side ------------------------------------------------------------------------------
     def steps(self, now: float, bus: str | None = None) -> list[Step]:
+        self._fresh(now)
         return self.controller.steps(now, bus)
 
     def next_step(self, now: float, bus: str) -> Step | None:
+        self._fresh(now)
         return self.controller.next_step(now, bus)
 
     def due_buses(self, now: float) -> set[str]:
+        self._fresh(now)
         return self.controller.due_buses(now)
 
     def authorize(self, command_id: str, now: float) -> Permit | Block:
@@ -551,6 +572,10 @@ _INBOX_KIND = {Payment: "credit", Adjustment: "adjustment", NoticeReceiptIn: "re
                FieldUpdate: "field_update"}
 
 
+def _credit_id(item: Payment | Adjustment) -> str:
+    return item.payment_id if isinstance(item, Payment) else item.adjustment_id
+
+
 def _inbox_body(item) -> str:
     return json.dumps(dataclasses.asdict(item), sort_keys=True, default=lambda v: v.value)
 
@@ -572,6 +597,20 @@ def _from_inbox(kind: str, body: str):
     if kind == "receipt":
         return NoticeReceiptIn(d["request_id"], ReceiptOutcome(d["outcome"]), d["at"], d["detail"])
     return FieldUpdate(d["update_id"], d["order_id"], FieldStatus(d["status"]), d["at"], d["crew"], d["note"])
+
+
+class Drained:
+    """Inbox rows of one kind taken for ingestion: deleted, and what the domain refuses dead-lettered, in the
+    transaction that ingests them (a dead letter committed later could be lost)."""
+
+    def __init__(self, kind: str, items: list, rows: list[tuple[str, str]]) -> None:
+        self.kind = kind
+        self.keys = [key for key, _ in rows]
+        self._rows = {id(item): row for item, row in zip(items, rows)}
+
+    def dead_letters(self, refused: list[tuple[object, str]], now: float) -> list[Event]:
+        return [_inbox_dead_letter(self.kind, *self._rows[id(item)], reason, now)
+                for item, reason in refused if id(item) in self._rows]
 
 
 def _inbox_dead_letter(kind: str, key: str, body: str, reason: str, now: float) -> Event:

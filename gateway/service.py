@@ -97,7 +97,7 @@ class Service:
                 from gateway.cluster import Cluster
 
                 cluster = Cluster(cfg.store.url, cfg.mqtt.instance, [c.name for c in cfg.channels],
-                                  cfg.cluster.lease_ttl_s)
+                                  cfg.cluster.lease_ttl_s, digest=cfg.cluster_digest())
                 log.info("cluster: instance %s shares %d channels through leases (ttl %.0f s)", cfg.mqtt.instance,
                          len(cfg.channels), cfg.cluster.lease_ttl_s)
             self.gateway = gw = Gateway(cfg.store.url, channels, cfg.policies, cfg.thresholds, self.clock,

@@ -36,6 +36,9 @@ class PausingDriver:
     def reserved(self):
         return self.driver.reserved()
 
+    async def open(self):
+        await self.driver.open()
+
     async def read(self, meter_id):
         return await self.driver.read(meter_id)
 

@@ -4,6 +4,7 @@ TCP buses and a real Mosquitto, one of them killed with SIGKILL."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
 from decimal import Decimal
@@ -87,6 +88,31 @@ def test_a_postgresql_config_with_cluster_is_read(tmp_path, pg_dsn):
     assert errors == [] and config.cluster.lease_ttl_s == 3.0
     cfg.write_text(f'[store]\nurl = "{pg_dsn}"\n')
     assert check_service_config(cfg)[0].cluster is None
+    # the leases are renewed only while the writer commits, and the tick commits every tick_s
+    cfg.write_text(f'[store]\nurl = "{pg_dsn}"\n[gateway]\ntick_s = 2\n[cluster]\nlease_ttl_s = 3\n')
+    config, errors = check_service_config(cfg)
+    assert config is None and len(errors) == 1 and "gateway.tick_s: 2 with [cluster] lease_ttl_s 3" in errors[0]
+    assert "allowed: at most lease_ttl_s / 2" in errors[0]
+
+
+def test_with_cluster_an_account_with_meters_on_two_channels_is_a_config_error(tmp_path, pg_dsn):
+    """The instance holding an account's channel makes the commands for all its meters, and can send only on
+    channels it holds: with [cluster] such a fleet is refused, naming the account and the channels."""
+    (tmp_path / "fleet.csv").write_text("account_id,tariff,meter_id,channel\nA1,flat,000000000001,bus1\n"
+                                        "A1,,000000000002,bus2\nA2,flat,000000000003,bus2\n")
+    channels = "".join(f'[[channels]]\nkind = "dlt645_tcp"\nname = "{n}"\nhost = "127.0.0.1"\nport = {p}\n'
+                       for n, p in (("bus1", 9001), ("bus2", 9002)))
+    cfg = tmp_path / "gw.toml"
+    base = (f'[store]\nurl = "{pg_dsn}"\n[fleet]\nfile = "fleet.csv"\n'
+            f'tariffs = "{ROOT / "config" / "tariffs.example.json"}"\n')
+    cfg.write_text(base + channels)
+    config, errors = check_service_config(cfg)
+    assert errors == [] and len(config.meters) == 3  # one instance: allowed
+    cfg.write_text(base + "[cluster]\nlease_ttl_s = 3\n" + channels)
+    config, errors = check_service_config(cfg)
+    assert config is None and len(errors) == 1, errors
+    assert "account A1 has meters on channels bus1, bus2; with [cluster] every meter of an account must be on " \
+           "one channel" in errors[0] and "fleet.csv" in errors[0]
 
 
 def _migrated(dsn: str):
@@ -123,17 +149,23 @@ def test_acquire_renew_expire_and_take_over(pg_dsn):
         b.close()
 
 
+def _fenced_holder(dsn: str, ttl: float):
+    """A store fenced by a cluster (no keeper thread) that holds and acts for bus1: ``(store, cluster, epoch)``."""
+    store = _migrated(dsn)
+    cluster = Cluster(dsn, "gw1", ["bus1"], ttl)
+    cluster.db = LeaseDb(dsn, "gw1", ttl)
+    cluster.db.ensure(["bus1"])
+    epoch = cluster.db.acquire("bus1")
+    cluster.acting = {"bus1": epoch}
+    cluster.held = {"bus1": epoch}
+    store.fence = cluster.fence
+    return store, cluster, epoch
+
+
 def test_the_fence_fails_a_transaction_once_the_lease_is_gone_and_nothing_commits(pg_dsn):
-    store = _migrated(pg_dsn)
-    cluster = Cluster(pg_dsn, "gw1", ["bus1"], 1.0)
+    store, cluster, epoch = _fenced_holder(pg_dsn, 1.0)
     other = LeaseDb(pg_dsn, "gw2", 1.0)
     try:
-        cluster.db = LeaseDb(pg_dsn, "gw1", 1.0)
-        cluster.db.ensure(["bus1"])
-        epoch = cluster.db.acquire("bus1")
-        cluster.acting = {"bus1": epoch}
-        cluster.held = {"bus1": epoch}
-        store.fence = cluster.fence
         with store.transaction():
             store.put_inbox([("k1", "bus1", "credit", "{}", 1.0)])
         time.sleep(1.2)
@@ -141,7 +173,7 @@ def test_the_fence_fails_a_transaction_once_the_lease_is_gone_and_nothing_commit
         with pytest.raises(LeaseLost, match="bus1"):
             with store.transaction():
                 store.put_inbox([("k2", "bus1", "credit", "{}", 2.0)])
-        assert cluster.acting == {} and "bus1" not in cluster.held  # stopped acting for it
+        assert cluster.acting == {} and "bus1" not in cluster.wanted()  # stopped acting for it
         store.fence = None
         assert [k for k, _ in store.inbox(["bus1"], "credit")] == ["k1"]  # k2 rolled back
     finally:
@@ -153,14 +185,8 @@ def test_the_fence_fails_a_transaction_once_the_lease_is_gone_and_nothing_commit
 def test_an_acquirer_waits_for_a_fenced_transaction_of_the_holder(pg_dsn):
     """FOR SHARE: the holder's transaction in progress is finished before another can take the lease, so the
     new holder's reload sees what it committed."""
-    store = _migrated(pg_dsn)
-    cluster = Cluster(pg_dsn, "gw1", ["bus1"], 1.0)
+    store, cluster, epoch = _fenced_holder(pg_dsn, 1.0)
     try:
-        cluster.db = LeaseDb(pg_dsn, "gw1", 1.0)
-        cluster.db.ensure(["bus1"])
-        epoch = cluster.db.acquire("bus1")
-        cluster.acting = {"bus1": epoch}
-        store.fence = cluster.fence
         taken: list[float] = []
 
         def acquirer():
@@ -371,7 +397,8 @@ async def test_two_instances_share_the_buses_and_a_killed_ones_share_is_taken_ov
 
 
 def _two_shells(dsn: str):
-    """Two cost-control shells on one database: gw1 acting for bus1 (A0, A1), gw2 for bus2 (A2)."""
+    """Two cost-control shells on one database: gw1 acting for bus1 (A0, A1; and A3, which has no meter: the
+    first channel's), gw2 for bus2 (A2)."""
     from gateway.core.model import Meter
     from gateway.costcontrol import CostControl
 
@@ -381,7 +408,7 @@ def _two_shells(dsn: str):
     shells = {}
     for me in ("gw1", "gw2"):
         cc = CostControl(open_store(dsn), policy=POLICY, now=MONDAY, new_id=Ids())
-        cc.accounting.register(tariffs(), [account(i) for i in range(3)],
+        cc.accounting.register(tariffs(), [account(i) for i in range(4)],
                                [Meter(f"M{i}", f"A{i}", channel="bus1" if i < 2 else "bus2", max_kw=20)
                                 for i in range(3)])
         cluster = Cluster(dsn, me, ["bus1", "bus2"], 5.0)
@@ -419,6 +446,35 @@ def test_a_payment_for_another_instances_account_goes_through_the_inbox_once(pg_
         letters = [p for _, _, kind, _, _, p in gw2.store.outbox() if kind == "dead_letter"]
         assert len(letters) == 1 and "already used" in letters[0]["reason"]
         assert gw2.engine.balance_of("A2") == 700 and gw2.store.inbox_pending() == 0
+    finally:
+        for cc in shells.values():
+            cc.cluster.db.close()
+            cc.store.close()
+
+
+def test_payments_and_adjustments_for_an_account_without_meters_reach_one_instance(pg_dsn):
+    """An account without meters (the fleet allows it) belongs to the first channel by name: whichever instance
+    receives its payment, the holder of that channel applies it (before, nobody drained it: acknowledged, lost)."""
+    from gateway.core.model import Adjustment, Payment
+
+    shells, now = _two_shells(pg_dsn)
+    gw1, gw2 = shells["gw1"], shells["gw2"]
+    try:
+        gw2.ingest_credits([Payment("p-A3", "A3", 700, now - 60),
+                            Adjustment("adj-A3", "A3", 50, now - 60, "olga", "goodwill")], now)
+        assert gw2.store.inbox_pending() == 2 and gw2.drain_inbox(now) == 0  # not gw2's to apply
+        assert gw1.drain_inbox(now) == 2
+        assert gw1.engine.balance_of("A3") == 750 and gw1.store.inbox_pending() == 0
+        gw1.ingest_credits([Payment("p2-A3", "A3", 100, now - 30)], now + 1)  # received by its owner: directly
+        assert gw1.engine.balance_of("A3") == 850 and gw1.store.inbox_pending() == 0
+        # a row an earlier version queued under channel "" (nobody drained those) is drained by the same owner
+        from gateway.costcontrol import _inbox_body, inbox_key
+
+        old = Payment("p3-A3", "A3", 25, now - 20)
+        with gw2.store.transaction():
+            gw2.store.put_inbox([(inbox_key(old, _inbox_body(old)), "", "credit", _inbox_body(old), now + 2)])
+        assert gw2.drain_inbox(now + 2) == 0 and gw1.drain_inbox(now + 2) == 1
+        assert gw1.engine.balance_of("A3") == 875 and gw1.store.inbox_pending() == 0
     finally:
         for cc in shells.values():
             cc.cluster.db.close()
@@ -588,3 +644,390 @@ async def test_the_api_refuses_a_relay_command_for_a_meter_another_instance_hold
         finally:
             other.close()
             cluster.db.close()
+
+
+# --------------------------------------------------------------------------- a gateway with leases, in process
+
+
+@contextlib.asynccontextmanager
+async def _sim_buses(groups: dict[str, list]):
+    """Simulated DL/T 645 buses over TCP: name -> port."""
+    from gateway.clock import SystemClock, local_naive
+    from simulators.dlt645 import SimBus, serve_tcp
+
+    local = local_naive(SystemClock())
+    servers = {name: await serve_tcp(SimBus.of(group, clock=local, turnaround_s=0.0)) for name, group in groups.items()}
+    try:
+        yield {name: s.sockets[0].getsockname()[1] for name, s in servers.items()}
+    finally:
+        for s in servers.values():
+            s.close()
+            await s.wait_closed()
+
+
+@contextlib.asynccontextmanager
+async def _instance(dsn: str, me: str, ports: dict[str, int], meters: dict[str, list[str]], ttl: float,
+                    poll_s: float = 0.3, tick_s: float = 0.2):
+    """A running gateway with leases (account A<i> owns the i-th meter, bus by bus), stopped cleanly at the end."""
+    from gateway.app import Bus, Gateway
+    from gateway.clock import SystemClock
+    from gateway.core.model import Meter
+    from protocols.dlt645.client import Dlt645Link
+
+    from .control_fixtures import LIVE_LINK, QUICK, account
+    from .core_fixtures import POLICY, tariffs
+
+    channels = [Bus(Dlt645Link.tcp("127.0.0.1", port, LIVE_LINK, name=name), meters[name])
+                for name, port in ports.items()]
+    gw = await Gateway(dsn, channels, QUICK, POLICY, SystemClock(), poll_interval_s=poll_s, tick_s=tick_s,
+                       cluster=Cluster(dsn, me, list(ports), ttl)).open()
+    if not gw.control.engine.account_ids:
+        ids = [m for name in ports for m in meters[name]]
+        bus_of = {m: name for name in ports for m in meters[name]}
+        await gw.writer.call(gw.control.accounting.register, tariffs(), [account(i) for i in range(len(ids))],
+                             [Meter(m, f"A{i}", channel=bus_of[m]) for i, m in enumerate(ids)])
+    stop = asyncio.Event()
+    gw.test_stop, gw.test_run = stop, asyncio.create_task(gw.run(stop))  # (for a test that stops it itself)
+    try:
+        yield gw
+    finally:
+        stop.set()
+        await asyncio.wait_for(gw.test_run, 30)
+        await gw.close()
+
+
+async def _until(predicate, timeout: float, what: str) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < deadline, f"{what}: not within {timeout} s"
+        await asyncio.sleep(0.02)
+
+
+def _take_over(dsn: str, channel: str, me: str = "gw2", ttl: float = 30.0) -> int:
+    """Another instance takes the channel, as after this one's lease expired (a pause, a lost connection)."""
+    other = LeaseDb(dsn, me, ttl)
+    try:
+        other.conn.execute("UPDATE leases SET expires_at = now() - interval '1 second' WHERE channel = %s",
+                           (channel,))
+        epoch = other.acquire(channel)
+        assert epoch is not None
+        return epoch
+    finally:
+        other.close()
+
+
+async def test_a_lease_the_fence_finds_lost_stops_the_poll_loop_and_closes_the_link(pg_dsn):
+    """The fence notices first (the keeper renews only every ttl / 5): the poll loop still stops, the link is
+    closed for the new holder, and the bus is not read again."""
+    from simulators.dlt645 import SimMeter
+
+    sim = SimMeter("000000000001", energy=[Decimal("100.00")] * 5)
+    async with _sim_buses({"bus1": [sim]}) as ports, \
+            _instance(pg_dsn, "gw1", ports, {"bus1": [sim.address]}, ttl=30.0) as gw:
+        link = gw.channels[0].link
+        await _until(lambda: gw.cluster.acting and link.is_open and sim.requests > 0, 10, "polling bus1")
+        _take_over(pg_dsn, "bus1")
+        await _until(lambda: not gw.cluster.acting, 5, "the next tick's fence")
+        await _until(lambda: not link.is_open, 5, "the link closed")
+        seen = sim.requests
+        await asyncio.sleep(1.5)  # five poll intervals
+        assert sim.requests == seen and not link.is_open
+
+
+def test_a_lease_lost_in_a_store_only_transaction_rebuilds_memory_without_the_channel(pg_dsn):
+    """add_events and mark_published change nothing in memory, but a lease they find lost must still drop the
+    channel's commands and cases from it (else SENDING over the new holder's rows, duplicate notices)."""
+    from gateway.core.commands import RelayAction
+    from gateway.core.control import Event
+
+    shells, now = _two_shells(pg_dsn)
+    gw2 = shells["gw2"]
+    try:
+        cmd = gw2.manual("M2", RelayAction.CLOSE, "olga", "operator", "test", "k1", now)
+        _take_over(pg_dsn, "bus2", "gw1")
+        with pytest.raises(LeaseLost, match="bus2"):
+            gw2.add_events([Event("dl-1", "dead_letter", "", now, {})])
+        assert cmd.command_id not in gw2.controller.commands
+        assert gw2.steps(now + 60) == [] and gw2.due_buses(now + 60) == set()
+        assert "dl-1" not in {e[1] for e in gw2.store.outbox()}
+    finally:
+        for cc in shells.values():
+            cc.cluster.db.close()
+            cc.store.close()
+
+
+async def test_a_clean_stop_hands_the_leases_back_only_once_the_buses_are_quiet(pg_dsn):
+    """SIGTERM while a relay exchange is on a bus: the lease is handed back after it, never during it (the next
+    holder would read the relay back before our frame is out, and send again)."""
+    from simulators.dlt645 import SimMeter
+
+    sim = SimMeter("000000000001", energy=[Decimal("100.00")] * 5)
+    async with _sim_buses({"bus1": [sim]}) as ports, \
+            _instance(pg_dsn, "gw1", ports, {"bus1": [sim.address]}, ttl=4.0) as gw:
+        await _until(lambda: gw.cluster.acting, 10, "bus1 taken")
+        async with gw.executor.drivers["bus1"].reserved():  # an exchange in progress (as the executor holds it)
+            gw.test_stop.set()
+            await asyncio.sleep(2.0)  # the keeper's round (every 0.8 s) has ended meanwhile
+            assert _holders(pg_dsn) == {"bus1": "gw1"}  # not handed back under a busy bus
+            assert not gw.test_run.done()
+        await asyncio.wait_for(gw.test_run, 10)
+        assert _holders(pg_dsn) == {"bus1": None}  # handed back once it was quiet
+
+
+async def test_an_instance_whose_writer_commits_nothing_lets_its_leases_go_and_takes_them_back_after(pg_dsn):
+    """The keeper has a connection of its own: it could renew forever for a writer that cannot commit (its
+    connection lost, a stuck transaction). It renews only while the writer has committed within the ttl."""
+    from simulators.dlt645 import SimMeter
+
+    sim = SimMeter("000000000001", energy=[Decimal("100.00")] * 5)
+    async with _sim_buses({"bus1": [sim]}) as ports, \
+            _instance(pg_dsn, "gw1", ports, {"bus1": [sim.address]}, ttl=2.0) as gw:
+        await _until(lambda: gw.cluster.acting and _holders(pg_dsn) == {"bus1": "gw1"}, 10, "bus1 taken")
+        stuck = asyncio.ensure_future(gw.writer.call(time.sleep, 6.0))  # the writer commits nothing meanwhile
+        await _until(lambda: _holders(pg_dsn) == {"bus1": None}, 2 * 2.0 + 1.0, "the lease let go")
+        assert not gw.cluster.may_send("bus1") and gw.cluster.wanted() == {}
+        assert _query(pg_dsn, "SELECT COUNT(*) FROM members WHERE seen_at > now() - interval '2 seconds'") == [(0,)]
+        await stuck
+        await _until(lambda: gw.cluster.acting and _holders(pg_dsn) == {"bus1": "gw1"}, 10, "bus1 taken again")
+
+
+async def test_the_lease_is_checked_after_the_link_is_open_right_before_the_frame(pg_dsn):
+    """A TCP connect can take seconds: it comes before the last lease check, so only the write follows it."""
+    from gateway.core.commands import RelayAction
+    from simulators.dlt645 import SimMeter
+
+    sim = SimMeter("000000000001", relay_open=True, relay_command_open=True, energy=[Decimal("100.00")] * 5)
+    async with _sim_buses({"bus1": [sim]}) as ports, \
+            _instance(pg_dsn, "gw1", ports, {"bus1": [sim.address]}, ttl=30.0, poll_s=3600) as gw:
+        link = gw.channels[0].link
+        await _until(lambda: gw.cluster.acting and sim.requests > 0, 10, "bus1 taken and read")
+        async with gw.executor.drivers["bus1"].reserved():
+            await gw.channels[0].close()  # (a TCP serial server dropped us, say)
+        assert not link.is_open
+        open_at_check: list[bool] = []
+        lease_check = gw.executor.may_send
+        gw.executor.may_send = lambda bus: open_at_check.append(link.is_open) or lease_check(bus)
+        await gw.writer.call(gw.control.manual, sim.address, RelayAction.CLOSE, "olga", "operator", "test", "k1",
+                             gw.clock.now())
+        gw.executor.wake()
+        await _until(lambda: not sim.relay_open, 10, "the close sent")
+        assert open_at_check == [True], open_at_check
+
+
+async def test_a_connect_that_is_never_answered_times_out():
+    """A TCP serial server whose accept queue is full drops the SYN: the connect would hang for minutes."""
+    import socket
+
+    from protocols.dlt645.client import CONNECT_TIMEOUT_S, Dlt645Link, Dlt645LinkError
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    port = server.getsockname()[1]
+    queued = []
+    for _ in range(2):  # fill the accept queue (never accepted)
+        c = socket.socket()
+        c.setblocking(False)
+        c.connect_ex(("127.0.0.1", port))
+        queued.append(c)
+    await asyncio.sleep(0.2)
+    link = Dlt645Link.tcp("127.0.0.1", port, name="bus1")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        with pytest.raises(Dlt645LinkError, match="cannot open bus1"):
+            await asyncio.wait_for(link.open(), CONNECT_TIMEOUT_S + 10)
+        assert loop.time() - started < CONNECT_TIMEOUT_S + 1
+    finally:
+        for c in queued:
+            c.close()
+        server.close()
+
+
+def test_levels_one_instance_recalibrated_reach_the_others_at_their_next_tick(pg_dsn):
+    """Only the instance that finds recalibration due recalibrates (for every account); the others take the
+    stored levels up at their next tick and re-evaluate their own accounts against them."""
+    import numpy as np
+
+    from gateway.core.model import Payment
+    from gateway.core.thresholds import BAND_NAMES, Levels
+
+    shells, now = _two_shells(pg_dsn)
+    gw1, gw2 = shells["gw1"], shells["gw2"]
+    try:
+        gw2.ingest_credits([Payment("p-A2", "A2", 4000, now - 60)], now)  # between warning 2 and warning 1
+        a2 = gw2.engine.account_no["A2"]
+        assert BAND_NAMES[int(gw2.engine.state[a2])] != "normal"
+        gw1.tick(now)  # due: gw1 recalibrates, for every account
+        gw2.tick(now + 1)
+        assert gw2.store.last_calibration() == now
+        # gw1's view of the cost data gave lower levels (here written as its recalibration writes them)
+        n = len(gw1.engine.account_ids)
+        lower = Levels(np.full(n, 3000), np.full(n, 1000), np.zeros(n, np.int64), np.full(n, 1500))
+        with gw1.store.transaction():
+            gw1.store.save_levels(lower, now + 2)
+        gw2.tick(now + 3)
+        assert int(gw2.engine.levels.warn1[a2]) == 3000 and int(gw2.engine.levels.warn2[a2]) == 1000
+        assert BAND_NAMES[int(gw2.engine.state[a2])] == "normal"  # re-evaluated against them
+        assert gw2.store._query("SELECT state FROM account_state WHERE account_no = ?", (a2,))[0][0] == \
+            int(gw2.engine.state[a2])  # and committed
+    finally:
+        for cc in shells.values():
+            cc.cluster.db.close()
+            cc.store.close()
+
+
+def test_a_lease_the_fence_finds_lapsed_while_a_renewal_is_in_flight_stays_renewed_and_is_taken_up_again(pg_dsn):
+    """The fence sees the lease expired while the keeper's renewal (from its snapshot of held) is on its way
+    and succeeds: the database says it is ours, so the keeper must keep renewing it, and the gateway act for it
+    again (before, nobody renewed it: unserved for up to a ttl)."""
+    store, cluster, epoch = _fenced_holder(pg_dsn, 30.0)
+    try:
+        store._execute("UPDATE leases SET expires_at = now() - interval '1 second'")  # lapsed (a pause)
+        with pytest.raises(LeaseLost, match="bus1"):
+            with store.transaction():
+                pass
+        assert cluster.acting == {} and cluster.wanted() == {}
+        assert cluster.db.renew({"bus1": epoch}) == {"bus1"}  # the renewal that was in flight
+        cluster._round()  # the keeper's next round
+        assert cluster.wanted() == {"bus1": epoch}  # ours again, same epoch: nobody acted meanwhile
+        assert _holders(pg_dsn) == {"bus1": "gw1"}
+        cluster.acting = cluster.wanted()  # (the gateway reloaded for it)
+        with store.transaction():
+            pass
+    finally:
+        cluster.db.close()
+        store.close()
+
+
+def test_an_inbox_item_the_owner_refuses_is_dead_lettered_in_the_transaction_that_consumes_it(pg_dsn):
+    """Consumed and dead-lettered together: a crash (or a lost lease) between two transactions would otherwise
+    lose the dead letter of an item already taken out of the inbox."""
+    from gateway.core.model import Payment
+
+    shells, now = _two_shells(pg_dsn)
+    gw1, gw2 = shells["gw1"], shells["gw2"]
+    try:
+        gw2.ingest_credits([Payment("p-A0", "A0", 700, now - 60)], now)  # gw1's account: to the inbox
+        gw2.ingest_credits([Payment("p-A0", "A0", 9999, now - 60)], now + 1)  # the same id, another amount
+        assert gw1.store.inbox_pending() == 2
+        at_commit: list[tuple] = []
+
+        def look(done) -> None:  # right after each commit, before anything else runs on the writer
+            at_commit.append((done.input, gw1.store.inbox_pending(),
+                              [p["reason"] for *_, kind, _, _, p in gw1.store.outbox() if kind == "dead_letter"]))
+
+        gw1.listeners.append(look)
+        assert gw1.drain_inbox(now) == 2
+        assert gw1.engine.balance_of("A0") == 700
+        assert len(at_commit) == 1 and at_commit[0][:2] == ("credits", 0)
+        assert len(at_commit[0][2]) == 1 and "already used" in at_commit[0][2][0]
+    finally:
+        for cc in shells.values():
+            cc.cluster.db.close()
+            cc.store.close()
+
+
+def test_the_trip_check_sums_every_queued_credit_of_the_account_adjustments_too(pg_dsn):
+    """The fresh balance before a trip counts every payment and adjustment for the account waiting in the
+    inbox (before: at most the channel's 10,000 oldest payments, adjustments not at all)."""
+    from gateway.core.model import Adjustment, Payment
+
+    shells, now = _two_shells(pg_dsn)
+    gw1, gw2 = shells["gw1"], shells["gw2"]
+    try:
+        gw1.ingest_credits([Payment(f"p{i}", "A2", 1, now - 60) for i in range(10_001)], now)
+        gw1.ingest_credits([Adjustment("adj1", "A2", 500, now - 30, "olga", "goodwill")], now + 1)
+        assert gw2._inbox_paid("A2") == 10_001 + 500
+        gw1.ingest_credits([Payment("p0", "A2", 7, now - 60)], now + 2)  # p0 again, another amount: the smaller
+        assert gw2._inbox_paid("A2") == 10_001 + 500
+        assert gw2._inbox_paid("A0") == 0
+    finally:
+        for cc in shells.values():
+            cc.cluster.db.close()
+            cc.store.close()
+
+
+def test_an_instance_with_another_config_does_not_join(tmp_path, pg_dsn):
+    """Routing, the fair share and the inbox assume every instance has the same channels and fleet: the
+    config's digest is in the members table, and an instance whose digest differs from a live one's refuses
+    to start, naming both."""
+    from gateway.cluster import ConfigMismatch
+
+    (tmp_path / "fleet.csv").write_text("account_id,tariff,meter_id,channel\nA1,flat,000000000001,bus1\n"
+                                        "A2,flat,000000000002,bus2\n")
+    channels = "".join(f'[[channels]]\nkind = "dlt645_tcp"\nname = "{n}"\nhost = "127.0.0.1"\nport = {p}\n'
+                       for n, p in (("bus1", 9001), ("bus2", 9002)))
+
+    def digest(instance: str, fleet: str = "fleet.csv") -> str:
+        cfg = tmp_path / f"{instance}.toml"
+        cfg.write_text(f'[store]\nurl = "{pg_dsn}"\n[mqtt]\ninstance = "{instance}"\n[fleet]\nfile = "{fleet}"\n'
+                       f'tariffs = "{ROOT / "config" / "tariffs.example.json"}"\n[cluster]\nlease_ttl_s = 3\n'
+                       + channels)
+        config, errors = check_service_config(cfg)
+        assert errors == []
+        return config.cluster_digest()
+
+    assert digest("gw1") == digest("gw2")  # only the instance differs
+    (tmp_path / "fleet2.csv").write_text("account_id,tariff,meter_id,channel\nA1,flat,000000000001,bus1\n"
+                                         "A2,flat,000000000002,bus1\n")  # a meter on another channel
+    other = digest("gw2", "fleet2.csv")
+    assert other != digest("gw1")
+    _migrated(pg_dsn).close()
+    a = Cluster(pg_dsn, "gw1", ["bus1", "bus2"], 3.0, digest=digest("gw1"))
+    try:
+        a.start()
+        with pytest.raises(ConfigMismatch, match=r"instance 'gw2' has config digest .* live instance\(s\) 'gw1' "
+                                                 r"has .*: every instance must run the same config"):
+            Cluster(pg_dsn, "gw2", ["bus1", "bus2"], 3.0, digest=other).start()
+        Cluster(pg_dsn, "gw3", ["bus1", "bus2"], 3.0, digest=digest("gw3")).check_config()  # the same: joins
+    finally:
+        a.stop()
+    Cluster(pg_dsn, "gw2", ["bus1", "bus2"], 3.0, digest=other).check_config()  # gw1 gone: nothing to compare
+
+
+def test_a_keeper_whose_writer_commits_nothing_hands_the_publisher_lease_back_at_once(pg_dsn):
+    from gateway.cluster import PUBLISHER
+
+    _migrated(pg_dsn).close()
+    committed = [time.monotonic()]
+    a = Cluster(pg_dsn, "gw1", ["bus1"], 3.0)
+    a.broker_connected = lambda: True
+    a.writer_committed_at = lambda: committed[0]
+
+    def publisher() -> str | None:
+        return _query(pg_dsn, f"SELECT CASE WHEN expires_at > now() THEN holder END FROM leases "
+                              f"WHERE channel = '{PUBLISHER}'")[0][0]
+
+    try:
+        a.start()
+        assert a.is_publisher() and publisher() == "gw1"
+        committed[0] = time.monotonic() - 4.0  # nothing committed for more than the ttl
+        started = time.monotonic()
+        while publisher() is not None or a.wanted():  # (not renewed, it would expire only after up to 3 s)
+            assert time.monotonic() - started < 1.5, "the publisher lease handed back in the next round"
+            time.sleep(0.02)
+        assert not a.is_publisher()
+    finally:
+        a.stop()
+
+
+async def test_after_its_database_connection_is_cut_the_writer_reconnects_and_the_instance_acts_again(pg_dsn):
+    """A PostgreSQL restart or failover cuts every connection. The writer's store opens a new one before its
+    next transaction, so the instance commits again and keeps (or takes back) its channels, and a payment is
+    applied and closes its meter."""
+    from gateway.core.model import Payment
+    from simulators.dlt645 import SimMeter
+
+    sim = SimMeter("000000000001", relay_open=True, relay_command_open=True, energy=[Decimal("100.00")] * 5)
+    async with _sim_buses({"bus1": [sim]}) as ports, \
+            _instance(pg_dsn, "gw1", ports, {"bus1": [sim.address]}, ttl=2.0) as gw:
+        await _until(lambda: gw.cluster.acting and _holders(pg_dsn) == {"bus1": "gw1"}, 10, "bus1 taken")
+        store = gw.control.store
+        _query(pg_dsn, f"SELECT pg_terminate_backend({store.conn.info.backend_pid})")
+        cut_at = time.monotonic()
+        await _until(lambda: store.committed_at > cut_at + 1.0 and gw.cluster.acting
+                     and _holders(pg_dsn) == {"bus1": "gw1"}, 15, "committing and acting for bus1 again")
+        await gw.credits([Payment("p1", "A0", 50_000, int(gw.clock.now()) - 60)])
+        await _until(lambda: not sim.relay_open, 15, "the payment's close")

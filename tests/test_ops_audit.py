@@ -133,7 +133,7 @@ def test_migration_4_chains_the_records_already_there(store_url):
     finally:
         base.MIGRATIONS[:] = saved
     store = open_store(store_url)
-    assert store.migrate() == 5
+    assert store.migrate() == 6
     with store.transaction():
         store.append_audit([record(4)])
     report = verify_chain(store)

@@ -32,8 +32,8 @@ def batch(acc, rows):
 
 def test_migrations_are_versioned_and_idempotent(store_url):
     store = open_store(store_url)
-    assert store.migrate() == 5 and store.schema_version() == 5
-    assert store.migrate() == 5  # running again changes nothing
+    assert store.migrate() == 6 and store.schema_version() == 6
+    assert store.migrate() == 6  # running again changes nothing
     with store.transaction():
         store._execute("UPDATE schema_version SET version = 99")
     with pytest.raises(StoreError, match="newer than this feikong"):
@@ -193,7 +193,7 @@ def test_a_version_1_database_is_upgraded_in_place(store_url):
         base.MIGRATIONS[:] = saved
     store = open_store(store_url)
     assert store.schema_version() == 1
-    assert store.migrate() == 5
+    assert store.migrate() == 6
     assert "flat" in store.load_tariffs() and store.last_calibration() is None
     store.close()
 
@@ -219,7 +219,7 @@ def test_a_version_2_database_with_data_is_upgraded_to_the_newest(store_url):
         base.MIGRATIONS[:] = saved
     store = open_store(store_url)
     acc = Accounting(store, POLICY)
-    assert store.schema_version() == 5
+    assert store.schema_version() == 6
     assert store.load_meters()[0].reconnect_mode == "direct"
     assert store.relay_row("M0") == (1, T0, None, 0)
     assert (acc.engine.state[0], acc.engine.seq[0], acc.engine.m_relay_open[0]) == (3, 4, True)

@@ -565,8 +565,12 @@ class Engine:
         self.m_relay_open[s.relay_meters] = s.relay_open
         self.m_keep_power[s.relay_meters] = s.relay_keep_power
         self.m_commanded[s.relay_meters] = s.relay_commanded
+        self.set_levels(s.level_accounts, s.levels)
+
+    def set_levels(self, accounts: np.ndarray, levels: np.ndarray) -> None:
+        """Stored levels (n x 4: warning 1, warning 2, trip, close) for these account numbers."""
         for i, name in enumerate(("warn1", "warn2", "trip", "close")):
-            getattr(self.levels, name)[s.level_accounts] = s.levels[:, i]
+            getattr(self.levels, name)[accounts] = levels[:, i]
 
 
 @dataclass

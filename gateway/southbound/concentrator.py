@@ -606,6 +606,9 @@ class JsonRelayDriver:
     def reserved(self):
         return self.channel.path.reserved()
 
+    async def open(self) -> None:
+        """Nothing to open per exchange: the broker link is the bridge's."""
+
     async def send(self, meter_id: str, action: RelayAction, mode: ReconnectMode, valid_until: float) -> None:
         op = _JSON_ACTIONS[(action, mode)]
         deadline = datetime.fromtimestamp(int(valid_until), self.zone)

@@ -95,6 +95,8 @@ class CommandExecutor:
                 log.info("command %s not sent: %s: %s", step.subject_id, permit.gate.value, permit.reason)
                 return await self.writer.call_grouped(self._reported, _nothing, (), next_on)
             try:
+                # the line opened first (a TCP connect can take seconds): only the write follows the lease check
+                await driver.open()
                 if self.may_send is not None and not self.may_send(bus := self.bus_of(step.meter_id)):
                     raise RelayLinkDown(f"the lease on bus {bus} may have lapsed: not sent", written=False)
                 await driver.send(step.meter_id, permit.action, permit.mode, permit.valid_until)
@@ -190,6 +192,9 @@ class _Unconfigured:
 
     def reserved(self):
         return self._lock
+
+    async def open(self) -> None:
+        raise RelayLinkDown(f"no channel configured for bus {self.name!r}", written=False)
 
     async def send(self, meter_id, action, mode, valid_until) -> None:
         raise RelayLinkDown(f"no channel configured for bus {self.name!r}", written=False)

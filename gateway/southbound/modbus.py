@@ -142,11 +142,15 @@ class ModbusChannel:
         """Hold the line for several exchanges and whatever happens between them."""
         return self.line.reserved()
 
+    async def connect(self) -> None:
+        """The link connected (pymodbus's timeout bounds it), or :class:`ModbusLinkDown`."""
+        if not self.client.connected and not await self.client.connect():
+            raise ModbusLinkDown(f"{self.name}: cannot connect", written=False)
+
     async def _call(self, what: str, method: str, *args, writes: bool = False, **kw):
         """One exchange; pymodbus's outcomes mapped to ours."""
         async with self.line.reserved():
-            if not self.client.connected and not await self.client.connect():
-                raise ModbusLinkDown(f"{self.name}: cannot connect", written=False)
+            await self.connect()
             try:
                 reply = await getattr(self.client, method)(*args, **kw)
             except ConnectionException as exc:  # raised before anything is sent
@@ -229,6 +233,10 @@ class ModbusRelayDriver:
 
     def reserved(self):
         return self.channel.reserved()
+
+    async def open(self) -> None:
+        with _as_relay_errors():
+            await self.channel.connect()
 
     def _meter(self, meter_id: str) -> ModbusMeter:
         meter = self.channel.by_id.get(meter_id)

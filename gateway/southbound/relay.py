@@ -40,6 +40,10 @@ class RelayDriver(Protocol):
 
     def reserved(self) -> AbstractAsyncContextManager: ...
 
+    async def open(self) -> None:
+        """Make the line ready (a TCP link connected), or :class:`RelayLinkDown` (nothing written). The
+        executor does this before its last lease check, so that only the write follows that check."""
+
     async def send(self, meter_id: str, action: RelayAction, mode: ReconnectMode, valid_until: float) -> None: ...
 
     async def read(self, meter_id: str) -> RelayStatus: ...
@@ -61,6 +65,12 @@ class Dlt645RelayDriver:
 
     def reserved(self):
         return self.client.link.reserved()
+
+    async def open(self) -> None:
+        try:
+            await self.client.link.open()
+        except Dlt645LinkError as exc:
+            raise RelayLinkDown(str(exc), written=False) from None
 
     async def send(self, meter_id: str, action: RelayAction, mode: ReconnectMode, valid_until: float) -> None:
         # the meter checks the deadline against its own clock, which keeps the utility's local time

@@ -7,6 +7,7 @@ migrations are versioned and run at start-up.
 from __future__ import annotations
 
 import json
+import time
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -159,6 +160,15 @@ MIGRATIONS: list[list[str]] = [
             received_at {real} NOT NULL)""",
         "CREATE INDEX inbox_channel ON inbox (channel, received_at)",
     ],
+    [  # 6: a credit's account, id and amount in its inbox row (the fresh balance before a trip sums them);
+        # the members' config digests
+        "ALTER TABLE inbox ADD COLUMN account_id TEXT",
+        "ALTER TABLE inbox ADD COLUMN entry_id TEXT",
+        "ALTER TABLE inbox ADD COLUMN amount_fen BIGINT",
+        "CREATE INDEX inbox_account ON inbox (account_id)",
+        # each instance's config digest (channels and fleet): an instance with another config does not join
+        "ALTER TABLE members ADD COLUMN config_digest TEXT",
+    ],
 ]
 
 #: PostgreSQL NOTIFY channel of the inbox: the payload is the (meter) channel a row was queued for
@@ -198,6 +208,9 @@ class Store(ABC):
         #: called first in every transaction (``fence(store)``): raises when this instance may no longer act
         #: (gateway/cluster.py: its leases); None on a single instance
         self.fence = None
+        #: monotonic time of the last commit (or of opening): several instances renew their leases only while
+        #: their writer commits (gateway/cluster.py)
+        self.committed_at = time.monotonic()
 
     # -- adapter hooks ----------------------------------------------------------------
     @abstractmethod
@@ -262,6 +275,7 @@ class Store(ABC):
         except BaseException:  # a COMMIT that fails (busy, connection lost) must not leave the transaction open
             self._rollback()
             raise
+        self.committed_at = time.monotonic()
 
     def _undo_savepoint(self) -> None:
         try:
@@ -514,10 +528,16 @@ class Store(ABC):
         sa, ss, sq = arrays("SELECT account_no, state, seq FROM account_state", 3)
         rm, ro, rk, rc = arrays("SELECT meter_no, is_open, keep_power, COALESCE(commanded_open, -1) "
                                 "FROM relay_state", 4)
-        levels = arrays("SELECT account_no, warn1_fen, warn2_fen, trip_fen, close_fen FROM account_levels", 5)
+        levels = self.load_levels()
         return Snapshot(ca, cs, ka, ks, ya, yw, yy, pa, pw, last[0], last[1], np.stack(last[2:7], axis=1),
                         purse[0], purse[1], purse[2], sa, ss.astype(np.int8), sq, rm, ro.astype(bool),
-                        rk.astype(bool), rc.astype(np.int8), levels[0], np.stack(levels[1:5], axis=1))
+                        rk.astype(bool), rc.astype(np.int8), *levels)
+
+    def load_levels(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(account numbers, n x 4 levels: warning 1, warning 2, trip, close)`` as last calibrated."""
+        rows = self._query("SELECT account_no, warn1_fen, warn2_fen, trip_fen, close_fen FROM account_levels")
+        table = np.array(rows, dtype=np.int64).reshape(-1, 5)
+        return table[:, 0], table[:, 1:5]
 
     # -- queries ----------------------------------------------------------------------------------
     def statement(self, account_id: str, since: int = 0) -> Statement:
@@ -740,12 +760,23 @@ class Store(ABC):
                                   (*params, limit, offset))
 
     # -- the inbox: inputs for the instance acting for their account (gateway/cluster.py) -----------------
-    def put_inbox(self, rows: list[tuple[str, str, str, str, float]]) -> None:
-        """``(key, channel, kind, body, received_at)`` rows; a key already there is kept (a re-delivery)."""
+    def put_inbox(self, rows: list[tuple]) -> None:
+        """``(key, channel, kind, body, received_at)`` rows, a credit's with ``account_id, entry_id,
+        amount_fen`` after them; a key already there is kept (a re-delivery)."""
         if rows:
-            self._executemany("INSERT INTO inbox (key, channel, kind, body, received_at) VALUES (?, ?, ?, ?, ?) "
-                              "ON CONFLICT (key) DO NOTHING", rows)
+            self._executemany("INSERT INTO inbox (key, channel, kind, body, received_at, account_id, entry_id, "
+                              "amount_fen) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
+                              [(*r, *(None,) * (8 - len(r))) for r in rows])
             self.notify_inbox(sorted({r[1] for r in rows}))
+
+    def inbox_credits_fen(self, account_id: str) -> int:
+        """The account's payments and adjustments waiting in the inbox that the ledger does not have yet (each
+        id once; an id queued with two amounts, a conflict its owner will refuse, counts the smaller)."""
+        return int(self._query(
+            "SELECT COALESCE(CAST(SUM(amount_fen) AS BIGINT), 0) FROM (SELECT entry_id, MIN(amount_fen) AS amount_fen "
+            "FROM inbox i WHERE account_id = ? AND amount_fen IS NOT NULL AND NOT EXISTS "
+            "(SELECT 1 FROM ledger l WHERE l.entry_id = i.entry_id) GROUP BY entry_id) AS waiting",
+            (account_id,))[0][0])
 
     def notify_inbox(self, channels: list[str]) -> None:
         """Wake the instances listening (PostgreSQL: NOTIFY, delivered at the commit)."""

@@ -112,6 +112,9 @@ class _LinkProtocol(asyncio.Protocol):
 
 Opener = Callable[[Callable[[], asyncio.Protocol]], Any]
 
+#: how long opening a link (a TCP connect, a serial port) may take
+CONNECT_TIMEOUT_S = 5.0
+
 
 class Dlt645Link:
     """One bus (serial line or TCP socket to a transparent serial server); one exchange at a time."""
@@ -160,7 +163,8 @@ class Dlt645Link:
         if self.is_open:
             return
         try:
-            _, protocol = await self._opener(lambda: _LinkProtocol(self))
+            # bounded: an unanswered TCP connect would hold the bus (and a relay command's lease check) for minutes
+            _, protocol = await asyncio.wait_for(self._opener(lambda: _LinkProtocol(self)), CONNECT_TIMEOUT_S)
             # serial transports report connection_made a loop iteration later
             await asyncio.wait_for(protocol.made, 5.0)
         except (OSError, ValueError, asyncio.TimeoutError) as exc:
