@@ -57,7 +57,7 @@ class Writer:
 
     def _submit(self, fn, args, kwargs, grouped: bool) -> asyncio.Future:
         if self._closed:
-            raise RuntimeError("the writer is closed")
+            raise RuntimeError("no calls to the writer after its shutdown (close())")
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._queue.put(_Call(fn, args, kwargs, grouped, loop, future))

@@ -157,5 +157,5 @@ async def test_an_ungrouped_call_ends_a_group_and_runs_in_its_turn(tmp_path):
     finally:
         await writer.call(cc.store.close)
         writer.close()
-    with pytest.raises(RuntimeError, match="closed"):
+    with pytest.raises(RuntimeError, match="shutdown"):
         await writer.call(print)
