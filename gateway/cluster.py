@@ -145,6 +145,9 @@ class LeaseDb:
         self.me, self.ttl_s, self.digest = me, ttl_s, digest
         self.dsn = dsn
         self.conn = psycopg.connect(dsn, autocommit=True)
+        # a lease row locked by an instance frozen inside a transaction must not stop this keeper's round (its
+        # own renewals come first in it): the acquisition gives up and is tried again next round
+        self.conn.execute(f"SET lock_timeout = '{max(int(ttl_s * 1000 / 5), 100)}ms'")
 
     def ensure(self, channels: Iterable[str]) -> None:
         with self.conn.cursor() as cur:
@@ -392,7 +395,11 @@ class Cluster:
             taken = []
             for c in p.take:
                 sent = self.monotonic()
-                epoch = db.acquire(c)
+                try:
+                    epoch = db.acquire(c)
+                except psycopg.errors.LockNotAvailable:
+                    log.info("lease on channel %s is locked by a transaction of its holder: next round", c)
+                    continue
                 if epoch is not None:
                     with self._lock:
                         self.held[c] = epoch

@@ -89,6 +89,8 @@ class CostControl:
         decisions for others dropped, the controller restored with owned accounts only."""
         self.cluster = cluster
         self.store.fence = self._fence
+        if hasattr(self.store, "limit_idle_transactions"):  # frozen inside a transaction: the server ends it
+            self.store.limit_idle_transactions(cluster.ttl_s)
         cluster.writer_committed_at = lambda: self.store.committed_at
         self.accounting.owned = lambda: cluster.owned_accounts(self.engine)
         self.reload(now)

@@ -216,6 +216,33 @@ def test_an_acquirer_waits_for_a_fenced_transaction_of_the_holder(pg_dsn):
 # --------------------------------------------------------------------------- instances as child processes
 
 
+def test_a_holder_frozen_inside_a_transaction_neither_blocks_the_keeper_nor_keeps_the_lease(pg_dsn):
+    """An instance frozen (SIGSTOP, a paused VM) with a fenced transaction open holds its lease row FOR SHARE:
+    another keeper's acquisition gives up at once (lock_timeout, its own renewals go on) instead of hanging,
+    and the server ends the frozen session once its transaction has been idle for the ttl, so the lease is
+    taken over; the frozen instance's transaction commits nothing."""
+    store, cluster, epoch = _fenced_holder(pg_dsn, 1.0)
+    store.limit_idle_transactions(2.0)  # (the gateway gives it the ttl; longer here, to see both steps)
+    other = LeaseDb(pg_dsn, "gw2", 1.0)
+    try:
+        with pytest.raises(psycopg.OperationalError):
+            with store.transaction():  # the fence's FOR SHARE is taken here; then the instance freezes
+                time.sleep(1.2)
+                asked = time.monotonic()
+                with pytest.raises(psycopg.errors.LockNotAvailable):
+                    other.acquire("bus1")  # expired, but its row is locked by the frozen transaction
+                assert time.monotonic() - asked < 0.9  # gave up at lock_timeout (ttl / 5), no hang
+                time.sleep(1.3)  # idle in the transaction past the limit: the server ends the session
+                assert other.acquire("bus1") == epoch + 1  # expired, and its row no longer locked
+                store.put_inbox([("k1", "bus1", "credit", "{}", 1.0)])  # the thawed instance: refused
+        assert _query(pg_dsn, "SELECT count(*) FROM inbox") == [(0,)]
+        assert other.holder("bus1") == "gw2"
+    finally:
+        other.close()
+        cluster.db.close()
+        store.close()
+
+
 def _config(tmp_path: Path, instance: str, dsn: str, broker, buses: dict[str, int], ttl: float) -> Path:
     channels = "".join(f"""
 [[channels]]

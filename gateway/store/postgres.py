@@ -23,13 +23,26 @@ class PostgresStore(Store):
     def __init__(self, dsn: str) -> None:
         super().__init__()
         self.dsn = dsn
+        #: session settings applied to every connection this store opens (see :meth:`limit_idle_transactions`)
+        self.session: dict[str, str] = {}
         self.conn = self._connect()
 
     def _connect(self) -> psycopg.Connection:
         try:
-            return psycopg.connect(self.dsn, autocommit=True, connect_timeout=10)
+            conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=10)
         except psycopg.OperationalError as exc:
             raise ConnectionError(f"cannot connect to PostgreSQL at {_redact(self.dsn)}: {exc}".strip()) from None
+        for name, value in self.session.items():
+            conn.execute(f"SET {name} = '{value}'")
+        return conn
+
+    def limit_idle_transactions(self, seconds: float) -> None:
+        """The server ends this store's session when a transaction stays idle longer than ``seconds``: an
+        instance frozen inside a transaction (SIGSTOP, a paused VM) would otherwise hold its lease rows FOR
+        SHARE for ever, and no other instance could take them over (gateway/cluster.py)."""
+        self.session["idle_in_transaction_session_timeout"] = f"{int(seconds * 1000)}ms"
+        if not self._in_tx and not self.conn.closed:
+            self.conn.execute(f"SET idle_in_transaction_session_timeout = '{int(seconds * 1000)}ms'")
 
     def _live(self) -> psycopg.Connection:
         """The connection, opened anew if the server dropped it (a restart, a failover): only between
