@@ -66,6 +66,7 @@ class Gateway:
         if self.cluster is not None:
             await asyncio.to_thread(self.cluster.check_config)  # (a clear refusal at start-up)
             await self.writer.call(self.control.attach, self.cluster, self.clock.now())
+        self.writer.group = lambda: self.control.group(self.clock.now())  # group commit (gateway/writer.py)
         self.executor = CommandExecutor(self.control, self.writer, drivers,
                                         lambda m: self.control.engine.meter(m).channel, self.clock,
                                         may_send=self.cluster.may_send if self.cluster is not None else None)
@@ -85,7 +86,7 @@ class Gateway:
 
     async def _commit(self, method, *args):
         """An input committed through the writer; the executor woken when it made relay work."""
-        result = await self.writer.call(method, *args, self.clock.now())
+        result = await self.writer.call_grouped(method, *args, self.clock.now())
         if getattr(result, "decisions", None) or getattr(result, "commands", None):
             self.executor.wake()
         return result

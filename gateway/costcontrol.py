@@ -17,6 +17,7 @@ import json
 import logging
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Callable
@@ -184,11 +185,29 @@ class CostControl:
         if not self.listeners:
             return
         done = Committed(what, fx, result, size, time.perf_counter() - started, now)
-        for listener in self.listeners:
-            try:
-                listener(done)
-            except Exception:
-                log.exception("a commit listener failed")
+
+        def tell() -> None:
+            for listener in self.listeners:
+                try:
+                    listener(done)
+                except Exception:
+                    log.exception("a commit listener failed")
+
+        self.store.after_commit(tell)  # in a group: once its COMMIT is done, never for one that failed
+
+    @contextmanager
+    def group(self, now: float):
+        """The writer's group commit (:class:`gateway.writer.Writer`): the calls made inside share one
+        transaction, each of them a savepoint. A COMMIT that fails leaves memory ahead of the store: both
+        halves are rebuilt from it, as after any failed transaction."""
+        self._fresh(now)
+        try:
+            with self.store.group():
+                yield
+        except BaseException:
+            log_failure(log, "group commit failed; rebuilding from the store")
+            self._rebuild_after_failure(now)
+            raise
 
     def _with_engine(self, call, now: float, *args, credit_role: str = "billing", what: str = "engine",
                      size: int = 0, also=None) -> IngestResult:

@@ -59,6 +59,7 @@ async def main(url: str, host: str, port: int, pause: str, steps: int) -> None:
     clock = SystemClock()
     writer = Writer()
     cc = await writer.call(CostControl, open_store(url), CONFIG, POLICY, clock.now())
+    writer.group = lambda: cc.group(clock.now())  # as the gateway does (gateway/app.py)
     if not cc.engine.account_ids:
         await writer.call(cc.accounting.register, tariffs(), [Account("A1", tariff_id="flat")],
                           [Meter(METER, "A1", channel=f"tcp://{host}:{port}")])

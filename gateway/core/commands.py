@@ -212,12 +212,17 @@ class CommandMachine:
     def step_due(self, c: Command, now: float) -> StepKind | None:
         """SENDING has no step: it lasts from the commit to the wire's answer (after a restart the controller
         turns it into VERIFYING, so the relay is read before anything is sent again)."""
-        if c.state == CommandState.VERIFYING:
-            return StepKind.READ if c.next_at is not None and now >= c.next_at else None
-        if c.state in (CommandState.QUEUED, CommandState.RETRY_WAIT, CommandState.DISPATCHED):
-            if c.next_at is None or now < c.next_at:
-                return None
-            return StepKind.READ if c.readback_first else StepKind.SEND
+        at = self.step_at(c)
+        if at is None or now < at:
+            return None
+        return StepKind.READ if c.state == CommandState.VERIFYING or c.readback_first else StepKind.SEND
+
+    @staticmethod
+    def step_at(c: Command) -> float | None:
+        """When the command's next step falls due (None: it has none, as it stands)."""
+        if c.state in (CommandState.VERIFYING, CommandState.QUEUED, CommandState.RETRY_WAIT,
+                       CommandState.DISPATCHED):
+            return c.next_at
         return None
 
     def expired(self, c: Command, now: float) -> bool:
@@ -317,6 +322,13 @@ class CommandMachine:
         if p.dispatch_after_failures is not None and c.failures >= p.dispatch_after_failures:
             return True
         return p.dispatch_after_s is not None and now - c.created_at >= p.dispatch_after_s
+
+    def order_time(self, c: Command) -> float | None:
+        """When time alone could make :meth:`needs_order` true (None: only a change of the command can)."""
+        p = self.policy.close
+        if c.action != RelayAction.CLOSE or p.dispatch_after_s is None:
+            return None
+        return c.created_at + p.dispatch_after_s
 
     def dispatched(self, c: Command, order_id: str, now: float) -> None:
         c.order_id = order_id

@@ -16,6 +16,7 @@ case and every trip not yet in flight, and closes (ahead of any trip) every rela
 """
 from __future__ import annotations
 
+import heapq
 import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -251,6 +252,46 @@ class TripCase:
 # --------------------------------------------------------------------------- the controller
 
 
+class _Due:
+    """The ids of one kind of entity by when time alone moves it next (``time_of(id)``; None: not by time): a
+    heap of (time, id). An id is looked at again once its entity was touched (its time read at the next look,
+    after the change) or came due (it stays due while its time says so); an entry that is no longer its
+    entity's time is dropped when met. So the tick costs what changed and what is due, not everything."""
+
+    def __init__(self, time_of: Callable[[str], float | None]) -> None:
+        self.time_of = time_of
+        self.heap: list[tuple[float, str]] = []
+        self.at: dict[str, float] = {}  # id -> its time on the heap
+        self.changed: set[str] = set()
+
+    def touch(self, key: str) -> None:
+        self.changed.add(key)
+
+    def due(self, now: float) -> list[str]:
+        """The ids due at ``now``, earliest first."""
+        for key in self.changed:
+            t = self.time_of(key)
+            if t == self.at.get(key):
+                continue
+            if t is None:
+                del self.at[key]
+                continue
+            self.at[key] = t
+            heapq.heappush(self.heap, (t, key))
+        self.changed.clear()
+        if len(self.heap) > 2 * len(self.at) + 64:  # mostly stale entries
+            self.heap = [(t, k) for k, t in self.at.items()]
+            heapq.heapify(self.heap)
+        out = []
+        while self.heap and self.heap[0][0] <= now:
+            t, key = heapq.heappop(self.heap)
+            if self.at.get(key) == t:
+                out.append(key)
+                del self.at[key]
+                self.changed.add(key)  # still due next time unless what is done with it now moves its time
+        return out
+
+
 class Controller:
     def __init__(self, config: ControlConfig, directory: Directory,
                  new_id: Callable[[], str] | None = None) -> None:
@@ -277,6 +318,25 @@ class Controller:
         # bus -> commands that may still be active (finished ones are dropped when met): the executor asks per
         # bus and per step, so a step costs what that bus has pending, not everything in memory
         self._pending_by_bus: dict[str, set[str]] = {}
+        # the executor's index (due_buses, next_step_at): per meter, when a step of it falls due and when it
+        # next has work; per bus, heaps of those (an entry no longer the meter's is dropped when met). Meters
+        # are recomputed only once changed (touched), so a pass costs what changed and a look per bus, not a
+        # scan of every pending command
+        self._step_times: dict[str, tuple[float | None, float | None]] = {}  # meter -> (due_at, wake_at)
+        self._timed_on: dict[str, set[str]] = {}  # bus -> meters with a time in _step_times
+        self._heaps: tuple[dict[str, list], dict[str, list]] = ({}, {})  # bus -> [(due_at, meter)], [(wake_at, ..)]
+        self._changed_meters: set[str] = set()
+        self._orders_of: dict[str, set[str]] = {}  # meter -> its orders in memory
+        # the tick's field-order check looks at the commands changed since its last look and those whose time
+        # to get one (machine.order_time) came, not at every command in memory
+        self._order_check: set[str] = set()
+        self._order_times: list[tuple[float, str]] = []  # heap of (order_time, command id)
+        self._notices_due = _Due(lambda i: n.due_at if (n := self.notices.get(i)) is not None and n.state.active
+                                 else None)
+        self._cases_due = _Due(lambda i: c.next_check_at if (c := self.cases.get(i)) is not None and c.state.active
+                               else None)
+        self._escalations_due = _Due(lambda i: self.dispatcher.next_escalation_at(o)
+                                     if (o := self.orders.get(i)) is not None else None)
         self._pruned_at = float("-inf")
         self._plans: dict[tuple[str, str], dict[str, float]] = {}  # (area, day) -> case id -> slot
         self._fx = Effects()
@@ -300,7 +360,7 @@ class Controller:
                 c.last_error = "the gateway restarted while sending: outcome unknown, reading back"
             self._add_command(c)
         for o in orders:
-            self.orders[o.order_id] = o
+            self._add_order(o)
         self.relays = dict(relays)
         self._relay_seen_at = dict(relay_seen_at)
         for f in flags:
@@ -322,20 +382,34 @@ class Controller:
     def _touch(self, obj) -> None:
         if isinstance(obj, Notice):
             self._fx.notices[obj.notice_id] = obj
+            self._notices_due.touch(obj.notice_id)
         elif isinstance(obj, TripCase):
             self._fx.cases[obj.case_id] = obj
+            self._cases_due.touch(obj.case_id)
         elif isinstance(obj, Command):
             self._fx.commands[obj.command_id] = obj
+            self._changed_meters.add(obj.meter_id)
+            self._order_check.add(obj.command_id)
         elif isinstance(obj, WorkOrder):
             self._fx.orders[obj.order_id] = obj
+            self._changed_meters.add(obj.meter_id)
+            self._escalations_due.touch(obj.order_id)
+
+    def _add_order(self, o: WorkOrder) -> None:
+        self.orders[o.order_id] = o
+        self._orders_of.setdefault(o.meter_id, set()).add(o.order_id)
+        self._escalations_due.touch(o.order_id)
+        self._changed_meters.add(o.meter_id)
 
     def _add_notice(self, n: Notice) -> None:
         if n.notice_id not in self.notices:
             self._notices_of.setdefault(n.account_id, []).append(n.notice_id)
         self.notices[n.notice_id] = n
+        self._notices_due.touch(n.notice_id)
 
     def _add_case(self, c: TripCase) -> None:
         self.cases[c.case_id] = c
+        self._cases_due.touch(c.case_id)
         if c.state.active:
             self._case_of[c.account_id] = c.case_id
         if c.plan_day and c.planned_at is not None and c.state != CaseState.CANCELLED:
@@ -345,6 +419,10 @@ class Controller:
         if c.command_id not in self.commands:
             self._commands_of.setdefault(c.meter_id, []).append(c.command_id)
         self.commands[c.command_id] = c
+        self._changed_meters.add(c.meter_id)
+        self._order_check.add(c.command_id)
+        if (at := self.machine.order_time(c)) is not None:
+            heapq.heappush(self._order_times, (at, c.command_id))
         if c.state.active:
             self._pending_by_bus.setdefault(self.dir.meter(c.meter_id).channel, set()).add(c.command_id)
 
@@ -731,7 +809,9 @@ class Controller:
         return min(self._due_steps(now, bus), key=_urgency, default=None)
 
     def due_buses(self, now: float) -> set[str]:
-        return {self.dir.meter(s.meter_id).channel for s in self._due_steps(now, None)}
+        """The buses with a step due now."""
+        self._reindex()
+        return {bus for bus in list(self._heaps[0]) if (t := self._earliest(0, bus)) is not None and t <= now}
 
     def _due_steps(self, now: float, bus: str | None):
         pending = self._pending(bus)
@@ -750,12 +830,56 @@ class Controller:
     def next_step_at(self) -> float | None:
         """When the executor has work next: a command or a completed order's read, on a meter free to take it
         (time's other work, notices and gates, is the ticker's)."""
-        pending = self._pending()
-        busy = {c.meter_id for c in pending if c.state.in_flight}
-        times = [c.next_at for c in pending if c.next_at is not None and (c.state.in_flight or c.meter_id not in busy)]
-        times += [o.verify_next_at for o in self.orders.values()
-                  if o.verify_next_at is not None and o.meter_id not in busy]
-        return min(times) if times else None
+        self._reindex()
+        return min((t for bus in list(self._heaps[1]) if (t := self._earliest(1, bus)) is not None), default=None)
+
+    def _meter_step_times(self, meter_id: str) -> tuple[float | None, float | None]:
+        """(when a step of the meter falls due, when it next has work): a meter with a command in flight takes
+        no other step (of another command, or an order's read) until it lands."""
+        active = [c for c in (self.commands[i] for i in self._commands_of.get(meter_id, ())) if c.state.active]
+        busy = any(c.state.in_flight for c in active)
+        free = [c for c in active if c.state.in_flight or not busy]
+        due = [t for c in free if (t := self.machine.step_at(c)) is not None]
+        wake = [c.next_at for c in free if c.next_at is not None]
+        if not busy:
+            reads = [t for t in (self.orders[i].verify_next_at for i in self._orders_of.get(meter_id, ()))
+                     if t is not None]
+            due += reads
+            wake += reads
+        return min(due, default=None), min(wake, default=None)
+
+    def _reindex(self) -> None:
+        for m in self._changed_meters:
+            times = self._meter_step_times(m)
+            if self._step_times.get(m) == times:
+                continue
+            bus = self.dir.meter(m).channel
+            timed = self._timed_on.setdefault(bus, set())
+            if times == (None, None):
+                self._step_times.pop(m, None)
+                timed.discard(m)
+                continue
+            self._step_times[m] = times
+            timed.add(m)
+            for which, t in enumerate(times):
+                if t is None:
+                    continue
+                heap = self._heaps[which].setdefault(bus, [])
+                heapq.heappush(heap, (t, m))
+                if len(heap) > 2 * len(timed) + 64:  # mostly stale entries: rebuilt from the meters' times
+                    heap[:] = [(tm[which], x) for x in timed if (tm := self._step_times[x])[which] is not None]
+                    heapq.heapify(heap)
+        self._changed_meters.clear()
+
+    def _earliest(self, which: int, bus: str) -> float | None:
+        """The earliest time on a bus's heap that is still its meter's (stale entries dropped)."""
+        heap = self._heaps[which][bus]
+        while heap and self._step_times.get(heap[0][1], (None, None))[which] != heap[0][0]:
+            heapq.heappop(heap)
+        if not heap:
+            del self._heaps[which][bus]
+            return None
+        return heap[0][0]
 
     def next_wakeup(self) -> float | None:
         """The earliest instant at which anything here is due (commands, notices, cases, orders)."""
@@ -956,7 +1080,7 @@ class Controller:
                       acct.customer_class.value, acct.address, acct.lat, acct.lon,
                       f"remote {c.action.value} failed {c.failures} time(s): {c.last_error}", tried[-10:],
                       now, deadline, updated_at=now)
-        self.orders[o.order_id] = o
+        self._add_order(o)
         self.machine.dispatched(c, o.order_id, now)
         self._touch(o)
         self._touch(c)
@@ -993,17 +1117,18 @@ class Controller:
 
     def tick(self, now: float) -> None:
         """Everything that time alone moves: notice timeouts and hours, case gates, dispatch, escalation."""
-        for n in [n for n in self.notices.values() if n.state.active and n.due_at is not None and now >= n.due_at]:
+        for n in [n for n in map(self.notices.get, self._notices_due.due(now))
+                  if n is not None and n.state.active and n.due_at is not None and now >= n.due_at]:
             acct = self.dir.account(n.account_id)
             self._notice_step(n, self.notifier.advance(n, now, acct.contacts, acct.address), now)
             self._notice_changed(n, now)
-        for case in [c for c in self.cases.values() if c.state.active and c.next_check_at is not None
-                     and now >= c.next_check_at]:
+        for case in [c for c in map(self.cases.get, self._cases_due.due(now))
+                     if c is not None and c.state.active and c.next_check_at is not None and now >= c.next_check_at]:
             self._evaluate(case, now)
-        for c in [c for c in self.commands.values() if c.state.active or c.state == CommandState.FAILED]:
+        for c in self._order_candidates(now):
             if self.machine.needs_order(c, now):
                 self._create_order(c, now)
-        for o in self.orders.values():
+        for o in [o for o in map(self.orders.get, self._escalations_due.due(now)) if o is not None]:
             level = self.dispatcher.escalation_due(o, now)
             if level > o.escalation:
                 o.escalation, o.updated_at = level, now
@@ -1014,6 +1139,16 @@ class Controller:
         if now - self._pruned_at >= PRUNE_EVERY_S:  # forgetting after a day needs no per-second precision
             self._prune(now)
             self._pruned_at = now
+
+    def _order_candidates(self, now: float) -> list[Command]:
+        """The commands that may need a field order now: changed since the last look, or come to their time;
+        oldest first."""
+        ids, self._order_check = self._order_check, set()
+        while self._order_times and self._order_times[0][0] <= now:
+            ids.add(heapq.heappop(self._order_times)[1])
+        found = [c for c in (self.commands.get(i) for i in ids)
+                 if c is not None and (c.state.active or c.state == CommandState.FAILED)]
+        return sorted(found, key=lambda c: (c.created_at, c.command_id))
 
     def _prune(self, now: float) -> None:
         """Forget finished things the gates no longer need (the store keeps everything)."""
@@ -1027,7 +1162,8 @@ class Controller:
             self._pending_by_bus.get(self.dir.meter(c.meter_id).channel, set()).discard(cid)
         for oid in [i for i, o in self.orders.items() if not o.state.active and o.verify_next_at is None
                     and now - o.updated_at > keep]:
-            del self.orders[oid]
+            o = self.orders.pop(oid)
+            self._orders_of[o.meter_id].discard(oid)
         horizon = self.cfg.trips.notice_max_age_s + keep
         for nid in [i for i, n in self.notices.items() if not n.state.active and now - n.created_at > horizon]:
             n = self.notices.pop(nid)

@@ -9,6 +9,9 @@ It asks the cost-control shell (through the single writer) which steps are due, 
 * **read**: read the relay back (status word 3) and report it, for a command being verified, a command whose
   last outcome is unknown, or a completed field order.
 
+Every writer call here is a grouped one (:meth:`gateway.writer.Writer.call_grouped`): the steps of many buses
+share a commit, and a result (a permit to send) comes back only once it is committed.
+
 Settling is not waited out on the bus: after a frame the bus serves other meters, and the verification read
 is a step of its own, due a moment later. So a batch of trips on one bus is paced by the bus.
 """
@@ -49,7 +52,7 @@ class CommandExecutor:
 
     async def drain(self) -> int:
         """Perform every step due now; buses in parallel, one step at a time on each. Returns steps done."""
-        buses = sorted(await self.writer.call(self.control.due_buses, self.clock.now()))
+        buses = sorted(await self.writer.call_grouped(self.control.due_buses, self.clock.now()))
         done = await asyncio.gather(*(self._drain_bus(bus) for bus in buses), return_exceptions=True)
         for bus, result in zip(buses, done):
             if isinstance(result, BaseException):
@@ -58,31 +61,39 @@ class CommandExecutor:
 
     async def _drain_bus(self, bus: str, stop: asyncio.Event | None = None) -> int:
         n = 0
-        while stop is None or not stop.is_set():
-            # asked afresh before each step: a close made meanwhile goes first
-            step = await self.writer.call(self.control.next_step, self.clock.now(), bus)
-            if step is None:
-                return n
-            await self.perform(step)
+        if stop is not None and stop.is_set():
+            return n
+        step = await self.writer.call_grouped(self.control.next_step, self.clock.now(), bus)
+        while step is not None:
+            # the next step comes back with the last one's outcome, asked afresh: a close made meanwhile goes first
+            step = await self.perform(step, next_on=bus)
             n += 1
+            if stop is not None and stop.is_set():
+                break
         return n
 
-    async def perform(self, step: Step) -> None:
+    async def perform(self, step: Step, next_on: str | None = None) -> Step | None:
+        """Do ``step``; with ``next_on``, the most urgent step due on that bus once its outcome is committed
+        (asked in the same writer call: one round trip fewer per step)."""
         bus = self.bus_of(step.meter_id)
         driver = self.drivers.get(bus) or _Unconfigured(bus)
         if step.kind == StepKind.SEND:
-            await self._send(driver, step)
-        else:
-            await self._read(driver, step)
+            return await self._send(driver, step, next_on)
+        return await self._read(driver, step, next_on)
 
-    async def _send(self, driver: RelayDriver, step: Step) -> None:
+    def _reported(self, report, args: tuple, next_on: str | None) -> Step | None:
+        """On the writer thread: a step's outcome, then (with ``next_on``) that bus's next step."""
+        report(*args)
+        return None if next_on is None else self.control.next_step(self.clock.now(), next_on)
+
+    async def _send(self, driver: RelayDriver, step: Step, next_on: str | None) -> Step | None:
         status = None
         errors: tuple[str, ...] = ()
         async with driver.reserved():
-            permit = await self.writer.call(self.control.authorize, step.subject_id, self.clock.now())
+            permit = await self.writer.call_grouped(self.control.authorize, step.subject_id, self.clock.now())
             if isinstance(permit, Block):
                 log.info("command %s not sent: %s: %s", step.subject_id, permit.gate.value, permit.reason)
-                return
+                return await self.writer.call_grouped(self._reported, _nothing, (), next_on)
             try:
                 # the line opened first (a TCP connect can take seconds): only the write follows the lease check
                 await driver.open()
@@ -103,19 +114,21 @@ class CommandExecutor:
             except Exception as exc:  # whatever went wrong, the frame may have gone out: read back before more
                 log.exception("meter %s: sending command %s failed", step.meter_id, step.subject_id)
                 result, detail = SendResult.NO_ANSWER, f"{type(exc).__name__}: {exc}"
-        await self.writer.call(self.control.send_result, step.subject_id, self.clock.now(), result, detail,
-                               errors, status)
+        return await self.writer.call_grouped(
+            self._reported, self.control.send_result,
+            (step.subject_id, self.clock.now(), result, detail, errors, status), next_on)
 
-    async def _read(self, driver: RelayDriver, step: Step) -> None:
+    async def _read(self, driver: RelayDriver, step: Step, next_on: str | None) -> Step | None:
         try:
             status = await driver.read(step.meter_id)
         except Exception as exc:
             if not isinstance(exc, RelayDriverError):
                 log.exception("meter %s: reading the relay failed", step.meter_id)
-            await self.writer.call(self.control.read_result, step, self.clock.now(), None,
-                                   str(exc) if isinstance(exc, RelayDriverError) else f"{type(exc).__name__}: {exc}")
-            return
-        await self.writer.call(self.control.read_result, step, self.clock.now(), status)
+            why = str(exc) if isinstance(exc, RelayDriverError) else f"{type(exc).__name__}: {exc}"
+            return await self.writer.call_grouped(self._reported, self.control.read_result,
+                                                  (step, self.clock.now(), None, why), next_on)
+        return await self.writer.call_grouped(self._reported, self.control.read_result,
+                                              (step, self.clock.now(), status), next_on)
 
     async def run(self, stop: asyncio.Event, idle_s: float = 1.0, min_sleep_s: float = 0.01,
                   min_pass_s: float = 0.05) -> None:
@@ -142,10 +155,10 @@ class CommandExecutor:
                 self._wake.clear()
                 nxt = None
                 try:
-                    for bus in sorted(await self.writer.call(self.control.due_buses, self.clock.now())):
+                    for bus in sorted(await self.writer.call_grouped(self.control.due_buses, self.clock.now())):
                         if bus not in workers:
                             workers[bus] = asyncio.create_task(self._drain_bus(bus, stop), name=f"executor {bus}")
-                    nxt = await self.writer.call(self.control.controller.next_step_at)
+                    nxt = await self.writer.call_grouped(self.control.controller.next_step_at)
                 except Exception:
                     log.exception("executor pass failed; trying again")
                 now = self.clock.now()
@@ -163,6 +176,10 @@ class CommandExecutor:
                             log.error("bus %s: executor pass failed: %r", bus, task.exception())
         finally:
             await asyncio.gather(*workers.values(), return_exceptions=True)
+
+
+def _nothing() -> None:
+    """The outcome of a send the gates blocked: already committed by ``authorize``."""
 
 
 class _Unconfigured:

@@ -203,6 +203,8 @@ class Store(ABC):
 
     def __init__(self) -> None:
         self._in_tx = False
+        self._group: list | None = None  # a group's after-commit callbacks while it is open (see group())
+        self._group_broken = False
         #: called first in every transaction (``fence(store)``): raises when this instance may no longer act
         #: (gateway/cluster.py: its leases); None on a single instance
         self.fence = None
@@ -244,9 +246,14 @@ class Store(ABC):
     # -- transactions and migrations -------------------------------------------------------
     @contextmanager
     def transaction(self) -> Iterator["Store"]:
+        """One transaction; inside a :meth:`group`, a savepoint of the group's (committed with it)."""
         if self._in_tx:
             raise StoreError("transactions do not nest")
-        self._begin()
+        grouped = self._group is not None
+        if grouped:
+            self._execute("SAVEPOINT grouped_call")
+        else:
+            self._begin()
         self._in_tx = True
         try:
             if self.fence is not None:
@@ -254,15 +261,62 @@ class Store(ABC):
             yield self
         except BaseException:
             self._in_tx = False
-            self._rollback()
+            if grouped:
+                self._undo_savepoint()
+            else:
+                self._rollback()
             raise
         self._in_tx = False
+        if grouped:
+            self._execute("RELEASE SAVEPOINT grouped_call")
+            return
         try:
             self._commit()
         except BaseException:  # a COMMIT that fails (busy, connection lost) must not leave the transaction open
             self._rollback()
             raise
         self.committed_at = time.monotonic()
+
+    def _undo_savepoint(self) -> None:
+        try:
+            self._execute("ROLLBACK TO SAVEPOINT grouped_call")
+            self._execute("RELEASE SAVEPOINT grouped_call")
+        except Exception:  # the failed call's writes may still be there: the group must not commit them
+            self._group_broken = True
+
+    @contextmanager
+    def group(self) -> Iterator["Store"]:
+        """Several callers' transactions in ONE outer transaction (group commit: one COMMIT, one fsync), each
+        of them a savepoint: a transaction that fails is rolled back to its savepoint alone. What
+        :meth:`after_commit` was given runs once the outer COMMIT is done; nothing of it if it fails."""
+        if self._in_tx or self._group is not None:
+            raise StoreError("a group is not opened inside a transaction or another group")
+        self._begin()
+        self._group, self._group_broken = [], False
+        try:
+            yield self
+            if self._group_broken:
+                raise StoreError("a failed call of the group could not be rolled back to its savepoint: "
+                                 "the group is rolled back")
+        except BaseException:
+            self._group = None
+            self._rollback()
+            raise
+        done, self._group = self._group, None
+        try:
+            self._commit()
+        except BaseException:
+            self._rollback()
+            raise
+        for callback in done:
+            callback()
+
+    def after_commit(self, callback) -> None:
+        """``callback()`` once what was just written is committed: now, or after the open group's COMMIT."""
+        if self._group is not None:
+            self._group.append(callback)
+        else:
+            callback()
 
     def schema_version(self) -> int:
         rows = self._query("SELECT version FROM schema_version") if self._has_table("schema_version") else []
