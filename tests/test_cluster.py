@@ -423,9 +423,10 @@ async def test_two_instances_share_the_buses_and_a_killed_ones_share_is_taken_ov
 # --------------------------------------------------------------------------- two shells on one database
 
 
-def _two_shells(dsn: str):
+@pytest.fixture
+def two_shells(pg_dsn):
     """Two cost-control shells on one database: gw1 acting for bus1 (A0, A1; and A3, which has no meter: the
-    first channel's), gw2 for bus2 (A2)."""
+    first channel's), gw2 for bus2 (A2); -> (shells by instance, now). Closed after the test."""
     from gateway.core.model import Meter
     from gateway.costcontrol import CostControl
 
@@ -434,176 +435,149 @@ def _two_shells(dsn: str):
 
     shells = {}
     for me in ("gw1", "gw2"):
-        cc = CostControl(open_store(dsn), policy=POLICY, now=MONDAY, new_id=Ids())
+        cc = CostControl(open_store(pg_dsn), policy=POLICY, now=MONDAY, new_id=Ids())
         cc.accounting.register(tariffs(), [account(i) for i in range(4)],
                                [Meter(f"M{i}", f"A{i}", channel="bus1" if i < 2 else "bus2", max_kw=20)
                                 for i in range(3)])
-        cluster = Cluster(dsn, me, ["bus1", "bus2"], 5.0)
-        cluster.db = LeaseDb(dsn, me, 5.0)
+        cluster = Cluster(pg_dsn, me, ["bus1", "bus2"], 5.0)
+        cluster.db = LeaseDb(pg_dsn, me, 5.0)
         cluster.db.ensure(["bus1", "bus2"])
         bus = "bus1" if me == "gw1" else "bus2"
         cluster.held = {bus: cluster.db.acquire(bus)}
         cc.attach(cluster, MONDAY)
         cc.rescope(cluster.held, MONDAY)
         shells[me] = cc
-    return shells, MONDAY
+    yield shells, MONDAY
+    for cc in shells.values():
+        cc.cluster.db.close()
+        cc.store.close()
 
 
-def test_a_payment_for_another_instances_account_goes_through_the_inbox_once(pg_dsn):
+def test_a_payment_for_another_instances_account_goes_through_the_inbox_once(two_shells):
     from gateway.core.model import Payment
 
-    shells, now = _two_shells(pg_dsn)
+    shells, now = two_shells
     gw1, gw2 = shells["gw1"], shells["gw2"]
-    try:
-        pay = Payment("p-A2", "A2", 700, now - 60)
-        gw1.ingest_credits([pay, Payment("p-A0", "A0", 300, now - 60)], now)  # gw1 received both
-        assert [r[0] for r in gw1.store._query("SELECT entry_id FROM ledger")] == ["p-A0"]  # its own, directly
-        assert gw1.store.inbox_pending() == 1
-        assert gw2.engine.balance_of("A2") == 0  # not yet: the owner has not drained
-        assert gw2.drain_inbox(now) == 1
-        assert gw2.engine.balance_of("A2") == 700 and gw2.store.inbox_pending() == 0
-        # a re-delivery reaching the other instance again: queued again, then a duplicate for the ledger
-        gw1.ingest_credits([pay], now + 1)
-        gw2.drain_inbox(now + 1)
-        assert gw2.engine.balance_of("A2") == 700
-        assert gw2.store._query("SELECT COUNT(*) FROM ledger WHERE entry_id = 'p-A2'")[0][0] == 1
-        # the same id with another amount: the owner refuses it, as a dead letter naming the conflict
-        gw1.ingest_credits([Payment("p-A2", "A2", 9999, now - 60)], now + 2)
-        gw2.drain_inbox(now + 2)
-        letters = [p for _, _, kind, _, _, p in gw2.store.outbox() if kind == "dead_letter"]
-        assert len(letters) == 1 and "already used" in letters[0]["reason"]
-        assert gw2.engine.balance_of("A2") == 700 and gw2.store.inbox_pending() == 0
-    finally:
-        for cc in shells.values():
-            cc.cluster.db.close()
-            cc.store.close()
+    pay = Payment("p-A2", "A2", 700, now - 60)
+    gw1.ingest_credits([pay, Payment("p-A0", "A0", 300, now - 60)], now)  # gw1 received both
+    assert [r[0] for r in gw1.store._query("SELECT entry_id FROM ledger")] == ["p-A0"]  # its own, directly
+    assert gw1.store.inbox_pending() == 1
+    assert gw2.engine.balance_of("A2") == 0  # not yet: the owner has not drained
+    assert gw2.drain_inbox(now) == 1
+    assert gw2.engine.balance_of("A2") == 700 and gw2.store.inbox_pending() == 0
+    # a re-delivery reaching the other instance again: queued again, then a duplicate for the ledger
+    gw1.ingest_credits([pay], now + 1)
+    gw2.drain_inbox(now + 1)
+    assert gw2.engine.balance_of("A2") == 700
+    assert gw2.store._query("SELECT COUNT(*) FROM ledger WHERE entry_id = 'p-A2'")[0][0] == 1
+    # the same id with another amount: the owner refuses it, as a dead letter naming the conflict
+    gw1.ingest_credits([Payment("p-A2", "A2", 9999, now - 60)], now + 2)
+    gw2.drain_inbox(now + 2)
+    letters = [p for _, _, kind, _, _, p in gw2.store.outbox() if kind == "dead_letter"]
+    assert len(letters) == 1 and "already used" in letters[0]["reason"]
+    assert gw2.engine.balance_of("A2") == 700 and gw2.store.inbox_pending() == 0
 
 
-def test_payments_and_adjustments_for_an_account_without_meters_reach_one_instance(pg_dsn):
+def test_payments_and_adjustments_for_an_account_without_meters_reach_one_instance(two_shells):
     """An account without meters (the fleet allows it) belongs to the first channel by name: whichever instance
     receives its payment, the holder of that channel applies it (before, nobody drained it: acknowledged, lost)."""
     from gateway.core.model import Adjustment, Payment
 
-    shells, now = _two_shells(pg_dsn)
+    shells, now = two_shells
     gw1, gw2 = shells["gw1"], shells["gw2"]
-    try:
-        gw2.ingest_credits([Payment("p-A3", "A3", 700, now - 60),
-                            Adjustment("adj-A3", "A3", 50, now - 60, "olga", "goodwill")], now)
-        assert gw2.store.inbox_pending() == 2 and gw2.drain_inbox(now) == 0  # not gw2's to apply
-        assert gw1.drain_inbox(now) == 2
-        assert gw1.engine.balance_of("A3") == 750 and gw1.store.inbox_pending() == 0
-        gw1.ingest_credits([Payment("p2-A3", "A3", 100, now - 30)], now + 1)  # received by its owner: directly
-        assert gw1.engine.balance_of("A3") == 850 and gw1.store.inbox_pending() == 0
-        # a row an earlier version queued under channel "" (nobody drained those) is drained by the same owner
-        from gateway.costcontrol import _inbox_body, inbox_key
+    gw2.ingest_credits([Payment("p-A3", "A3", 700, now - 60),
+                        Adjustment("adj-A3", "A3", 50, now - 60, "olga", "goodwill")], now)
+    assert gw2.store.inbox_pending() == 2 and gw2.drain_inbox(now) == 0  # not gw2's to apply
+    assert gw1.drain_inbox(now) == 2
+    assert gw1.engine.balance_of("A3") == 750 and gw1.store.inbox_pending() == 0
+    gw1.ingest_credits([Payment("p2-A3", "A3", 100, now - 30)], now + 1)  # received by its owner: directly
+    assert gw1.engine.balance_of("A3") == 850 and gw1.store.inbox_pending() == 0
+    # a row an earlier version queued under channel "" (nobody drained those) is drained by the same owner
+    from gateway.costcontrol import _inbox_body, inbox_key
 
-        old = Payment("p3-A3", "A3", 25, now - 20)
-        with gw2.store.transaction():
-            gw2.store.put_inbox([(inbox_key(old, _inbox_body(old)), "", "credit", _inbox_body(old), now + 2)])
-        assert gw2.drain_inbox(now + 2) == 0 and gw1.drain_inbox(now + 2) == 1
-        assert gw1.engine.balance_of("A3") == 875 and gw1.store.inbox_pending() == 0
-    finally:
-        for cc in shells.values():
-            cc.cluster.db.close()
-            cc.store.close()
+    old = Payment("p3-A3", "A3", 25, now - 20)
+    with gw2.store.transaction():
+        gw2.store.put_inbox([(inbox_key(old, _inbox_body(old)), "", "credit", _inbox_body(old), now + 2)])
+    assert gw2.drain_inbox(now + 2) == 0 and gw1.drain_inbox(now + 2) == 1
+    assert gw1.engine.balance_of("A3") == 875 and gw1.store.inbox_pending() == 0
 
 
-def test_an_operator_command_for_a_meter_held_elsewhere_is_refused_naming_the_holder(pg_dsn):
+def test_an_operator_command_for_a_meter_held_elsewhere_is_refused_naming_the_holder(two_shells):
     from gateway.cluster import NotHeld
     from gateway.core.commands import RelayAction
 
-    shells, now = _two_shells(pg_dsn)
-    try:
-        with pytest.raises(NotHeld, match="meter M2 is on channel 'bus2', held by instance 'gw2'"):
-            shells["gw1"].manual("M2", RelayAction.CLOSE, "olga", "operator", "test", "k1", now)
-        made = shells["gw2"].manual("M2", RelayAction.CLOSE, "olga", "operator", "test", "k1", now)
-        assert made.meter_id == "M2"
-        # the controller of each holds only its own accounts' commands
-        assert "M2" not in {c.meter_id for c in shells["gw1"].controller.commands.values()}
-        shells["gw1"].reload(now)
-        assert "M2" not in {c.meter_id for c in shells["gw1"].controller.commands.values()}
-    finally:
-        for cc in shells.values():
-            cc.cluster.db.close()
-            cc.store.close()
+    shells, now = two_shells
+    with pytest.raises(NotHeld, match="meter M2 is on channel 'bus2', held by instance 'gw2'"):
+        shells["gw1"].manual("M2", RelayAction.CLOSE, "olga", "operator", "test", "k1", now)
+    made = shells["gw2"].manual("M2", RelayAction.CLOSE, "olga", "operator", "test", "k1", now)
+    assert made.meter_id == "M2"
+    # the controller of each holds only its own accounts' commands
+    assert "M2" not in {c.meter_id for c in shells["gw1"].controller.commands.values()}
+    shells["gw1"].reload(now)
+    assert "M2" not in {c.meter_id for c in shells["gw1"].controller.commands.values()}
 
 
-def test_a_trip_check_counts_a_payment_waiting_in_the_inbox(pg_dsn):
+def test_a_trip_check_counts_a_payment_waiting_in_the_inbox(two_shells):
     """The fresh balance before a trip sees every acknowledged payment, also one another instance received
     and queued for the owner that has not drained it yet."""
     from gateway.core.model import Payment
 
-    shells, now = _two_shells(pg_dsn)
+    shells, now = two_shells
     gw1, gw2 = shells["gw1"], shells["gw2"]
-    try:
-        assert gw2._inbox_paid("A2") == 0
-        gw1.ingest_credits([Payment("p1", "A2", 700, now - 60), Payment("p2", "A1", 50, now - 60)], now)
-        gw1.ingest_credits([Payment("p1", "A2", 700, now - 60)], now)  # a re-delivery, queued once
-        assert gw2._inbox_paid("A2") == 700
-        gw2.drain_inbox(now)
-        assert gw2._inbox_paid("A2") == 0  # in the ledger now, counted there
-        gw1.ingest_credits([Payment("p1", "A2", 700, now - 60)], now + 1)  # again: the ledger has the id
-        assert gw2._inbox_paid("A2") == 0
-    finally:
-        for cc in shells.values():
-            cc.cluster.db.close()
-            cc.store.close()
+    assert gw2._inbox_paid("A2") == 0
+    gw1.ingest_credits([Payment("p1", "A2", 700, now - 60), Payment("p2", "A1", 50, now - 60)], now)
+    gw1.ingest_credits([Payment("p1", "A2", 700, now - 60)], now)  # a re-delivery, queued once
+    assert gw2._inbox_paid("A2") == 700
+    gw2.drain_inbox(now)
+    assert gw2._inbox_paid("A2") == 0  # in the ledger now, counted there
+    gw1.ingest_credits([Payment("p1", "A2", 700, now - 60)], now + 1)  # again: the ledger has the id
+    assert gw2._inbox_paid("A2") == 0
 
 
-def test_a_paused_holder_cannot_commit_sending_after_a_takeover(pg_dsn):
+def test_a_paused_holder_cannot_commit_sending_after_a_takeover(two_shells):
     """The duplicate-relay guarantee: the old holder's authorisation (SENDING, before any frame) is fenced
     off; the new holder, reloaded after taking the lease, has the command and sends it once."""
     from gateway.core.commands import RelayAction
     from gateway.core.control import Permit
 
-    shells, now = _two_shells(pg_dsn)
+    shells, now = two_shells
     gw1, gw2 = shells["gw1"], shells["gw2"]
-    try:
-        cmd = gw2.manual("M2", RelayAction.CLOSE, "olga", "operator", "test", "k1", now)
-        # gw2 pauses past its lease: expired at the database, and gw1 takes bus2 over
-        gw1.store._execute("UPDATE leases SET expires_at = now() - interval '1 second' WHERE channel = 'bus2'")
-        epoch = gw1.cluster.db.acquire("bus2")
-        gw1.cluster.held["bus2"] = epoch
-        gw1.rescope(gw1.cluster.held, now)
-        assert cmd.command_id in gw1.controller.commands  # the new holder sees what the old one committed
-        with pytest.raises(LeaseLost, match="bus2"):
-            gw2.authorize(cmd.command_id, now + 1)
-        assert gw2.store.command(cmd.command_id).state.value == "queued"  # nothing committed: nothing sent
-        assert "bus2" not in gw2.cluster.acting and cmd.command_id not in gw2.controller.commands
-        assert isinstance(gw1.authorize(cmd.command_id, now + 2), Permit)
-        assert gw1.store.command(cmd.command_id).state.value == "sending"
-        # gw2's readings of bus2 no longer count, and its payments for A2 go to the inbox for gw1
-        from gateway.core.model import Payment
+    cmd = gw2.manual("M2", RelayAction.CLOSE, "olga", "operator", "test", "k1", now)
+    # gw2 pauses past its lease: expired at the database, and gw1 takes bus2 over
+    gw1.store._execute("UPDATE leases SET expires_at = now() - interval '1 second' WHERE channel = 'bus2'")
+    epoch = gw1.cluster.db.acquire("bus2")
+    gw1.cluster.held["bus2"] = epoch
+    gw1.rescope(gw1.cluster.held, now)
+    assert cmd.command_id in gw1.controller.commands  # the new holder sees what the old one committed
+    with pytest.raises(LeaseLost, match="bus2"):
+        gw2.authorize(cmd.command_id, now + 1)
+    assert gw2.store.command(cmd.command_id).state.value == "queued"  # nothing committed: nothing sent
+    assert "bus2" not in gw2.cluster.acting and cmd.command_id not in gw2.controller.commands
+    assert isinstance(gw1.authorize(cmd.command_id, now + 2), Permit)
+    assert gw1.store.command(cmd.command_id).state.value == "sending"
+    # gw2's readings of bus2 no longer count, and its payments for A2 go to the inbox for gw1
+    from gateway.core.model import Payment
 
-        gw2.ingest_credits([Payment("p9", "A2", 100, now)], now + 3)
-        assert gw2.store.inbox_pending() == 1 and gw1.drain_inbox(now + 3) == 1
-        assert gw1.engine.balance_of("A2") == 100
-    finally:
-        for cc in shells.values():
-            cc.cluster.db.close()
-            cc.store.close()
+    gw2.ingest_credits([Payment("p9", "A2", 100, now)], now + 3)
+    assert gw2.store.inbox_pending() == 1 and gw1.drain_inbox(now + 3) == 1
+    assert gw1.engine.balance_of("A2") == 100
 
 
-def test_an_area_flag_set_through_one_instance_counts_on_the_others(pg_dsn):
+def test_an_area_flag_set_through_one_instance_counts_on_the_others(two_shells):
     from gateway.core.policy import AreaFlag
 
-    shells, now = _two_shells(pg_dsn)
+    shells, now = two_shells
     gw1, gw2 = shells["gw1"], shells["gw2"]
-    try:
-        flag = AreaFlag("north", "extreme_weather", True, int(now) - 60, None, "olga", "storm")
-        gw1.set_area_flag(flag, now, role="supervisor")
-        assert ("north", "extreme_weather") not in gw2.controller.conditions.flags
-        gw2.tick(now + 1)
-        assert gw2.controller.conditions.flags[("north", "extreme_weather")] == flag
-        # the same flag again changes nothing, an older one does not replace it
-        gw2.tick(now + 2)
-        gw1.store._execute("UPDATE area_flags SET since = since - 3600, active = 0")
-        gw2.tick(now + 3)
-        assert gw2.controller.conditions.flags[("north", "extreme_weather")] == flag
-    finally:
-        for cc in shells.values():
-            cc.cluster.db.close()
-            cc.store.close()
+    flag = AreaFlag("north", "extreme_weather", True, int(now) - 60, None, "olga", "storm")
+    gw1.set_area_flag(flag, now, role="supervisor")
+    assert ("north", "extreme_weather") not in gw2.controller.conditions.flags
+    gw2.tick(now + 1)
+    assert gw2.controller.conditions.flags[("north", "extreme_weather")] == flag
+    # the same flag again changes nothing, an older one does not replace it
+    gw2.tick(now + 2)
+    gw1.store._execute("UPDATE area_flags SET since = since - 3600, active = 0")
+    gw2.tick(now + 3)
+    assert gw2.controller.conditions.flags[("north", "extreme_weather")] == flag
 
 
 def test_the_keeper_thread_shares_out_hands_over_takes_over_and_hears_the_inbox(pg_dsn):
@@ -762,26 +736,21 @@ async def test_a_lease_the_fence_finds_lost_stops_the_poll_loop_and_closes_the_l
         assert sim.requests == seen and not link.is_open
 
 
-def test_a_lease_lost_in_a_store_only_transaction_rebuilds_memory_without_the_channel(pg_dsn):
+def test_a_lease_lost_in_a_store_only_transaction_rebuilds_memory_without_the_channel(pg_dsn, two_shells):
     """add_events and mark_published change nothing in memory, but a lease they find lost must still drop the
     channel's commands and cases from it (else SENDING over the new holder's rows, duplicate notices)."""
     from gateway.core.commands import RelayAction
     from gateway.core.control import Event
 
-    shells, now = _two_shells(pg_dsn)
+    shells, now = two_shells
     gw2 = shells["gw2"]
-    try:
-        cmd = gw2.manual("M2", RelayAction.CLOSE, "olga", "operator", "test", "k1", now)
-        _take_over(pg_dsn, "bus2", "gw1")
-        with pytest.raises(LeaseLost, match="bus2"):
-            gw2.add_events([Event("dl-1", "dead_letter", "", now, {})])
-        assert cmd.command_id not in gw2.controller.commands
-        assert gw2.steps(now + 60) == [] and gw2.due_buses(now + 60) == set()
-        assert "dl-1" not in {e[1] for e in gw2.store.outbox()}
-    finally:
-        for cc in shells.values():
-            cc.cluster.db.close()
-            cc.store.close()
+    cmd = gw2.manual("M2", RelayAction.CLOSE, "olga", "operator", "test", "k1", now)
+    _take_over(pg_dsn, "bus2", "gw1")
+    with pytest.raises(LeaseLost, match="bus2"):
+        gw2.add_events([Event("dl-1", "dead_letter", "", now, {})])
+    assert cmd.command_id not in gw2.controller.commands
+    assert gw2.steps(now + 60) == [] and gw2.due_buses(now + 60) == set()
+    assert "dl-1" not in {e[1] for e in gw2.store.outbox()}
 
 
 async def test_a_clean_stop_hands_the_leases_back_only_once_the_buses_are_quiet(pg_dsn):
@@ -872,7 +841,7 @@ async def test_a_connect_that_is_never_answered_times_out():
         server.close()
 
 
-def test_levels_one_instance_recalibrated_reach_the_others_at_their_next_tick(pg_dsn):
+def test_levels_one_instance_recalibrated_reach_the_others_at_their_next_tick(two_shells):
     """Only the instance that finds recalibration due recalibrates (for every account); the others take the
     stored levels up at their next tick and re-evaluate their own accounts against them."""
     import numpy as np
@@ -880,29 +849,24 @@ def test_levels_one_instance_recalibrated_reach_the_others_at_their_next_tick(pg
     from gateway.core.model import Payment
     from gateway.core.thresholds import BAND_NAMES, Levels
 
-    shells, now = _two_shells(pg_dsn)
+    shells, now = two_shells
     gw1, gw2 = shells["gw1"], shells["gw2"]
-    try:
-        gw2.ingest_credits([Payment("p-A2", "A2", 4000, now - 60)], now)  # between warning 2 and warning 1
-        a2 = gw2.engine.account_no["A2"]
-        assert BAND_NAMES[int(gw2.engine.state[a2])] != "normal"
-        gw1.tick(now)  # due: gw1 recalibrates, for every account
-        gw2.tick(now + 1)
-        assert gw2.store.last_calibration() == now
-        # gw1's view of the cost data gave lower levels (here written as its recalibration writes them)
-        n = len(gw1.engine.account_ids)
-        lower = Levels(np.full(n, 3000), np.full(n, 1000), np.zeros(n, np.int64), np.full(n, 1500))
-        with gw1.store.transaction():
-            gw1.store.save_levels(lower, now + 2)
-        gw2.tick(now + 3)
-        assert int(gw2.engine.levels.warn1[a2]) == 3000 and int(gw2.engine.levels.warn2[a2]) == 1000
-        assert BAND_NAMES[int(gw2.engine.state[a2])] == "normal"  # re-evaluated against them
-        assert gw2.store._query("SELECT state FROM account_state WHERE account_no = ?", (a2,))[0][0] == \
-            int(gw2.engine.state[a2])  # and committed
-    finally:
-        for cc in shells.values():
-            cc.cluster.db.close()
-            cc.store.close()
+    gw2.ingest_credits([Payment("p-A2", "A2", 4000, now - 60)], now)  # between warning 2 and warning 1
+    a2 = gw2.engine.account_no["A2"]
+    assert BAND_NAMES[int(gw2.engine.state[a2])] != "normal"
+    gw1.tick(now)  # due: gw1 recalibrates, for every account
+    gw2.tick(now + 1)
+    assert gw2.store.last_calibration() == now
+    # gw1's view of the cost data gave lower levels (here written as its recalibration writes them)
+    n = len(gw1.engine.account_ids)
+    lower = Levels(np.full(n, 3000), np.full(n, 1000), np.zeros(n, np.int64), np.full(n, 1500))
+    with gw1.store.transaction():
+        gw1.store.save_levels(lower, now + 2)
+    gw2.tick(now + 3)
+    assert int(gw2.engine.levels.warn1[a2]) == 3000 and int(gw2.engine.levels.warn2[a2]) == 1000
+    assert BAND_NAMES[int(gw2.engine.state[a2])] == "normal"  # re-evaluated against them
+    assert gw2.store._query("SELECT state FROM account_state WHERE account_no = ?", (a2,))[0][0] == \
+        int(gw2.engine.state[a2])  # and committed
 
 
 def test_a_lease_the_fence_finds_lapsed_while_a_renewal_is_in_flight_stays_renewed_and_is_taken_up_again(pg_dsn):
@@ -928,52 +892,42 @@ def test_a_lease_the_fence_finds_lapsed_while_a_renewal_is_in_flight_stays_renew
         store.close()
 
 
-def test_an_inbox_item_the_owner_refuses_is_dead_lettered_in_the_transaction_that_consumes_it(pg_dsn):
+def test_an_inbox_item_the_owner_refuses_is_dead_lettered_in_the_transaction_that_consumes_it(two_shells):
     """Consumed and dead-lettered together: a crash (or a lost lease) between two transactions would otherwise
     lose the dead letter of an item already taken out of the inbox."""
     from gateway.core.model import Payment
 
-    shells, now = _two_shells(pg_dsn)
+    shells, now = two_shells
     gw1, gw2 = shells["gw1"], shells["gw2"]
-    try:
-        gw2.ingest_credits([Payment("p-A0", "A0", 700, now - 60)], now)  # gw1's account: to the inbox
-        gw2.ingest_credits([Payment("p-A0", "A0", 9999, now - 60)], now + 1)  # the same id, another amount
-        assert gw1.store.inbox_pending() == 2
-        at_commit: list[tuple] = []
+    gw2.ingest_credits([Payment("p-A0", "A0", 700, now - 60)], now)  # gw1's account: to the inbox
+    gw2.ingest_credits([Payment("p-A0", "A0", 9999, now - 60)], now + 1)  # the same id, another amount
+    assert gw1.store.inbox_pending() == 2
+    at_commit: list[tuple] = []
 
-        def look(done) -> None:  # right after each commit, before anything else runs on the writer
-            at_commit.append((done.input, gw1.store.inbox_pending(),
-                              [p["reason"] for *_, kind, _, _, p in gw1.store.outbox() if kind == "dead_letter"]))
+    def look(done) -> None:  # right after each commit, before anything else runs on the writer
+        at_commit.append((done.input, gw1.store.inbox_pending(),
+                          [p["reason"] for *_, kind, _, _, p in gw1.store.outbox() if kind == "dead_letter"]))
 
-        gw1.listeners.append(look)
-        assert gw1.drain_inbox(now) == 2
-        assert gw1.engine.balance_of("A0") == 700
-        assert len(at_commit) == 1 and at_commit[0][:2] == ("credits", 0)
-        assert len(at_commit[0][2]) == 1 and "already used" in at_commit[0][2][0]
-    finally:
-        for cc in shells.values():
-            cc.cluster.db.close()
-            cc.store.close()
+    gw1.listeners.append(look)
+    assert gw1.drain_inbox(now) == 2
+    assert gw1.engine.balance_of("A0") == 700
+    assert len(at_commit) == 1 and at_commit[0][:2] == ("credits", 0)
+    assert len(at_commit[0][2]) == 1 and "already used" in at_commit[0][2][0]
 
 
-def test_the_trip_check_sums_every_queued_credit_of_the_account_adjustments_too(pg_dsn):
+def test_the_trip_check_sums_every_queued_credit_of_the_account_adjustments_too(two_shells):
     """The fresh balance before a trip counts every payment and adjustment for the account waiting in the
     inbox (before: at most the channel's 10,000 oldest payments, adjustments not at all)."""
     from gateway.core.model import Adjustment, Payment
 
-    shells, now = _two_shells(pg_dsn)
+    shells, now = two_shells
     gw1, gw2 = shells["gw1"], shells["gw2"]
-    try:
-        gw1.ingest_credits([Payment(f"p{i}", "A2", 1, now - 60) for i in range(10_001)], now)
-        gw1.ingest_credits([Adjustment("adj1", "A2", 500, now - 30, "olga", "goodwill")], now + 1)
-        assert gw2._inbox_paid("A2") == 10_001 + 500
-        gw1.ingest_credits([Payment("p0", "A2", 7, now - 60)], now + 2)  # p0 again, another amount: the smaller
-        assert gw2._inbox_paid("A2") == 10_001 + 500
-        assert gw2._inbox_paid("A0") == 0
-    finally:
-        for cc in shells.values():
-            cc.cluster.db.close()
-            cc.store.close()
+    gw1.ingest_credits([Payment(f"p{i}", "A2", 1, now - 60) for i in range(10_001)], now)
+    gw1.ingest_credits([Adjustment("adj1", "A2", 500, now - 30, "olga", "goodwill")], now + 1)
+    assert gw2._inbox_paid("A2") == 10_001 + 500
+    gw1.ingest_credits([Payment("p0", "A2", 7, now - 60)], now + 2)  # p0 again, another amount: the smaller
+    assert gw2._inbox_paid("A2") == 10_001 + 500
+    assert gw2._inbox_paid("A0") == 0
 
 
 def test_an_instance_with_another_config_does_not_join(tmp_path, pg_dsn):
