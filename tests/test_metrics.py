@@ -13,7 +13,6 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.core.commands import CommandPolicy, CommandState, RelayAction
-from gateway.core.control import ControlConfig
 from gateway.core.dispatch import DispatchPolicy
 from gateway.core.model import Adjustment, Payment
 from gateway.ops.metrics import GatewayMetrics
