@@ -433,10 +433,6 @@ class Store(ABC):
                                         f"of {row[3]} fen under the same id"))
         return CreditResult(new, dups, conflicts)
 
-    def ledger_ids(self, ids: list[str]) -> set[str]:
-        """Which of these entry ids the ledger has."""
-        return set(self._existing_entries(ids))
-
     def _existing_entries(self, ids: list[str]) -> dict[str, tuple]:
         out = {}
         unique = list(dict.fromkeys(ids))
