@@ -69,6 +69,24 @@ async def test_calls_waiting_together_share_one_commit_and_listeners_hear_after_
         writer.close()
 
 
+async def test_a_group_is_fenced_once_and_its_commit_counts_as_the_writer_committing(store_url):
+    """The lease keeper renews only while the writer commits (Store.committed_at): a group's COMMIT is one;
+    the fence (leases of several instances) runs once for the group, not once per savepoint."""
+    writer, cc = await open_control(store_url)
+    fenced: list[bool] = []
+    try:
+        cc.store.fence = lambda store: fenced.append(store._group is not None)
+        before = cc.store.committed_at
+        made = await in_one_group(writer, *[(trip, cc, m) for m in METERS])
+        assert [c.meter_id for c in made] == METERS and writer.groups == 1
+        assert fenced == [True]  # once, at the group's top
+        assert cc.store.committed_at > before
+    finally:
+        cc.store.fence = None
+        await writer.call(cc.store.close)
+        writer.close()
+
+
 async def test_a_call_that_fails_in_a_group_is_undone_alone(store_url):
     writer, cc = await open_control(store_url)
     heard: list[str] = []

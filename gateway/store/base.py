@@ -256,7 +256,7 @@ class Store(ABC):
             self._begin()
         self._in_tx = True
         try:
-            if self.fence is not None:
+            if self.fence is not None and not grouped:  # a group is fenced once, for all its calls
                 self.fence(self)
             yield self
         except BaseException:
@@ -270,9 +270,14 @@ class Store(ABC):
         if grouped:
             self._execute("RELEASE SAVEPOINT grouped_call")
             return
+        self._commit_or_rollback()
+
+    def _commit_or_rollback(self) -> None:
+        """COMMIT (alone or a group's), stamped for the lease keeper; one that fails (busy, connection lost)
+        must not leave the transaction open."""
         try:
             self._commit()
-        except BaseException:  # a COMMIT that fails (busy, connection lost) must not leave the transaction open
+        except BaseException:
             self._rollback()
             raise
         self.committed_at = time.monotonic()
@@ -294,6 +299,11 @@ class Store(ABC):
         self._begin()
         self._group, self._group_broken = [], False
         try:
+            # fenced once at the top, not in each savepoint: the same answer for every call (now() is the
+            # transaction's, the leases acted for change only between groups), and its FOR SHARE locks are
+            # not given up by a call rolled back to its savepoint
+            if self.fence is not None:
+                self.fence(self)
             yield self
             if self._group_broken:
                 raise StoreError("a failed call of the group could not be rolled back to its savepoint: "
@@ -303,11 +313,7 @@ class Store(ABC):
             self._rollback()
             raise
         done, self._group = self._group, None
-        try:
-            self._commit()
-        except BaseException:
-            self._rollback()
-            raise
+        self._commit_or_rollback()
         for callback in done:
             callback()
 
