@@ -174,10 +174,6 @@ class LeaseDb:
         return dict(self.conn.execute("SELECT instance, seen_at > now() - make_interval(secs => %s) FROM members",
                                       (self.ttl_s,)).fetchall())
 
-    def live_members(self) -> int:
-        return self.conn.execute("SELECT COUNT(*) FROM members WHERE seen_at > now() - make_interval(secs => %s)",
-                                 (self.ttl_s,)).fetchone()[0]
-
     def leases(self) -> dict[str, Lease]:
         return {c: Lease(c, h, e, live) for c, h, e, live in self.conn.execute(
             "SELECT channel, holder, epoch, expires_at > now() FROM leases")}
@@ -391,7 +387,7 @@ class Cluster:
                     log.warning("lease on channel %s lost (taken by another instance or expired)", c)
                     self.held.pop(c, None)
                     self.deadline.pop(c, None)
-            p = plan(self.channels, db.leases(), self.me, db.live_members())
+            p = plan(self.channels, db.leases(), self.me, sum(self.members.values()))  # (live ones: True)
             taken = []
             for c in p.take:
                 sent = self.monotonic()

@@ -118,11 +118,18 @@ class CostControl:
         return self.cluster is None or channel in self.cluster.acting
 
     def owns_account(self, account_id: str) -> bool:
+        return self._account_owner()(account_id)
+
+    def _account_owner(self):
+        """``owns_account`` for many accounts at a time: the cluster's mask looked up once."""
         if self.cluster is None:
-            return True
-        no = self.engine.account_no.get(account_id)
-        mask = self.cluster.owned_accounts(self.engine)
-        return no is None or (no < len(mask) and bool(mask[no]))
+            return lambda account_id: True
+        mask, numbers = self.cluster.owned_accounts(self.engine), self.engine.account_no
+
+        def owns(account_id: str) -> bool:
+            no = numbers.get(account_id)
+            return no is None or (no < len(mask) and bool(mask[no]))
+        return owns
 
     def _account_channel(self, account_id: str) -> str:
         return self.cluster.account_channel(self.engine, account_id)
@@ -144,11 +151,11 @@ class CostControl:
 
     def _owned_state(self, state: dict) -> dict:
         """Only the owned accounts' notices, cases, commands and orders: the others' are their owner's."""
-        e = self.engine
+        e, owns_account = self.engine, self._account_owner()
         owns_meter = lambda m: m in e.meter_no and self.owns_channel(e.meter(m).channel)  # noqa: E731
         return {**state,
-                "notices": [n for n in state["notices"] if self.owns_account(n.account_id)],
-                "cases": [c for c in state["cases"] if self.owns_account(c.account_id)],
+                "notices": [n for n in state["notices"] if owns_account(n.account_id)],
+                "cases": [c for c in state["cases"] if owns_account(c.account_id)],
                 "commands": [c for c in state["commands"] if owns_meter(c.meter_id)],
                 "orders": [o for o in state["orders"] if owns_meter(o.meter_id)]}
 
@@ -300,8 +307,7 @@ class CostControl:
             keep[known] = ours[batch.meter[known]]
             if not keep.all():
                 batch = batch.take(np.flatnonzero(keep))
-                relays = [r for r in relays if r[0] in self.engine.meter_no and
-                          self.owns_channel(self.engine.meter(r[0]).channel)]
+                relays = [r for r in relays if r[0] in self.engine.meter_no and ours[self.engine.meter_no[r[0]]]]
 
         def call(then):
             def both(outcome, result):
@@ -337,10 +343,10 @@ class CostControl:
         those are refused on the normal path), and the others with their account's channel."""
         if self.cluster is None:
             return list(items), []
-        mine, theirs = [], []
+        mine, theirs, owns = [], [], self._account_owner()
         for item in items:
             account = account_of(item)
-            if account is None or account not in self.engine.account_no or self.owns_account(account):
+            if account is None or account not in self.engine.account_no or owns(account):
                 mine.append(item)
             else:
                 theirs.append((item, channel_of(account)))
