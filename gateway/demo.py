@@ -81,7 +81,11 @@ class Story:
 def demo_config(path: Path = DEMO_CONTROL, today: date | None = None) -> ControlConfig:
     """The demo's policies from ``path``, with today and tomorrow (the utility's days) working days: a statutory
     holiday would otherwise hold every trip, and the demo must work any day."""
-    cfg = load_control_config(path)
+    return working_today(load_control_config(path), today)
+
+
+def working_today(cfg: ControlConfig, today: date | None = None) -> ControlConfig:
+    """``cfg`` with today and tomorrow (the utility's days) extra working days."""
     today = today or cfg.calendar.calendar().day(int(time.time()))
     workdays = tuple(cfg.calendar.extra_workdays) + tuple((today + timedelta(days=i)).isoformat() for i in (0, 1))
     return replace(cfg, calendar=replace(cfg.calendar, extra_workdays=workdays))
@@ -213,14 +217,17 @@ class Composed:
         await self.service.close()
 
 
-async def compose(directory: Path, broker: Broker, fleet: AnyFleet, config: ControlConfig, stop: asyncio.Event,
+async def compose(directory: Path, broker: Broker, fleet: AnyFleet, control: Path, stop: asyncio.Event,
                   *, poll_interval_s: float, story: "Story") -> Composed:
     """The gateway for ``fleet`` exactly as ``feikong run --config`` composes it (:class:`Service`, with the
-    metrics endpoint and the operator API), from the config files written into ``directory``; the demo's
-    policies are ``config`` (today a working day). Every account gets its small opening credit before any
-    loop runs (the first tick would otherwise see empty accounts); then everything runs until ``stop``."""
-    path = write_gateway_config(directory, fleet.describe(), broker, poll_interval_s=poll_interval_s)
-    service_config = replace(load_service_config(path), policies=config)
+    metrics endpoint and the operator API), from the config files written into ``directory`` with the
+    policies file ``control``; the one difference from ``feikong run`` on that file: today and tomorrow are
+    working days (:func:`working_today`). Every account gets its small opening credit before any loop runs
+    (the first tick would otherwise see empty accounts); then everything runs until ``stop``."""
+    path = write_gateway_config(directory, fleet.describe(), broker, poll_interval_s=poll_interval_s,
+                                control=control)
+    service_config = load_service_config(path)
+    service_config = replace(service_config, policies=working_today(service_config.policies))
     metrics, api = MetricsEndpoint(), ApiComponent()
     service = await Service(service_config, ops=[metrics, api]).start()
     composed = Composed(service, {"broker": f"mqtt://{broker.host}:{broker.port}",
@@ -400,8 +407,9 @@ async def run_demo(spec: FleetSpec, story: Story = Story(), *, cycles: int | Non
     # pymodbus logs every silent meter as an error with a hex dump; the gateway's own warning says it once
     quiet, level = logging.getLogger("pymodbus"), logging.getLogger("pymodbus").level
     quiet.setLevel(logging.CRITICAL)
-    config = demo_config(Path(control) if control else DEMO_CONTROL)
-    spec = replace(spec, utc_offset_s=config.calendar.utc_offset_s)  # the meters keep the utility's time
+    control = Path(control) if control else DEMO_CONTROL
+    offset = load_control_config(control).calendar.utc_offset_s
+    spec = replace(spec, utc_offset_s=offset)  # the meters keep the utility's time
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -412,7 +420,7 @@ async def run_demo(spec: FleetSpec, story: Story = Story(), *, cycles: int | Non
             fleet = await (FleetProcess(spec, (broker.host, broker.port), workdir=tmp) if fleet_process else
                            Fleet(spec, (broker.host, broker.port))).start()
             try:
-                c = await compose(Path(tmp), broker, fleet, config, stop, poll_interval_s=poll_interval_s,
+                c = await compose(Path(tmp), broker, fleet, control, stop, poll_interval_s=poll_interval_s,
                                   story=story)
                 try:
                     result = await _story(c, fleet, story, stop, cycles, until, interval_s, say)
