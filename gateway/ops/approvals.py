@@ -54,8 +54,9 @@ class Approvals:
                                                           "expires_at": req.expires_at})])
         return req
 
-    def get(self, request_id: str) -> ApprovalRequest:
-        req = self.store.approval_request(request_id)
+    def get(self, request_id: str, for_update: bool = False) -> ApprovalRequest:
+        """``for_update``: its row locked until the transaction ends (another instance may decide it too)."""
+        req = self.store.approval_request(request_id, for_update=for_update)
         if req is None:
             raise KeyError(f"unknown request {request_id!r}")
         return req
@@ -64,16 +65,10 @@ class Approvals:
         decide(self.get(request_id), False, actor, role, reason, now)  # refused before any transaction
         with self.store.transaction():
             # decided again on the row locked: another instance may have decided it meanwhile
-            decided = decide(self._locked(request_id), False, actor, role, reason, now)
+            decided = decide(self.get(request_id, for_update=True), False, actor, role, reason, now)
             self.store.save_request(decided)
             self.store.append_audit([self._record(decided, now)])
         return decided
-
-    def _locked(self, request_id: str) -> ApprovalRequest:
-        req = self.store.approval_request(request_id, for_update=True)
-        if req is None:
-            raise KeyError(f"unknown request {request_id!r}")
-        return req
 
     def approve(self, request_id: str, actor: str, role: str, reason: str, now: float
                 ) -> tuple[ApprovalRequest, dict[str, str]]:
@@ -90,7 +85,7 @@ class Approvals:
         def record(store, made: list) -> None:
             # the row locked and decided again, in the transaction with the commands: with several instances
             # on one database, a second approval of the same request (or a reject) waits here, then is refused
-            decide(self._locked(request_id), True, actor, role, reason, now)
+            decide(self.get(request_id, for_update=True), True, actor, role, reason, now)
             ids = tuple(c.command_id for c in made if isinstance(c, Command))
             refused.update({m: str(c) for m, c in zip(decided.meter_ids, made) if not isinstance(c, Command)})
             final = dataclasses.replace(decided, command_ids=ids)

@@ -126,10 +126,9 @@ class Tokens:
     def add(self, name: str, role: str) -> str:
         """A new token for ``name`` (replacing any it had), saved to the file; returns the token (shown once)."""
         _check(name, role, "0" * 64, "the new token")
-        # names are people: one that differs from another only in case would pass for a second person
-        same = [n for n in self._entries if n.casefold() == name.casefold() and n != name]
-        if same:
-            raise TokenFileError(f"the name {name!r} differs from the existing {same[0]!r} only in case; "
+        twin = _case_twin(name, self._entries)
+        if twin:
+            raise TokenFileError(f"the name {name!r} differs from the existing {twin!r} only in case; "
                                  f"use that name or another")
         token = new_token()
         self._entries[name] = (role, token_hash(token))
@@ -181,6 +180,12 @@ def _check(name: str, role: str, digest: str, where: str) -> None:
         raise TokenFileError(f"{where}: sha256 must be 64 lowercase hex digits")
 
 
+def _case_twin(name: str, names) -> str | None:
+    """Another of ``names`` that differs from ``name`` only in case: names are people, and the two-person rule
+    compares them casefolded, so such a pair would pass for one person twice."""
+    return next((n for n in names if n != name and n.casefold() == name.casefold()), None)
+
+
 def _parse(path: Path) -> dict[str, tuple[str, str]]:
     try:
         data = tomllib.loads(path.read_text())
@@ -203,9 +208,9 @@ def _parse(path: Path) -> dict[str, tuple[str, str]]:
         if not isinstance(role, str) or not isinstance(digest, str):
             raise TokenFileError(f"{where}: role and sha256 are both required strings")
         _check(name, role, digest, where)
-        same = [n for n in out if n.casefold() == name.casefold()]
-        if same:
-            raise TokenFileError(f"{where}: differs from tokens.{same[0]} only in case: names are people, and "
+        twin = _case_twin(name, out)
+        if twin:
+            raise TokenFileError(f"{where}: differs from tokens.{twin} only in case: names are people, and "
                                  f"the two would pass for two people")
         out[name] = (role, digest)
     return out
