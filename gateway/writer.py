@@ -35,10 +35,10 @@ class _Call:
 
 
 class Writer:
-    def __init__(self, group: Callable[[], ContextManager] | None = None, max_group: int = MAX_GROUP) -> None:
-        """``group()``: the context manager of one outer transaction (None: every call commits alone)."""
-        self.group = group
-        self.max_group = max_group
+    def __init__(self) -> None:
+        #: ``group()``: the context manager of one outer transaction; set once what it groups exists (the
+        #: cost-control shell is built on this thread, through a call); None: every call commits alone
+        self.group: Callable[[], ContextManager] | None = None
         #: group commits made, and the calls they held (metrics, benchmarks)
         self.groups = self.grouped_calls = 0
         self._queue: queue.Queue = queue.Queue()
@@ -84,7 +84,7 @@ class Writer:
                 self._settle(item, *_invoke(item))
                 continue
             batch = [item]
-            while len(batch) < self.max_group:
+            while len(batch) < MAX_GROUP:
                 try:
                     nxt = self._queue.get_nowait()
                 except queue.Empty:

@@ -148,10 +148,6 @@ class SimMeter:
 
     # -- protocol -----------------------------------------------------------------
 
-    def values(self) -> dict[int, object]:
-        """Current value of every DI this meter serves (2007 table)."""
-        return {di: get(self) for di, get in _SERVED.items()}
-
     def value(self, di: int) -> object | None:
         """Current value of one DI (``None``: not served): a read computes only what it was asked for."""
         get = _SERVED.get(di)
