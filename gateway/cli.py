@@ -636,6 +636,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def async_runner(loop: str | None = None):
+    """How the gateway's coroutines are run: ``asyncio.run``, or ``uvloop.run`` with the optional extra
+    ``feikong[uvloop]`` installed (1.2-1.4x on the read path, docs/performance.md); ``loop`` names one."""
+    import importlib.util
+
+    loop = loop or ("uvloop" if importlib.util.find_spec("uvloop") else "asyncio")
+    if loop == "uvloop":
+        import uvloop
+
+        return uvloop.run
+    return asyncio.run
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -645,7 +658,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = args.run(args)
         if asyncio.iscoroutine(result):
-            result = asyncio.run(result)
+            result = async_runner()(result)
         return result
     except CliError as exc:
         print(f"feikong: error: {exc}", file=sys.stderr)
