@@ -66,4 +66,5 @@ def test_e2e_bench_quick(tmp_path):
     assert verified["closes_confirmed"] == verified["payments_in_ledger_once"] == results["payments"]
     assert verified["relays_closed_by_one_close_in_the_simulators"] == results["payments"]
     assert verified["second_cycle_readings"] == results["meters"] == 5000
+    assert verified["second_cycle_answered"] >= 5000 - verified["silent_by_fault"] - 50
     assert saved["items"] == ["forward_active_energy_block", "status_word_3"]
