@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import platform
+import resource
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -48,3 +49,19 @@ def machine_info(cpu: int | None, **extra) -> dict:
         **extra,
         "git_commit": commit,
     }
+
+
+def quantile(values: list[float], q: float) -> float:
+    """The nearest-rank ``q`` quantile (0..1) of ``values`` (in any order)."""
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+def peak_rss_mb(pid: int | None = None) -> float:
+    """Peak resident memory, MB, of this process or of process ``pid`` (its VmHWM)."""
+    if pid is None:
+        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return 0.0

@@ -53,7 +53,6 @@ import argparse
 import gc
 import json
 import os
-import resource
 import sqlite3
 import sys
 import tempfile
@@ -70,7 +69,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench._common import machine_info as common_machine_info  # noqa: E402
-from bench._common import pin_to_one_cpu  # noqa: E402
+from bench._common import peak_rss_mb, pin_to_one_cpu  # noqa: E402
 from gateway.accounting import Accounting  # noqa: E402
 from gateway.core.engine import NO_BALANCE, Engine, ReadingBatch  # noqa: E402
 from gateway.core.model import UFEN_PER_FEN, Account, CostControlMode, CustomerClass, Meter, Payment  # noqa: E402
@@ -108,10 +107,6 @@ def tou_period(t: np.ndarray) -> np.ndarray:
     hour = ((t + 8 * 3600) // 3600) % 24
     table = np.array([4] * 7 + [3] + [2] * 3 + [3] * 6 + [2] + [1] * 2 + [2] * 2 + [4] * 2)
     return table[hour]
-
-
-def peak_rss_mb() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
 
 
 # ============================================================================ workload

@@ -46,7 +46,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import ROOT, machine_info, pin_to_one_cpu  # noqa: E402
+from bench._common import ROOT, machine_info, pin_to_one_cpu, quantile  # noqa: E402
 from gateway.app import Bus, Gateway  # noqa: E402
 from gateway.core.commands import CommandPolicy, CommandState  # noqa: E402
 from gateway.core.control import ControlConfig  # noqa: E402
@@ -128,14 +128,10 @@ async def run_once(label: str, config: ControlConfig, ports: list[int], addresse
     await gw.close()
     latency = sorted(c.confirmed_at - received[c.meter_id] for c in closes)
     commit = sorted(committed[m] - received[m] for m in received)
-    return {"payments": n, "p50_s": _q(latency, 0.5), "p90_s": _q(latency, 0.9), "p99_s": _q(latency, 0.99),
+    return {"payments": n, "p50_s": quantile(latency, 0.5), "p90_s": quantile(latency, 0.9), "p99_s": quantile(latency, 0.99),
             "max_s": latency[-1], "mean_s": statistics.fmean(latency),
-            "payment_commit_p50_ms": 1000 * _q(commit, 0.5), "payment_commit_p99_ms": 1000 * _q(commit, 0.99),
+            "payment_commit_p50_ms": 1000 * quantile(commit, 0.5), "payment_commit_p99_ms": 1000 * quantile(commit, 0.99),
             "close_frames": sum(c.attempts for c in closes), "meter_reads": polls}
-
-
-def _q(values: list[float], q: float) -> float:
-    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
 async def read_all_closed(ports: list[int], addresses: list[list[str]]) -> int:
