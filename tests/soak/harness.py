@@ -25,6 +25,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, timedelta
 from pathlib import Path
@@ -457,7 +458,7 @@ class Soak:
             for g in gateways:
                 g.start()
             await self._wait_online(billing, gateways, 120)
-            self.say(f"gateways online; fleet faults: {_count(fleet.faulty.values())}; "
+            self.say(f"gateways online; fleet faults: {dict(Counter(fleet.faulty.values()))}; "
                      f"{len(protected)} protected accounts")
             up.open_accounts(sorted(meter_of))
             stop = asyncio.Event()
@@ -593,7 +594,7 @@ class Soak:
             "closes_confirmed": sum(1 for e in confirmed if e.data["action"] == "close"),
             "field_orders": billing.count("field_order_created"),
             "notice_receipts": dict(billing.receipts),
-            "faults": _count(evidence.faulty.values()),
+            "faults": dict(Counter(evidence.faulty.values())),
             "counts": evidence.counts(),
             "checks": {r.name: {"passed": r.passed, "checked": r.checked, "failures": r.failures[:20],
                                 **({"raced_crew": r.raced_crew} if r.name == "no_action_twice" else {})}
@@ -602,10 +603,3 @@ class Soak:
             "passed": all(r.passed for r in results),
             "wall_s": round(wall_s, 1),
         }
-
-
-def _count(values) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for v in values:
-        out[v] = out.get(v, 0) + 1
-    return out
