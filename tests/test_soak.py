@@ -42,7 +42,8 @@ async def short_soak(spec: SoakSpec, workdir) -> None:
     assert not failed, f"seed {spec.seed}: {failed}"
     assert summary["events_applied"] == {k: sum(e.kind == k for e in schedule(spec)) for k in EVENT_KINDS}
     kills = [e for e in summary["events"] if e["kind"] == "gateway_kill"]
-    assert all(-9 in summary["gateway_exits"][e["target"]] for e in kills)  # each SIGKILL hit a running gateway
+    for target in {e["target"] for e in kills}:  # each scheduled SIGKILL hit a running gateway
+        assert summary["gateway_exits"][target].count(-9) >= sum(e["target"] == target for e in kills), target
     assert any(e["in_flight_hit"] for e in kills)  # one while a relay command was on the wire
     if spec.instances > 1:  # one kill outlived the lease, and another instance took the channels over
         assert any(e["takeover"] for e in kills if e["down_s"] > LEASE_TTL_S), kills

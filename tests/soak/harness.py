@@ -137,20 +137,23 @@ class GatewayProcess:
                 self._killing = False
             await asyncio.sleep(self.restart_s)
 
-    async def kill(self, down_s: float) -> None:
+    async def kill(self, down_s: float) -> bool:
         """SIGKILL; restarted ``down_s`` later. One between restarts (it exited: the store was away at its
-        start, say) is killed once it runs again, so that every kill lands on a running gateway."""
+        start, say) is killed once it runs again, so that every kill lands on a running gateway; False when it
+        did not run again within 10 s (no kill was sent: not counted as applied)."""
         for _ in range(200):
             if self.running:
                 break
             await asyncio.sleep(0.05)
         self.held = True
-        if self.proc is not None and self.proc.returncode is None:
+        killed = self.proc is not None and self.proc.returncode is None
+        if killed:
             self._killing = True
             self.proc.send_signal(signal.SIGKILL)
             await self.proc.wait()
         await asyncio.sleep(down_s)
         self.held = False
+        return killed
 
     @property
     def running(self) -> bool:
@@ -542,7 +545,9 @@ class Soak:
                 others = {n: g.log_size() for n, g in gateways.items() if n != e.target}
                 self.say(f"t+{e.applied_at_s:.1f}s {e.kind} {e.target} (down {e.down_s:.1f}s)"
                          + (" with a relay command in flight" if e.in_flight_hit else ""))
-                await gateways[e.target].kill(e.down_s)
+                if not await gateways[e.target].kill(e.down_s):
+                    self.say(f"  {e.target} was not running: no kill sent")
+                    continue
                 if others and e.down_s > LEASE_TTL_S:
                     e.takeover = any("took the lease" in gateways[n].log()[size:] for n, size in others.items())
                     self.say(f"  another instance took the lease meanwhile: {e.takeover}")
