@@ -67,6 +67,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -222,8 +223,8 @@ class CycleLog:
         def timing(call):
             async def timed(fn, *args, **kwargs):
                 name = getattr(fn, "__name__", type(fn).__name__)
-                if name == "_reported":  # the executor's step outcome and next step in one call: by the outcome
-                    name = args[0].__name__
+                if name == "_reported":  # the executor's step outcomes and next steps in one call: by the outcome
+                    name = args[0][0][0].__name__ if args[0] else "next_steps"
                 entry = self.writer_calls.setdefault(name, [0, 0.0, 0.0, 0.0])
                 asked = time.perf_counter()
                 ran = []
@@ -401,6 +402,11 @@ async def run(args, spec_dict: dict, workdir: Path) -> dict:
                 c = log.cycles[name][k]
                 utilisation[k][name] = c["exchanges"] / (c["end"] - c["start"]) * wire_per_request
     latencies = [confirmed[m].confirmed_at - pub["published"][f"E2E-{m}"] for m in payers]
+    # where a close's time went: the payment reaching a command, the command reaching the wire, the read-back
+    stages = {"published_to_command": [confirmed[m].created_at - pub["published"][f"E2E-{m}"] for m in payers],
+              "command_to_sent": [confirmed[m].sent_at - confirmed[m].created_at for m in payers],
+              "sent_to_confirmed": [confirmed[m].confirmed_at - confirmed[m].sent_at for m in payers]}
+    slowest = [m for _, m in sorted(zip(latencies, payers))[-max(1, len(payers) // 100):]]
     arrived_in_cycle = max(pub["published"].values()) <= max(second[n]["end"] for n in fast)
     summary = {
         "meters": spec.total,
@@ -428,6 +434,11 @@ async def run(args, spec_dict: dict, workdir: Path) -> dict:
         "close_latency_p99_by_kind_s": {k: round(quantile([lat for m, lat in zip(payers, latencies)
                                                           if kind_of[m] == k], 0.99), 3)
                                         for k in sorted({kind_of[m] for m in payers})},
+        "close_latency_stages_s": {k: {"p50": round(quantile(v, 0.5), 3), "p99": round(quantile(v, 0.99), 3),
+                                       "max": round(max(v), 3)} for k, v in stages.items()},
+        # the slowest 1 %: which kind of channel, and how many frames their closes took
+        "slowest_closes": {"by_kind": dict(Counter(kind_of[m] for m in slowest)),
+                           "attempts": dict(Counter(confirmed[m].attempts for m in slowest))},
         "payments_arrived_within_the_cycle": arrived_in_cycle,
         "publisher_max_late_s": round(pub["max_late_s"], 3),
         "engine": {"readings": log.ingested, "writer_s": round(log.ingest_s, 2)},

@@ -539,23 +539,35 @@ class CostControl:
         self._fresh(now)
         return self.controller.due_buses(now)
 
+    def next_steps(self, now: float, bus: str, limit: int) -> list[Step]:
+        self._fresh(now)
+        return self.controller.next_steps(now, bus, limit)
+
     def authorize(self, command_id: str, now: float) -> Permit | Block:
-        """Commit SENDING (or the block that stops the command) before any frame goes out. Automatic trips
-        see a fresh balance: the store's credits for the account, so every committed payment counts (with
-        several instances, also those another instance received and put in the inbox, not drained yet)."""
-        c = self.controller.commands[command_id]
+        return self.authorize_many([command_id], now)[0]
+
+    def authorize_many(self, command_ids: list[str], now: float) -> list[Permit | Block]:
+        """Commit SENDING (or the block that stops the command) before any frame goes out; several commands
+        in one transaction. Automatic trips see a fresh balance: the store's credits for the account, so
+        every committed payment counts (with several instances, also those another instance received and put
+        in the inbox, not drained yet)."""
         result: list = []
 
         def work():
-            balance = trip = None
-            if c.action == RelayAction.TRIP:
-                self._adopt_conditions(now)
-                credits = self.store.account_credits_fen(self.engine.account_no[c.account_id])
-                balance, trip = self.engine.fresh_balance(c.account_id, credits + self._inbox_paid(c.account_id))
-            result.append(self.controller.authorize(command_id, now, balance, trip))
+            adopted = False
+            for command_id in command_ids:
+                c = self.controller.commands[command_id]
+                balance = trip = None
+                if c.action == RelayAction.TRIP:
+                    if not adopted:
+                        self._adopt_conditions(now)
+                        adopted = True
+                    credits = self.store.account_credits_fen(self.engine.account_no[c.account_id])
+                    balance, trip = self.engine.fresh_balance(c.account_id, credits + self._inbox_paid(c.account_id))
+                result.append(self.controller.authorize(command_id, now, balance, trip))
 
-        self._control(work, now, "authorize")
-        return result[0]
+        self._control(work, now, "authorize", len(command_ids))
+        return result
 
     def send_result(self, command_id: str, now: float, result: SendResult, detail: str = "",
                     errors: tuple[str, ...] = (), status: RelayStatus | None = None) -> Effects:

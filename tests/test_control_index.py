@@ -75,3 +75,26 @@ def test_the_indexes_agree_with_a_full_scan_through_days_of_mixed_faults():
     sim.run(sim.now + 3 * 86400)
     assert c.orders, "the stuck and silent meters reached field crews"
     assert CheckedSim.checks > 100
+
+
+def test_next_steps_batches_a_bus_closes_one_per_meter_and_a_trip_always_alone():
+    """The executor's batch: closes (most urgent first, one step per meter, at most ``limit``); a trip's
+    send never rides along, since its gate check must stay right before its own frame."""
+    c = Controller(at_any_hour(ControlConfig()), fleet(), Ids())
+    on_bus0 = [f"M{i}" for i in range(0, ACCOUNTS, BUSES)]  # six meters
+    for m in on_bus0[:2]:
+        c.manual(m, RelayAction.TRIP, "wang", "supervisor", "tamper found on site", f"trip-{m}", MONDAY)
+    for m in on_bus0[2:]:
+        c.manual(m, RelayAction.CLOSE, "li", "operator", "paid at the counter", f"close-{m}", MONDAY + 1)
+    c.manual(on_bus0[2], RelayAction.CLOSE, "li", "operator", "a second request", "close-again", MONDAY + 2)
+    now = MONDAY + 3
+    steps = c.next_steps(now, "bus0", 16)
+    # the closes, each meter once (M8's second request supersedes its first: due last), the trips not with them
+    assert [s.meter_id for s in steps] == on_bus0[3:] + on_bus0[2:3]
+    assert all(c.commands[s.subject_id].action == RelayAction.CLOSE for s in steps)
+    assert [s.meter_id for s in c.next_steps(now, "bus0", 2)] == on_bus0[3:5]
+    for s in steps:
+        c.authorize(s.subject_id, now)  # in flight: those meters take no other step until they land
+    trips = c.next_steps(now, "bus0", 16)
+    assert len(trips) == 1 and c.commands[trips[0].subject_id].action == RelayAction.TRIP
+    assert c.next_steps(now, "bus1", 16) == []

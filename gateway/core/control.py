@@ -805,8 +805,26 @@ class Controller:
         return sorted(self._due_steps(now, bus), key=_urgency)
 
     def next_step(self, now: float, bus: str) -> Step | None:
-        """The most urgent step due now on ``bus`` (one pass, no sort: the executor asks before every step)."""
+        """The most urgent step due now on ``bus`` (one pass, no sort)."""
         return min(self._due_steps(now, bus), key=_urgency, default=None)
+
+    def next_steps(self, now: float, bus: str, limit: int) -> list[Step]:
+        """The most urgent steps due now on ``bus``, at most ``limit`` and one per meter, for the executor to do
+        back to back: reads, and sends of closes. A trip's send comes alone (and ends the list where it
+        falls): the executor checks a trip's gates again right before its frame, and a payment landing
+        between that check and the frame would trip a customer who has just paid, so nothing else may queue
+        in between."""
+        steps: list[Step] = []
+        meters: set[str] = set()
+        for s in heapq.nsmallest(limit * 2, self._due_steps(now, bus), key=_urgency):
+            if s.kind == StepKind.SEND and self.commands[s.subject_id].action == RelayAction.TRIP:
+                return steps or [s]
+            if s.meter_id not in meters:
+                meters.add(s.meter_id)
+                steps.append(s)
+                if len(steps) == limit:
+                    break
+        return steps
 
     def due_buses(self, now: float) -> set[str]:
         """The buses with a step due now."""

@@ -14,6 +14,11 @@ share a commit, and a result (a permit to send) comes back only once it is commi
 
 Settling is not waited out on the bus: after a frame the bus serves other meters, and the verification read
 is a step of its own, due a moment later. So a batch of trips on one bus is paced by the bus.
+
+A bus's steps are taken up to ``batch`` at a time (:meth:`gateway.core.control.Controller.next_steps`): the
+closes' sends under one check, back to back, then the reads, and all their outcomes in one writer call. At
+100,000 meters a paid customer's close otherwise waited for three writer round trips per close ahead of it on
+its bus. A trip's send is never batched: its check stays right before its own frame.
 """
 from __future__ import annotations
 
@@ -35,15 +40,18 @@ log = logging.getLogger(__name__)
 
 class CommandExecutor:
     def __init__(self, control: CostControl, writer: Writer, drivers: dict[str, RelayDriver],
-                 bus_of: Callable[[str], str], clock: Clock, may_send: Callable[[str], bool] | None = None) -> None:
+                 bus_of: Callable[[str], str], clock: Clock, may_send: Callable[[str], bool] | None = None,
+                 batch: int = 16) -> None:
         """``drivers``: bus name -> driver; ``bus_of``: meter id -> bus name; ``may_send(bus)``: asked right
-        before a frame goes out (several instances: this one's lease on the bus surely still holds)."""
+        before a frame goes out (several instances: this one's lease on the bus surely still holds);
+        ``batch``: at most this many steps of a bus back to back between writer round trips."""
         self.control = control
         self.writer = writer
         self.drivers = drivers
         self.bus_of = bus_of
         self.clock = clock
         self.may_send = may_send
+        self.batch = batch
         self._wake = asyncio.Event()
 
     def wake(self) -> None:
@@ -63,72 +71,87 @@ class CommandExecutor:
         n = 0
         if stop is not None and stop.is_set():
             return n
-        step = await self.writer.call_grouped(self.control.next_step, self.clock.now(), bus)
-        while step is not None:
-            # the next step comes back with the last one's outcome, asked afresh: a close made meanwhile goes first
-            step = await self.perform(step, next_on=bus)
-            n += 1
+        steps = await self.writer.call_grouped(self.control.next_steps, self.clock.now(), bus, self.batch)
+        while steps:
+            # the next steps come back with the last ones' outcomes, asked afresh: a close made meanwhile goes first
+            n += len(steps)
+            steps = await self._perform(steps, next_on=bus)
             if stop is not None and stop.is_set():
                 break
         return n
 
-    async def perform(self, step: Step, next_on: str | None = None) -> Step | None:
-        """Do ``step``; with ``next_on``, the most urgent step due on that bus once its outcome is committed
-        (asked in the same writer call: one round trip fewer per step)."""
-        bus = self.bus_of(step.meter_id)
-        driver = self.drivers.get(bus) or _Unconfigured(bus)
-        if step.kind == StepKind.SEND:
-            return await self._send(driver, step, next_on)
-        return await self._read(driver, step, next_on)
+    async def perform(self, step: Step) -> None:
+        """Do one step now (its outcome committed)."""
+        await self._perform([step], None)
 
-    def _reported(self, report, args: tuple, next_on: str | None) -> Step | None:
-        """On the writer thread: a step's outcome, then (with ``next_on``) that bus's next step."""
-        report(*args)
-        return None if next_on is None else self.control.next_step(self.clock.now(), next_on)
+    async def _perform(self, steps: list[Step], next_on: str | None) -> list[Step]:
+        """Do ``steps`` (all on one bus) back to back: the sends under one gate check (one writer call for all
+        of them, the bus reserved from the check to the last frame), then the reads; their outcomes in one
+        writer call. With ``next_on``, the same call returns that bus's next steps (one round trip fewer)."""
+        driver = self.drivers.get(self.bus_of(steps[0].meter_id)) or _Unconfigured(self.bus_of(steps[0].meter_id))
+        sends = [s for s in steps if s.kind == StepKind.SEND]
+        reports = await self._send(driver, sends) if sends else []
+        for step in steps:
+            if step.kind != StepKind.SEND:
+                reports.append(await self._read(driver, step))
+        return await self.writer.call_grouped(self._reported, reports, next_on)
 
-    async def _send(self, driver: RelayDriver, step: Step, next_on: str | None) -> Step | None:
-        status = None
-        errors: tuple[str, ...] = ()
-        async with driver.reserved():
-            permit = await self.writer.call_grouped(self.control.authorize, step.subject_id, self.clock.now())
-            if isinstance(permit, Block):
-                log.info("command %s not sent: %s: %s", step.subject_id, permit.gate.value, permit.reason)
-                return await self.writer.call_grouped(self._reported, _nothing, (), next_on)
+    def _reported(self, reports: list[tuple], next_on: str | None) -> list[Step]:
+        """On the writer thread: the steps' outcomes, then (with ``next_on``) that bus's next steps. One outcome
+        that cannot be committed is logged and the others still are (its command is rebuilt from the store,
+        where its last committed state says what to do next)."""
+        for report, args in reports:
             try:
-                # the line opened first (a TCP connect can take seconds): only the write follows the lease check
-                await driver.open()
-                if self.may_send is not None and not self.may_send(bus := self.bus_of(step.meter_id)):
-                    raise RelayLinkDown(f"the lease on bus {bus} may have lapsed: not sent", written=False)
-                await driver.send(step.meter_id, permit.action, permit.mode, permit.valid_until)
-                result, detail = SendResult.ACKNOWLEDGED, ""
-            except RelayNoAnswer as exc:
-                result, detail = SendResult.NO_ANSWER, str(exc)
-            except RelayLinkDown as exc:
-                result, detail = (SendResult.NO_ANSWER if exc.written else SendResult.NOT_SENT), str(exc)
-            except RelayRefused as exc:
-                result, detail, errors = SendResult.REFUSED, str(exc), exc.errors
-                try:  # why? keep-power is a gate, anything else a refusal
-                    status = await driver.read(step.meter_id)
-                except Exception:
-                    status = None
-            except Exception as exc:  # whatever went wrong, the frame may have gone out: read back before more
-                log.exception("meter %s: sending command %s failed", step.meter_id, step.subject_id)
-                result, detail = SendResult.NO_ANSWER, f"{type(exc).__name__}: {exc}"
-        return await self.writer.call_grouped(
-            self._reported, self.control.send_result,
-            (step.subject_id, self.clock.now(), result, detail, errors, status), next_on)
+                report(*args)
+            except Exception:
+                log.exception("reporting a step's outcome failed (%s %s)", report.__name__, args[0])
+        return [] if next_on is None else self.control.next_steps(self.clock.now(), next_on, self.batch)
 
-    async def _read(self, driver: RelayDriver, step: Step, next_on: str | None) -> Step | None:
+    async def _send(self, driver: RelayDriver, steps: list[Step]) -> list[tuple]:
+        async with driver.reserved():
+            permits = await self.writer.call_grouped(self.control.authorize_many, [s.subject_id for s in steps],
+                                                     self.clock.now())
+            reports = []
+            for step, permit in zip(steps, permits):
+                if isinstance(permit, Block):  # its outcome already committed by the check
+                    log.info("command %s not sent: %s: %s", step.subject_id, permit.gate.value, permit.reason)
+                    continue
+                outcome = await self._frame(driver, step, permit)
+                reports.append((self.control.send_result, (step.subject_id, self.clock.now(), *outcome)))
+        return reports
+
+    async def _frame(self, driver: RelayDriver, step: Step, permit) -> tuple:
+        """Put one permitted frame on the line: (result, detail, errors, status read after a refusal)."""
+        try:
+            # the line opened first (a TCP connect can take seconds): only the write follows the lease check
+            await driver.open()
+            if self.may_send is not None and not self.may_send(bus := self.bus_of(step.meter_id)):
+                raise RelayLinkDown(f"the lease on bus {bus} may have lapsed: not sent", written=False)
+            await driver.send(step.meter_id, permit.action, permit.mode, permit.valid_until)
+            return SendResult.ACKNOWLEDGED, "", (), None
+        except RelayNoAnswer as exc:
+            return SendResult.NO_ANSWER, str(exc), (), None
+        except RelayLinkDown as exc:
+            return (SendResult.NO_ANSWER if exc.written else SendResult.NOT_SENT), str(exc), (), None
+        except RelayRefused as exc:
+            try:  # why? keep-power is a gate, anything else a refusal
+                status = await driver.read(step.meter_id)
+            except Exception:
+                status = None
+            return SendResult.REFUSED, str(exc), exc.errors, status
+        except Exception as exc:  # whatever went wrong, the frame may have gone out: read back before more
+            log.exception("meter %s: sending command %s failed", step.meter_id, step.subject_id)
+            return SendResult.NO_ANSWER, f"{type(exc).__name__}: {exc}", (), None
+
+    async def _read(self, driver: RelayDriver, step: Step) -> tuple:
         try:
             status = await driver.read(step.meter_id)
         except Exception as exc:
             if not isinstance(exc, RelayDriverError):
                 log.exception("meter %s: reading the relay failed", step.meter_id)
             why = str(exc) if isinstance(exc, RelayDriverError) else f"{type(exc).__name__}: {exc}"
-            return await self.writer.call_grouped(self._reported, self.control.read_result,
-                                                  (step, self.clock.now(), None, why), next_on)
-        return await self.writer.call_grouped(self._reported, self.control.read_result,
-                                              (step, self.clock.now(), status), next_on)
+            return self.control.read_result, (step, self.clock.now(), None, why)
+        return self.control.read_result, (step, self.clock.now(), status)
 
     async def run(self, stop: asyncio.Event, idle_s: float = 1.0, min_sleep_s: float = 0.01,
                   min_pass_s: float = 0.05) -> None:
@@ -176,10 +199,6 @@ class CommandExecutor:
                             log.error("bus %s: executor pass failed: %r", bus, task.exception())
         finally:
             await asyncio.gather(*workers.values(), return_exceptions=True)
-
-
-def _nothing() -> None:
-    """The outcome of a send the gates blocked: already committed by ``authorize``."""
 
 
 class _Unconfigured:
