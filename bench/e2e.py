@@ -223,7 +223,7 @@ class CycleLog:
         def timing(call):
             async def timed(fn, *args, **kwargs):
                 name = getattr(fn, "__name__", type(fn).__name__)
-                if name == "_reported":  # the executor's step outcomes and next steps in one call: by the outcome
+                if name == "_reported":  # the executor's step outcomes and next steps in one call: by the first outcome
                     name = args[0][0][0].__name__ if args[0] else "next_steps"
                 entry = self.writer_calls.setdefault(name, [0, 0.0, 0.0, 0.0])
                 asked = time.perf_counter()

@@ -531,10 +531,6 @@ class CostControl:
         self._fresh(now)
         return self.controller.steps(now, bus)
 
-    def next_step(self, now: float, bus: str) -> Step | None:
-        self._fresh(now)
-        return self.controller.next_step(now, bus)
-
     def due_buses(self, now: float) -> set[str]:
         self._fresh(now)
         return self.controller.due_buses(now)
@@ -553,20 +549,19 @@ class CostControl:
         in the inbox, not drained yet)."""
         result: list = []
 
+        commands = [self.controller.commands[i] for i in command_ids]
+
         def work():
-            adopted = False
-            for command_id in command_ids:
-                c = self.controller.commands[command_id]
+            if any(c.action == RelayAction.TRIP for c in commands):
+                self._adopt_conditions(now)
+            for c in commands:
                 balance = trip = None
                 if c.action == RelayAction.TRIP:
-                    if not adopted:
-                        self._adopt_conditions(now)
-                        adopted = True
                     credits = self.store.account_credits_fen(self.engine.account_no[c.account_id])
                     balance, trip = self.engine.fresh_balance(c.account_id, credits + self._inbox_paid(c.account_id))
-                result.append(self.controller.authorize(command_id, now, balance, trip))
+                result.append(self.controller.authorize(c.command_id, now, balance, trip))
 
-        self._control(work, now, "authorize", len(command_ids))
+        self._control(work, now, "authorize", len(commands))
         return result
 
     def send_result(self, command_id: str, now: float, result: SendResult, detail: str = "",

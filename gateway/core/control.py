@@ -804,10 +804,6 @@ class Controller:
         time."""
         return sorted(self._due_steps(now, bus), key=_urgency)
 
-    def next_step(self, now: float, bus: str) -> Step | None:
-        """The most urgent step due now on ``bus`` (one pass, no sort)."""
-        return min(self._due_steps(now, bus), key=_urgency, default=None)
-
     def next_steps(self, now: float, bus: str, limit: int) -> list[Step]:
         """The most urgent steps due now on ``bus``, at most ``limit`` and one per meter, for the executor to do
         back to back: reads, and sends of closes. A trip's send comes alone (and ends the list where it
@@ -816,6 +812,7 @@ class Controller:
         in between."""
         steps: list[Step] = []
         meters: set[str] = set()
+        # twice the limit: a meter may have two steps due (a queued command's and an order's read-back)
         for s in heapq.nsmallest(limit * 2, self._due_steps(now, bus), key=_urgency):
             if s.kind == StepKind.SEND and self.commands[s.subject_id].action == RelayAction.TRIP:
                 return steps or [s]

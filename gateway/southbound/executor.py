@@ -5,7 +5,8 @@ It asks the cost-control shell (through the single writer) which steps are due, 
 
 * **send**: reserve the bus, then ask the shell to authorise the send (the last gate check, with a fresh
   balance, and SENDING committed), then put the frame on the line; the bus stays reserved in between, so a
-  payment committed before the check is always seen, and nothing queues between the check and the frame;
+  payment committed before the check is always seen, and nothing queues between a trip's check and its frame
+  (closes checked together go out back to back, below);
 * **read**: read the relay back (status word 3) and report it, for a command being verified, a command whose
   last outcome is unknown, or a completed field order.
 
@@ -88,7 +89,8 @@ class CommandExecutor:
         """Do ``steps`` (all on one bus) back to back: the sends under one gate check (one writer call for all
         of them, the bus reserved from the check to the last frame), then the reads; their outcomes in one
         writer call. With ``next_on``, the same call returns that bus's next steps (one round trip fewer)."""
-        driver = self.drivers.get(self.bus_of(steps[0].meter_id)) or _Unconfigured(self.bus_of(steps[0].meter_id))
+        bus = self.bus_of(steps[0].meter_id)
+        driver = self.drivers.get(bus) or _Unconfigured(bus)
         sends = [s for s in steps if s.kind == StepKind.SEND]
         reports = await self._send(driver, sends) if sends else []
         for step in steps:
