@@ -65,3 +65,9 @@ def peak_rss_mb(pid: int | None = None) -> float:
         if line.startswith("VmHWM:"):
             return round(int(line.split()[1]) / 1024, 1)
     return 0.0
+
+
+def cpu_seconds(pid: int | None = None) -> float:
+    """CPU time (user + system), s, that process ``pid`` (or this one) has used so far, all its threads."""
+    fields = Path(f"/proc/{pid or os.getpid()}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)

@@ -72,7 +72,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import ROOT, machine_info, peak_rss_mb, pin_to_one_cpu, quantile  # noqa: E402
+from bench._common import ROOT, cpu_seconds, machine_info, peak_rss_mb, pin_to_one_cpu, quantile  # noqa: E402
 
 #: what every poll reads: the energy that bills and the relay's position
 ITEMS = ("forward_active_energy_block", "status_word_3")
@@ -164,6 +164,27 @@ def write_gateway_files(layout: dict, workdir: Path, broker, store_url: str, int
 # --------------------------------------------------------------------------- measuring the gateway
 
 
+class LoopLag:
+    """How late the gateway's event loop runs a 10 ms timer: every callback (an exchange's reply, a writer
+    result) waits about as long for its turn."""
+
+    def __init__(self) -> None:
+        self.lags: list[float] = []
+        self.recording = False
+
+    async def run(self, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        while not stop.is_set():
+            asked = loop.time()
+            await asyncio.sleep(0.01)
+            if self.recording:
+                self.lags.append(loop.time() - asked - 0.01)
+
+    def summary(self) -> dict:
+        return {"samples": len(self.lags), **{k: round(1000 * quantile(self.lags, q), 1)
+                                              for k, q in (("p50_ms", 0.5), ("p99_ms", 0.99), ("max_ms", 1.0))}}
+
+
 class CycleLog:
     """Each channel's read cycles (start, end, readings, answered, exchanges on the line), by wrapping the
     channel's ``cycle`` as the gateway calls it; and the writer's time in ``ingest_readings``."""
@@ -218,6 +239,7 @@ class CycleLog:
         """Each writer call's time in the writer thread and its wait in the queue, by what was called (a
         grouped call's share of its group's COMMIT is not in its time: see ``group_commits``)."""
         self.writer_calls: dict[str, list[float]] = {}  # name -> [calls, s running, s queued, longest s]
+        self.writer_long: list[tuple[float, float, str]] = []  # (started, s running, name) of calls over 200 ms
         self.writer = writer
 
         def timing(call):
@@ -244,6 +266,8 @@ class CycleLog:
                         entry[1] += ran[1] - ran[0]
                         entry[2] += ran[0] - asked
                         entry[3] = max(entry[3], ran[1] - ran[0])
+                        if ran[1] - ran[0] > 0.2:  # a call that long holds every close queued behind it
+                            self.writer_long.append((time.time() - (ran[1] - ran[0]), ran[1] - ran[0], name))
             return timed
 
         writer.call = timing(writer.call)
@@ -254,6 +278,11 @@ class CycleLog:
                         "max_ms": round(1000 * longest, 1)}
                  for name, (n, run, queued, longest) in sorted(self.writer_calls.items(), key=lambda kv: -kv[1][1])}
         return {**calls, "group_commits": {"groups": self.writer.groups, "calls": self.writer.grouped_calls}}
+
+    def long_calls(self, since: float, until: float) -> list[dict]:
+        """The writer calls over 200 ms that started between ``since`` and ``until`` (seconds from ``since``)."""
+        return [{"at_s": round(t - since, 2), "ms": round(1000 * s), "call": name}
+                for t, s, name in self.writer_long if since <= t <= until]
 
     def done(self, k: int) -> bool:
         return all(len(c) >= k and "end" in c[k - 1] for c in self.cycles.values())
@@ -311,6 +340,8 @@ async def run(args, spec_dict: dict, workdir: Path) -> dict:
         stop = asyncio.Event()
         t_run = time.time()
         runner = asyncio.create_task(service.run(stop))
+        lag = LoopLag()
+        lagger = asyncio.create_task(lag.run(stop))
         await _until(lambda: log.second_started.is_set(), args.interval * 3 + 600, runner, "the second cycle")
         first_cycle_s = max(c[0]["end"] for c in log.cycles.values()) - t_run
         # "during a read cycle": at random over the time the first one took, unless told otherwise
@@ -319,7 +350,12 @@ async def run(args, spec_dict: dict, workdir: Path) -> dict:
         plan = [[d, f"E2E-{m}", f"A{m}"] for d, m in zip(delays, payers)]
         print(f"first cycle (baseline): {first_cycle_s:.1f} s; second cycle started: "
               f"{len(payers):,} payments over {window_s:.1f} s", flush=True)
-        publisher.stdin.write(json.dumps({"start": time.time(), "payments": plan}) + "\n")
+        procs = {"gateway": os.getpid(), "fleet": fleet.proc.pid, "broker": broker.proc.pid,
+                 "publisher": publisher.pid}
+        cpu0 = {k: cpu_seconds(p) for k, p in procs.items()}
+        lag.recording = True
+        t_pay = time.time()
+        publisher.stdin.write(json.dumps({"start": t_pay, "payments": plan}) + "\n")
         publisher.stdin.flush()
         await _until(lambda: log.done(2), args.interval + 900, runner, "the second cycle's end")
         for k, names in _by_kind(config.channels, emulated).items():
@@ -337,6 +373,9 @@ async def run(args, spec_dict: dict, workdir: Path) -> dict:
         closes = await gw.writer.call(gw.control.store.load_entities, COMMANDS, "action = 'close'")
         confirmed = {c.meter_id: c for c in closes if c.state == CommandState.CONFIRMED}
         writer_after_cycle = log.writer_summary()
+        long_calls = log.long_calls(t_pay, time.time())
+        lag.recording = False
+        cpu = {k: round((cpu_seconds(p) - cpu0[k]) / (time.time() - t_pay), 2) for k, p in procs.items()}
         published_out, _ = await asyncio.get_running_loop().run_in_executor(None, publisher.communicate)
         publisher = None
         pub = json.loads(published_out.strip().splitlines()[-1])
@@ -346,6 +385,7 @@ async def run(args, spec_dict: dict, workdir: Path) -> dict:
         fleet_rss = peak_rss_mb(fleet.proc.pid)
         stop.set()
         await runner
+        await lagger
     finally:
         if publisher is not None:
             publisher.kill()
@@ -436,6 +476,9 @@ async def run(args, spec_dict: dict, workdir: Path) -> dict:
                                         for k in sorted({kind_of[m] for m in payers})},
         "close_latency_stages_s": {k: {"p50": round(quantile(v, 0.5), 3), "p99": round(quantile(v, 0.99), 3),
                                        "max": round(max(v), 3)} for k, v in stages.items()},
+        "close_latency_stages_p99_by_kind_s": {
+            k: {stage: round(quantile([t for m, t in zip(payers, v) if kind_of[m] == k], 0.99), 3)
+                for stage, v in stages.items()} for k in sorted({kind_of[m] for m in payers})},
         # the slowest 1 %: which kind of channel, and how many frames their closes took
         "slowest_closes": {"by_kind": dict(Counter(kind_of[m] for m in slowest)),
                            "attempts": dict(Counter(confirmed[m].attempts for m in slowest))},
@@ -443,6 +486,12 @@ async def run(args, spec_dict: dict, workdir: Path) -> dict:
         "publisher_max_late_s": round(pub["max_late_s"], 3),
         "engine": {"readings": log.ingested, "writer_s": round(log.ingest_s, 2)},
         "writer_calls_until_the_closes_confirmed": writer_after_cycle,
+        # the calls that held the writer over 200 ms once payments flowed (seconds after the first was due)
+        "writer_calls_over_200ms_during_the_payments": long_calls,
+        # from the first payment due to the last close confirmed: each process's CPU use (1.0 = a whole core)
+        # and how late the gateway's event loop ran a 10 ms timer
+        "cpu_cores_during_the_payments": cpu,
+        "event_loop_lag_during_the_payments": lag.summary(),
         "fleet_up_s": round(fleet_up_s, 1), "register_s": round(register_s, 1),
         # what was found, not what was asked for: the checks above compare these with the payments and meters
         "verified": {"payments_in_ledger_once": len(ledger), "closes_confirmed": len(set(payers) & set(confirmed)),

@@ -211,3 +211,46 @@ async def test_pty_bus_is_a_real_terminal(pty_bus):
     bus, client = pty_bus
     path = client.link.name.removeprefix("serial://")
     assert path.startswith("/dev/pts/") and os.path.exists(path)
+
+
+async def test_an_exchange_queued_for_the_bus_goes_between_a_silent_meters_attempts(tcp_bus):
+    """Outside a reservation each attempt takes the bus on its own: a read queued meanwhile (a paid customer's
+    close, on a real bus) waits for one attempt, not for all of them. Inside one, the holder's stay together."""
+    bus, client = tcp_bus
+    silent = bus.meters["000000000004"]
+    silent.faults = Faults(no_reply=1.0)
+    client.link.settings.retries = 2
+    seen = []
+
+    async def silent_read():
+        with pytest.raises(Dlt645Timeout, match="3 attempt"):
+            await client.read(silent.address, 0x00010000)
+
+    async def queued_read():
+        await asyncio.sleep(0.01)  # queued while the silent meter's first attempt waits
+        await client.read("000000000001", 0x00010000)
+        seen.append(silent.requests)
+
+    await asyncio.gather(silent_read(), queued_read())
+    assert seen == [1] and silent.requests == 3
+
+    async def held_read():
+        async with client.link.reserved():
+            with pytest.raises(Dlt645Timeout):
+                await client.read(silent.address, 0x00010000)
+
+    seen.clear()
+    await asyncio.gather(held_read(), queued_read())
+    assert seen == [6]
+
+
+async def test_a_late_meter_does_not_hold_the_simulated_line_for_the_others(tcp_bus):
+    """A meter that answers late is silent until then, and the line is free meanwhile: the simulated bus
+    counted the wait as the line busy, so every other meter on it fell silent for the delay too."""
+    bus, client = tcp_bus
+    bus.meters["000000000002"].faults = Faults(late_reply=1.0, late_by_s=2.0)
+    with pytest.raises(Dlt645Timeout):
+        await client.read("000000000002", 0x00010000)
+    started = time.monotonic()
+    assert (await client.read("000000000001", 0x00010000)).value == bus.meters["000000000001"].energy[0]
+    assert time.monotonic() - started < 1.0  # not after the late reply, 2 s on

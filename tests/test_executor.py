@@ -146,3 +146,73 @@ async def test_a_command_on_one_bus_does_not_wait_behind_a_silent_meter_on_anoth
         for s in servers:
             s.close()
             await s.wait_closed()
+
+
+async def test_a_bus_worker_does_a_read_back_due_soon_itself_without_waiting_for_the_next_pass(tmp_path):
+    """The trip's read-back falls due 0.2 s after its frame: the worker that sent it stays for it (linger_s).
+    The run loop's passes are 60 s apart here, so only the worker can have read the meter back."""
+    meter = SimMeter("000000000001")
+    gw, server = await gateway(tmp_path, meter)
+    cc = gw.control
+    stop = asyncio.Event()
+    try:
+        cmd = await gw.writer.call(cc.manual, meter.address, RelayAction.TRIP, "wang", "supervisor", "test", "r1",
+                                   gw.clock.now())
+        runner = asyncio.create_task(gw.executor.run(stop, idle_s=60, min_pass_s=60))
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        while cc.controller.commands[cmd.command_id].state != CommandState.CONFIRMED:
+            assert loop.time() - t0 < 10, cc.controller.commands[cmd.command_id]
+            await asyncio.sleep(0.02)
+        assert meter.relay_open and len(meter.relay_log) == 1
+        # and with nothing due soon it goes: a worker does not wait for steps beyond linger_s
+        gw.executor.linger_s = 0.0
+        cmd = await gw.writer.call(cc.manual, meter.address, RelayAction.CLOSE, "wang", "supervisor", "undo", "r2",
+                                   gw.clock.now())
+        stop.set()
+        await asyncio.wait_for(runner, 10)
+        stop.clear()
+        runner = asyncio.create_task(gw.executor.run(stop, idle_s=60, min_pass_s=60))
+        await asyncio.sleep(1.0)  # the close went out in the first pass; its read-back waits for the next one
+        assert cc.controller.commands[cmd.command_id].state == CommandState.VERIFYING
+        assert not meter.relay_open
+    finally:
+        stop.set()
+        await asyncio.wait_for(runner, 10)
+        await gw.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_batch_holds_the_bus_so_polling_waits_for_all_its_steps(tmp_path):
+    """A batch's sends and read-backs go back to back: the poller's exchanges wait for the whole batch (before,
+    one poll exchange went between every read-back of a batch, and the closes behind it waited that long)."""
+    meters = [SimMeter(f"00000000000{i}") for i in range(1, 4)]
+    clock = SystemClock()
+    server = await serve_tcp(SimBus.of(meters, clock=local_naive(clock), turnaround_s=0.0))
+    link = Dlt645Link.tcp("127.0.0.1", server.sockets[0].getsockname()[1], LIVE_LINK)
+    gw = await Gateway(f"sqlite://{tmp_path / 'g.db'}", [Bus(link, [m.address for m in meters])], QUICK,
+                       POLICY).open()
+    cc = gw.control
+    try:
+        await gw.writer.call(cc.accounting.register, tariffs(), [Account(f"A{i}", tariff_id="flat") for i in (1, 2, 3)],
+                             [Meter(m.address, f"A{i}", channel=link.name) for i, m in enumerate(meters, 1)])
+        now = gw.clock.now()
+        for i, m in enumerate(meters, 1):
+            await gw.writer.call(cc.manual, m.address, RelayAction.TRIP, "wang", "supervisor", "test", f"r{i}", now)
+        await gw.executor.drain()  # the three frames, back to back
+        await asyncio.sleep(0.3)  # the read-backs are due
+        steps = await gw.writer.call(cc.next_steps, gw.clock.now(), link.name, 16)
+        assert [s.kind.value for s in steps] == ["read"] * 3
+        seen = []
+        for m in meters:  # which meter each request on the line was for, in order
+            m.handle = lambda request, now, m=m, real=m.handle: (seen.append(m.address), real(request, now))[1]
+        poll = asyncio.create_task(gw.channels[0].poller.read_meter(meters[0].address))
+        await gw.executor._perform(steps, None)
+        await poll
+        # the three read-backs first (status word 3), then the poll's items of meter 1
+        assert seen[:3] == [m.address for m in meters] and seen[3:] and set(seen[3:]) == {meters[0].address}
+    finally:
+        await gw.close()
+        server.close()
+        await server.wait_closed()

@@ -39,3 +39,22 @@ async def test_unknown_item_name_is_a_clear_error(tcp_bus):
     _, client = tcp_bus
     with pytest.raises(ValueError, match="unknown data items \\['bogus'\\]"):
         BusPoller(client, ["000000000001"], items=("voltage_a", "bogus"))
+
+
+async def test_a_meter_silent_last_cycle_is_asked_once_and_an_answer_restores_its_retries(tcp_bus):
+    """Bus time is what a paid customer's close waits for: a meter that missed a cycle costs one attempt."""
+    bus, client = tcp_bus
+    client.link.settings.retries = 2
+    silent = bus.meters["000000000003"]
+    silent.faults = Faults(no_reply=1.0)
+    poller = BusPoller(client, [silent.address], items=("voltage_a", "status_word_3"))
+    await poller.cycle(lambda r: None)
+    assert silent.requests == 3  # first time: the link's retries (then its other item is skipped)
+    await poller.cycle(lambda r: None)
+    assert silent.requests == 4  # silent last cycle: asked once
+    silent.faults = Faults()
+    await poller.cycle(lambda r: None)
+    assert silent.requests == 6 and poller.health[silent.address].consecutive_failures == 0
+    silent.faults = Faults(no_reply=1.0)
+    await poller.cycle(lambda r: None)
+    assert silent.requests == 9  # it answered last time: the retries again

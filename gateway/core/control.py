@@ -848,6 +848,11 @@ class Controller:
         self._reindex()
         return min((t for bus in list(self._heaps[1]) if (t := self._earliest(1, bus)) is not None), default=None)
 
+    def bus_step_at(self, bus: str) -> float | None:
+        """When a step of ``bus`` falls due next (a read-back, a retry), on a meter free to take it."""
+        self._reindex()
+        return self._earliest(0, bus) if bus in self._heaps[0] else None
+
     def _meter_step_times(self, meter_id: str) -> tuple[float | None, float | None]:
         """(when a step of the meter falls due, when it next has work): a meter with a command in flight takes
         no other step (of another command, or an order's read) until it lands."""

@@ -17,9 +17,11 @@ Settling is not waited out on the bus: after a frame the bus serves other meters
 is a step of its own, due a moment later. So a batch of trips on one bus is paced by the bus.
 
 A bus's steps are taken up to ``batch`` at a time (:meth:`gateway.core.control.Controller.next_steps`): the
-closes' sends under one check, back to back, then the reads, and all their outcomes in one writer call. At
-100,000 meters a paid customer's close otherwise waited for three writer round trips per close ahead of it on
-its bus. A trip's send is never batched: its check stays right before its own frame.
+closes' sends under one check, back to back, then the reads, the bus held for the whole batch (polling
+waits), and all their outcomes in one writer call. At 100,000 meters a paid customer's close otherwise
+waited for three writer round trips per close ahead of it on its bus. A trip's send is never batched: its
+check stays right before its own frame. In real time a bus's worker with nothing due stays for a step due
+within ``linger_s`` (a read-back), rather than leave it to the next pass.
 """
 from __future__ import annotations
 
@@ -42,10 +44,12 @@ log = logging.getLogger(__name__)
 class CommandExecutor:
     def __init__(self, control: CostControl, writer: Writer, drivers: dict[str, RelayDriver],
                  bus_of: Callable[[str], str], clock: Clock, may_send: Callable[[str], bool] | None = None,
-                 batch: int = 16) -> None:
+                 batch: int = 16, linger_s: float = 2.0) -> None:
         """``drivers``: bus name -> driver; ``bus_of``: meter id -> bus name; ``may_send(bus)``: asked right
         before a frame goes out (several instances: this one's lease on the bus surely still holds);
-        ``batch``: at most this many steps of a bus back to back between writer round trips."""
+        ``batch``: at most this many steps of a bus back to back between writer round trips; ``linger_s``: in
+        real time, a bus's worker with nothing due waits this long at most for the bus's next step (a
+        read-back due a moment after its frame) instead of leaving it to the next pass."""
         self.control = control
         self.writer = writer
         self.drivers = drivers
@@ -53,7 +57,9 @@ class CommandExecutor:
         self.clock = clock
         self.may_send = may_send
         self.batch = batch
+        self.linger_s = linger_s
         self._wake = asyncio.Event()
+        self._lingering: dict[str, asyncio.Event] = {}  # bus -> set when a step of it is due now
 
     def wake(self) -> None:
         """Something new may be due (a payment made a close): look now, not at the next wakeup."""
@@ -69,36 +75,67 @@ class CommandExecutor:
         return sum(d for d in done if isinstance(d, int))
 
     async def _drain_bus(self, bus: str, stop: asyncio.Event | None = None) -> int:
+        """A bus's steps due now, batch after batch; with ``stop`` (real time), then those falling due within
+        ``linger_s``, each when it is due."""
         n = 0
         if stop is not None and stop.is_set():
             return n
-        steps = await self.writer.call_grouped(self.control.next_steps, self.clock.now(), bus, self.batch)
-        while steps:
-            # the next steps come back with the last ones' outcomes, asked afresh: a close made meanwhile goes first
-            n += len(steps)
-            steps = await self._perform(steps, next_on=bus)
-            if stop is not None and stop.is_set():
-                break
-        return n
+        steps, due_at = await self.writer.call_grouped(self._next, bus)
+        while True:
+            while steps:
+                # the next steps come back with the last ones' outcomes, asked afresh: a close made meanwhile
+                # goes first
+                n += len(steps)
+                steps, due_at = await self._perform(steps, next_on=bus)
+                if stop is not None and stop.is_set():
+                    return n
+            # nothing due now: a step due soon (a close's read-back, half a second after its frame) waited for
+            # the next pass and a new worker (two more writer round trips, and the pass's own pace)
+            if stop is None or due_at is None or not 0 < (delay := due_at - self.clock.now()) <= self.linger_s:
+                return n
+            await self._linger(bus, delay, stop)
+            if stop.is_set():
+                return n
+            steps, due_at = await self.writer.call_grouped(self._next, bus)
+
+    async def _linger(self, bus: str, delay: float, stop: asyncio.Event) -> None:
+        """Wait ``delay`` s, or less: until the run loop sees a step of the bus due (a payment's close) or stop."""
+        due = self._lingering[bus] = asyncio.Event()
+        waits = [asyncio.ensure_future(due.wait()), asyncio.ensure_future(stop.wait())]
+        try:
+            await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+            del self._lingering[bus]
+
+    def _next(self, bus: str) -> tuple[list[Step], float | None]:
+        """On the writer thread: the bus's steps due now, and when its next step falls due."""
+        now = self.clock.now()
+        return self.control.next_steps(now, bus, self.batch), self.control.controller.bus_step_at(bus)
 
     async def perform(self, step: Step) -> None:
         """Do one step now (its outcome committed)."""
         await self._perform([step], None)
 
-    async def _perform(self, steps: list[Step], next_on: str | None) -> list[Step]:
+    async def _perform(self, steps: list[Step], next_on: str | None) -> tuple[list[Step], float | None]:
         """Do ``steps`` (all on one bus) back to back: the sends under one gate check (one writer call for all
         of them, the bus reserved from the check to the last frame), then the reads; their outcomes in one
-        writer call. With ``next_on``, the same call returns that bus's next steps (one round trip fewer)."""
+        writer call. With ``next_on``, the same call returns that bus's next steps and when its next one is
+        due (one round trip fewer)."""
         bus = self.bus_of(steps[0].meter_id)
         driver = self.drivers.get(bus) or _Unconfigured(bus)
         sends = [s for s in steps if s.kind == StepKind.SEND]
-        reports = await self._send(driver, sends) if sends else []
-        for step in steps:
-            if step.kind != StepKind.SEND:
-                reports.append(await self._read(driver, step))
+        # the whole batch holds the bus: a poll exchange between each of its reads made a batch of sixteen
+        # take sixteen of them longer, and the closes queued behind it waited that much more
+        async with driver.reserved():
+            reports = await self._send(driver, sends) if sends else []
+            for step in steps:
+                if step.kind != StepKind.SEND:
+                    reports.append(await self._read(driver, step))
         return await self.writer.call_grouped(self._reported, reports, next_on)
 
-    def _reported(self, reports: list[tuple], next_on: str | None) -> list[Step]:
+    def _reported(self, reports: list[tuple], next_on: str | None) -> tuple[list[Step], float | None]:
         """On the writer thread: the steps' outcomes, then (with ``next_on``) that bus's next steps. One outcome
         that cannot be committed is logged and the others still are (its command is rebuilt from the store,
         where its last committed state says what to do next)."""
@@ -107,19 +144,19 @@ class CommandExecutor:
                 report(*args)
             except Exception:
                 log.exception("reporting a step's outcome failed (%s %s)", report.__name__, args[0])
-        return [] if next_on is None else self.control.next_steps(self.clock.now(), next_on, self.batch)
+        return ([], None) if next_on is None else self._next(next_on)
 
     async def _send(self, driver: RelayDriver, steps: list[Step]) -> list[tuple]:
-        async with driver.reserved():
-            permits = await self.writer.call_grouped(self.control.authorize_many, [s.subject_id for s in steps],
-                                                     self.clock.now())
-            reports = []
-            for step, permit in zip(steps, permits):
-                if isinstance(permit, Block):  # its outcome already committed by the check
-                    log.info("command %s not sent: %s: %s", step.subject_id, permit.gate.value, permit.reason)
-                    continue
-                outcome = await self._frame(driver, step, permit)
-                reports.append((self.control.send_result, (step.subject_id, self.clock.now(), *outcome)))
+        """The gate check, then the permitted frames; the caller holds the bus from before the check."""
+        permits = await self.writer.call_grouped(self.control.authorize_many, [s.subject_id for s in steps],
+                                                 self.clock.now())
+        reports = []
+        for step, permit in zip(steps, permits):
+            if isinstance(permit, Block):  # its outcome already committed by the check
+                log.info("command %s not sent: %s: %s", step.subject_id, permit.gate.value, permit.reason)
+                continue
+            outcome = await self._frame(driver, step, permit)
+            reports.append((self.control.send_result, (step.subject_id, self.clock.now(), *outcome)))
         return reports
 
     async def _frame(self, driver: RelayDriver, step: Step, permit) -> tuple:
@@ -183,6 +220,8 @@ class CommandExecutor:
                     for bus in sorted(await self.writer.call_grouped(self.control.due_buses, self.clock.now())):
                         if bus not in workers:
                             workers[bus] = asyncio.create_task(self._drain_bus(bus, stop), name=f"executor {bus}")
+                        elif (lingering := self._lingering.get(bus)) is not None:
+                            lingering.set()
                     nxt = await self.writer.call_grouped(self.control.controller.next_step_at)
                 except Exception:
                     log.exception("executor pass failed; trying again")

@@ -2,7 +2,8 @@
 
 A bus is half-duplex: the link's lock already serialises exchanges, so one
 poller task per bus keeps the line busy without queueing behind itself. A
-meter that keeps failing is marked unreachable (and still retried each cycle).
+meter that keeps failing is marked unreachable (and still read each cycle;
+once it has missed one, without the link's retries).
 """
 from __future__ import annotations
 
@@ -68,9 +69,12 @@ class BusPoller:
 
     async def read_meter(self, meter: str) -> Reading:
         values, errors = {}, {}
+        # a meter that did not answer last cycle is asked once: its retries were bus time a paid customer's
+        # close waited behind (an answer puts it back on the link's retries)
+        retries = 0 if self.health[meter].consecutive_failures else None
         for name, di in self._dis:
             try:
-                values[name] = (await self.client.read(meter, di)).value
+                values[name] = (await self.client.read(meter, di, retries=retries)).value
             except Dlt645Timeout as exc:
                 # bus time is the scarce resource: a meter that did not answer is not asked again this cycle
                 errors[name] = str(exc)

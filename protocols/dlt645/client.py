@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Callable
@@ -205,57 +205,64 @@ class Dlt645Link:
                        timeout: float | None = None, retries: int = 0) -> Frame | None:
         """Send ``request`` and return the matching reply frame (``None`` for broadcasts).
 
-        Retries only on timeouts; an abnormal reply is an answer and is returned
-        (as a frame) for the caller to interpret.
+        Retries only on timeouts and a lost link; an abnormal reply is an answer and is returned (as a frame)
+        for the caller to interpret. Outside a :meth:`reserved` hold each attempt takes the bus on its own:
+        whoever queued for it meanwhile (a paid customer's close) goes between a silent meter's attempts
+        instead of after all of them.
         """
-        if self._holder is not None and self._holder is asyncio.current_task():
-            return await self._exchange(request, expect_reply, reply_len, timeout, retries)
-        async with self._lock:
-            return await self._exchange(request, expect_reply, reply_len, timeout, retries)
-
-    async def _exchange(self, request: Frame, expect_reply: bool, reply_len: int, timeout: float | None,
-                        retries: int) -> Frame | None:
         wire = encode_frame(request.address, request.control, request.data, self.settings.preamble)
         if timeout is None:
             timeout = self.settings.exchange_timeout(len(wire), OVERHEAD + reply_len)
         match = _reply_matcher(request)
+        held = self._holder is not None and self._holder is asyncio.current_task()
         attempt = 0
         while True:
             attempt += 1
-            await self.open()
-            self._dispose_pending()
-            self.stats.exchanges += 1
-            loop = asyncio.get_running_loop()
-            if not expect_reply:
-                self._protocol.transport.write(wire)
-                # a broadcast occupies the line; the next request waits for it to drain
-                await asyncio.sleep(len(wire) * self.settings.bits_per_char / self.settings.baud)
-                return None
-            self._waiter = waiter = loop.create_future()
-            self._match = match
+            async with nullcontext() if held else self._lock:
+                await self.open()  # a line that cannot be opened is not tried again here (a connect takes seconds)
+                try:
+                    return await self._attempt(wire, expect_reply, timeout, match)
+                except Dlt645LinkError:
+                    if attempt > retries:
+                        raise
+                except asyncio.TimeoutError:
+                    if attempt > retries:
+                        raise Dlt645Timeout(
+                            f"no reply from {request.address} on {self.name} to function "
+                            f"{request.control:02X} within {timeout:.2f}s ({attempt} attempt(s))") from None
+                    log.debug("timeout from %s on %s, retry %d", request.address, self.name, attempt)
+
+    async def _attempt(self, wire: bytes, expect_reply: bool, timeout: float,
+                       match: Callable[[Frame], bool]) -> Frame | None:
+        """One try, the bus ours and open: the frame out, then its reply, or TimeoutError, or a lost link
+        (closed here, reopened by the next try)."""
+        self._dispose_pending()
+        self.stats.exchanges += 1
+        loop = asyncio.get_running_loop()
+        if not expect_reply:
             self._protocol.transport.write(wire)
-            # one future and one timer per exchange (wait_for(shield(...)) made two more tasks' worth of
-            # futures and callbacks: a fifth of the client's time at thousands of exchanges a second)
-            timer = loop.call_at(loop.time() + timeout, _expire, waiter)
-            try:
-                return await waiter
-            except Dlt645LinkError:
-                await self.close()
-                if attempt > retries:
-                    raise
-                continue
-            except asyncio.TimeoutError:
-                self.stats.timeouts += 1
-                self._on_events(self.deframer.flush())
-                if attempt > retries:
-                    raise Dlt645Timeout(
-                        f"no reply from {request.address} on {self.name} to function "
-                        f"{request.control:02X} within {timeout:.2f}s ({attempt} attempt(s))") from None
-                log.debug("timeout from %s on %s, retry %d", request.address, self.name, attempt)
-            finally:
-                timer.cancel()
-                self._waiter = None
-                self._match = None
+            # a broadcast occupies the line; the next request waits for it to drain
+            await asyncio.sleep(len(wire) * self.settings.bits_per_char / self.settings.baud)
+            return None
+        self._waiter = waiter = loop.create_future()
+        self._match = match
+        self._protocol.transport.write(wire)
+        # one future and one timer per exchange (wait_for(shield(...)) made two more tasks' worth of
+        # futures and callbacks: a fifth of the client's time at thousands of exchanges a second)
+        timer = loop.call_at(loop.time() + timeout, _expire, waiter)
+        try:
+            return await waiter
+        except Dlt645LinkError:
+            await self.close()
+            raise
+        except asyncio.TimeoutError:
+            self.stats.timeouts += 1
+            self._on_events(self.deframer.flush())
+            raise
+        finally:
+            timer.cancel()
+            self._waiter = None
+            self._match = None
 
     # -- callbacks from the protocol -----------------------------------------------
 
@@ -328,19 +335,20 @@ class Dlt645Client:
                                  f"to function {request.frame().control:02X}")
         return reply
 
-    async def read_raw(self, address: str, di: int) -> bytes:
-        """Read one DI; follow-up frames are requested and joined."""
-        reply = await self._ask(m.ReadRequest(address, di, self.edition), expect=m.ReadReply)
+    async def read_raw(self, address: str, di: int, *, retries: int | None = None) -> bytes:
+        """Read one DI; follow-up frames are requested and joined. ``retries``: the link's setting unless given."""
+        reply = await self._ask(m.ReadRequest(address, di, self.edition), expect=m.ReadReply, retries=retries)
         payload = reply.payload
         seq = 0
         while reply.followup:
             seq += 1
-            reply = await self._ask(m.ReadFollowupRequest(address, di, seq, self.edition), expect=m.ReadReply)
+            reply = await self._ask(m.ReadFollowupRequest(address, di, seq, self.edition), expect=m.ReadReply,
+                                    retries=retries)
             payload += reply.payload
         return payload
 
-    async def read(self, address: str, di: int) -> Value:
-        return decode_value(di, await self.read_raw(address, di), self.edition)
+    async def read(self, address: str, di: int, *, retries: int | None = None) -> Value:
+        return decode_value(di, await self.read_raw(address, di, retries=retries), self.edition)
 
     async def read_address(self) -> str:
         """Ask whoever is on the bus for its address (only meaningful with one meter on the line)."""

@@ -104,7 +104,12 @@ class SimBus:
             return [self._emit(arrived + self.turnaround_s, wire)]
         meter, plan = plans[0]
         self.stats.replies += 1
-        return [self._emit(arrived + self.turnaround_s + plan.delay_s, self._wire(meter, plan))]
+        if plan.delay_s:
+            # a late meter is silent until it answers, and the line free meanwhile: its reply may then cross
+            # another exchange (the master drops it as a stray). Counted as busy, it went silent for everyone:
+            # a 3 s late reply was 3 s of timeouts for every meter on the bus.
+            return [self._emit(arrived + self.turnaround_s + plan.delay_s, self._wire(meter, plan), hold=False)]
+        return [self._emit(arrived + self.turnaround_s, self._wire(meter, plan))]
 
     def _wire(self, meter: SimMeter, plan) -> bytes:
         frame = plan.message.frame()
@@ -114,9 +119,12 @@ class SimBus:
             wire[-2] ^= 0x5A
         return bytes(wire)
 
-    def _emit(self, start: float, wire: bytes) -> Transmission:
-        start = max(start, self._busy_until)
+    def _emit(self, start: float, wire: bytes, hold: bool = True) -> Transmission:
+        """A transmission from ``start``; with ``hold``, after whatever is on the line and holding it until done."""
+        if hold:
+            start = max(start, self._busy_until)
         done = start + self.wire_time(len(wire))
         self.stats.busy_s += done - start
-        self._busy_until = done
+        if hold:
+            self._busy_until = done
         return Transmission(done, wire)
