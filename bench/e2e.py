@@ -38,6 +38,11 @@ Figures (the last stdout line, and ``bench/results/e2e.json``):
   of its time (engine, ledger charges, decisions and the SQL);
 * ``peak_rss_mb`` of the gateway process (``fleet_peak_rss_mb``: the simulators').
 
+In the results file, to say where a close's time went: its stages (payment -> command -> frame sent ->
+confirmed), overall and by channel kind; the slowest 1 % by kind and frames needed; each kind of writer call
+(calls, time running and queued, longest) and those over 200 ms once payments flowed; each process's CPU use
+(cores) and how late the gateway's event loop ran a 10 ms timer, from the first payment to the last close.
+
 Verified in the run, before anything is reported: every payment committed once in the ledger; every paid
 meter's close command CONFIRMED; in the simulators' own records every paid meter's relay closed, with exactly
 one relay action (the close) in its log; every meter read in the second cycle (answers counted by channel

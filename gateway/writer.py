@@ -1,4 +1,4 @@
-"""The store's single writer: one thread runs every transaction, in the order asked.
+"""The store's single writer: one thread runs every transaction, one at a time.
 
 The asyncio side (pollers, executor, northbound) never touches the store directly: it awaits
 ``writer.call(fn, ...)``, so transactions never interleave and the event loop never blocks on a commit.
@@ -9,19 +9,25 @@ transaction a savepoint in it), so they share one COMMIT, one fsync. Each call's
 back only after that COMMIT: durable before acknowledged, and a relay frame sent on an ``authorize`` result
 always has its SENDING committed. A call that fails is rolled back to its savepoint and only its caller gets
 the error; a COMMIT that fails fails every call of the group.
+
+Grouped calls go first: they are the small ones a customer waits on (a payment, a relay command's gate check
+and outcome), which otherwise queued behind read cycles' batches, tick work and the outbox. Ungrouped calls
+run in the order asked among themselves, each waiting at most ``MAX_BEHIND_S`` behind grouped ones (never
+starved).
 """
 from __future__ import annotations
 
 import asyncio
-import queue
 import threading
+import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, ContextManager
 
 #: at most this many calls share a commit: each one's caller waits for the whole group's work
 MAX_GROUP = 64
-
-_STOP = object()
+#: an ungrouped call (a read cycle's batch, the tick, the outbox) waits at most this long behind grouped ones
+MAX_BEHIND_S = 0.25
 
 
 @dataclass
@@ -32,6 +38,7 @@ class _Call:
     grouped: bool
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future = field(repr=False)
+    asked: float = field(default_factory=time.monotonic)
 
 
 class Writer:
@@ -41,8 +48,10 @@ class Writer:
         self.group: Callable[[], ContextManager] | None = None
         #: group commits made, and the calls they held (metrics, benchmarks)
         self.groups = self.grouped_calls = 0
-        self._queue: queue.Queue = queue.Queue()
-        self._closed = False
+        self._ready = threading.Condition()
+        self._first: deque[_Call] = deque()  # grouped calls
+        self._rest: deque[_Call] = deque()  # the others
+        self._closed = self._stopping = False
         self._thread = threading.Thread(target=self._run, name="feikong-writer", daemon=True)
         self._thread.start()
 
@@ -51,8 +60,8 @@ class Writer:
         return await self._submit(fn, args, kwargs, False)
 
     async def call_grouped(self, fn, *args, **kwargs):
-        """Like :meth:`call`, but ``fn`` may share its commit with other grouped calls waiting with it; its
-        result comes back only once that commit is done."""
+        """Like :meth:`call`, but ``fn`` goes ahead of ungrouped calls and may share its commit with other
+        grouped calls waiting with it; its result comes back only once that commit is done."""
         return await self._submit(fn, args, kwargs, True)
 
     def _submit(self, fn, args, kwargs, grouped: bool) -> asyncio.Future:
@@ -60,43 +69,44 @@ class Writer:
             raise RuntimeError("no calls to the writer after its shutdown (close())")
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._queue.put(_Call(fn, args, kwargs, grouped, loop, future))
+        with self._ready:
+            (self._first if grouped else self._rest).append(_Call(fn, args, kwargs, grouped, loop, future))
+            self._ready.notify()
         return future
 
     def pending(self) -> int:
         """Calls waiting for the writer thread (the one it is running not counted)."""
-        return self._queue.qsize()
+        return len(self._first) + len(self._rest)
 
     def close(self) -> None:
         """Run what is queued, then stop the thread."""
         self._closed = True
-        self._queue.put(_STOP)
+        with self._ready:
+            self._stopping = True
+            self._ready.notify()
         self._thread.join()
 
     # -- the writer thread -------------------------------------------------------------------------------
+    def _next(self) -> list[_Call] | None:
+        """What to run next: an ungrouped call, or up to MAX_GROUP grouped ones; None once stopped and empty."""
+        with self._ready:
+            while not self._first and not self._rest:
+                if self._stopping:
+                    return None
+                self._ready.wait()
+            rest = self._rest
+            if rest and (not self._first or time.monotonic() - rest[0].asked >= MAX_BEHIND_S):
+                return [rest.popleft()]
+            first = self._first
+            return [first.popleft() for _ in range(min(MAX_GROUP, len(first)))]
+
     def _run(self) -> None:
-        held = None  # a call taken from the queue while collecting a group, run next
-        while True:
-            item, held = (held if held is not None else self._queue.get()), None
-            if item is _STOP:
-                return
-            if not item.grouped or self.group is None:
-                self._settle(item, *_invoke(item))
-                continue
-            batch = [item]
-            while len(batch) < MAX_GROUP:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is _STOP or not nxt.grouped:
-                    held = nxt
-                    break
-                batch.append(nxt)
-            if len(batch) == 1:
-                self._settle(item, *_invoke(item))
-                continue
-            self._run_group(batch)
+        while (batch := self._next()) is not None:
+            if len(batch) == 1 or self.group is None:
+                for item in batch:
+                    self._settle(item, *_invoke(item))
+            else:
+                self._run_group(batch)
 
     def _run_group(self, batch: list[_Call]) -> None:
         outcomes = []

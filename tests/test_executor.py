@@ -158,6 +158,9 @@ async def test_a_bus_worker_does_a_read_back_due_soon_itself_without_waiting_for
     try:
         cmd = await gw.writer.call(cc.manual, meter.address, RelayAction.TRIP, "wang", "supervisor", "test", "r1",
                                    gw.clock.now())
+        asked = []
+        real_call = gw.writer.call_grouped
+        gw.writer.call_grouped = lambda fn, *a, **k: asked.append(fn.__name__) or real_call(fn, *a, **k)
         runner = asyncio.create_task(gw.executor.run(stop, idle_s=60, min_pass_s=60))
         loop = asyncio.get_running_loop()
         t0 = loop.time()
@@ -165,6 +168,9 @@ async def test_a_bus_worker_does_a_read_back_due_soon_itself_without_waiting_for
             assert loop.time() - t0 < 10, cc.controller.commands[cmd.command_id]
             await asyncio.sleep(0.02)
         assert meter.relay_open and len(meter.relay_log) == 1
+        # the worker was told of the read-back with the frame's outcome: it did not ask again when it fell due
+        assert asked.count("_next") == 1 and asked.count("_reported") == 2, asked
+        del gw.writer.call_grouped
         # and with nothing due soon it goes: a worker does not wait for steps beyond linger_s
         gw.executor.linger_s = 0.0
         cmd = await gw.writer.call(cc.manual, meter.address, RelayAction.CLOSE, "wang", "supervisor", "undo", "r2",

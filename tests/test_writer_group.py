@@ -10,6 +10,7 @@ from gateway.core.commands import RelayAction
 from gateway.core.model import Account, Meter
 from gateway.costcontrol import CostControl
 from gateway.store import open_store
+from gateway import writer as writer_module
 from gateway.writer import Writer
 
 from .control_fixtures import QUICK
@@ -150,7 +151,9 @@ async def test_a_failing_commit_fails_every_call_of_the_group_and_memory_follows
         writer.close()
 
 
-async def test_an_ungrouped_call_ends_a_group_and_runs_in_its_turn(tmp_path):
+async def test_grouped_calls_go_first_and_an_ungrouped_one_waits_at_most_max_behind_s(tmp_path, monkeypatch):
+    """A close's calls are grouped: they go ahead of a read cycle's batch (ungrouped), which still runs once it
+    has waited MAX_BEHIND_S (never starved by a stream of grouped calls)."""
     writer, cc = await open_control(f"sqlite://{tmp_path / 'g.db'}")
     order: list[str] = []
 
@@ -159,19 +162,28 @@ async def test_an_ungrouped_call_ends_a_group_and_runs_in_its_turn(tmp_path):
         assert (cc.store._group is not None) == grouped_in
         return name
 
-    try:
+    async def queued_behind_the_writer(calls):
         gate = threading.Event()
         held = asyncio.ensure_future(writer.call(gate.wait, 10))
         await asyncio.sleep(0.05)
-        calls = [writer.call_grouped(note, "a", True), writer.call_grouped(note, "b", True),
-                 writer.call(note, "plain", False), writer.call_grouped(note, "c", False)]
         futures = [asyncio.ensure_future(c) for c in calls]
         await asyncio.sleep(0.05)
         gate.set()
         await held
-        assert await asyncio.gather(*futures) == ["a", "b", "plain", "c"]
-        assert order == ["a", "b", "plain", "c"]
-        assert (writer.groups, writer.grouped_calls) == (1, 2)  # "c" alone: it commits on its own
+        return await asyncio.gather(*futures)
+
+    try:
+        done = await queued_behind_the_writer([
+            writer.call_grouped(note, "a", True), writer.call_grouped(note, "b", True),
+            writer.call(note, "plain", False), writer.call_grouped(note, "c", True)])
+        assert done == ["a", "b", "plain", "c"]  # each caller gets its own result
+        assert order == ["a", "b", "c", "plain"]
+        assert (writer.groups, writer.grouped_calls) == (1, 3)
+        order.clear()
+        monkeypatch.setattr(writer_module, "MAX_BEHIND_S", 0.0)  # "plain" has waited long enough: its turn
+        await queued_behind_the_writer([writer.call(note, "plain", False), writer.call_grouped(note, "a", True),
+                                        writer.call_grouped(note, "b", True)])
+        assert order == ["plain", "a", "b"]
     finally:
         await writer.call(cc.store.close)
         writer.close()

@@ -848,6 +848,14 @@ class Controller:
         self._reindex()
         return min((t for bus in list(self._heaps[1]) if (t := self._earliest(1, bus)) is not None), default=None)
 
+    def reads_due_by(self, until: float, now: float, bus: str, limit: int) -> list[Step]:
+        """The read-backs of ``bus``'s commands falling due after ``now`` and by ``until``, earliest first, at
+        most ``limit``: the executor's worker does them when due without asking again (a read is always safe;
+        one the command no longer waits for is only noted)."""
+        soon = [s for s in self._due_steps(until, bus)
+                if s.kind == StepKind.READ and s.subject == "command" and s.due_at > now]
+        return heapq.nsmallest(limit, soon, key=lambda s: (s.due_at, s.subject_id))
+
     def bus_step_at(self, bus: str) -> float | None:
         """When a step of ``bus`` falls due next (a read-back, a retry), on a meter free to take it."""
         self._reindex()

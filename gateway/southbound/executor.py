@@ -6,28 +6,31 @@ It asks the cost-control shell (through the single writer) which steps are due, 
 * **send**: reserve the bus, then ask the shell to authorise the send (the last gate check, with a fresh
   balance, and SENDING committed), then put the frame on the line; the bus stays reserved in between, so a
   payment committed before the check is always seen, and nothing queues between a trip's check and its frame
-  (closes checked together go out back to back, below);
+  (closes checked together go out back to back, below). Until then a command is QUEUED, and an operator may
+  still cancel it;
 * **read**: read the relay back (status word 3) and report it, for a command being verified, a command whose
   last outcome is unknown, or a completed field order.
 
-Every writer call here is a grouped one (:meth:`gateway.writer.Writer.call_grouped`): the steps of many buses
-share a commit, and a result (a permit to send) comes back only once it is committed.
+Every writer call here is a grouped one (:meth:`gateway.writer.Writer.call_grouped`: ahead of the read
+cycles' batches, and the steps of many buses share a commit), and a result (a permit to send) comes back
+only once it is committed.
 
 Settling is not waited out on the bus: after a frame the bus serves other meters, and the verification read
 is a step of its own, due a moment later. So a batch of trips on one bus is paced by the bus.
 
 A bus's steps are taken up to ``batch`` at a time (:meth:`gateway.core.control.Controller.next_steps`): the
 closes' sends under one check, back to back, then the reads, the bus held for the whole batch (polling
-waits), and all their outcomes in one writer call. At 100,000 meters a paid customer's close otherwise
-waited for three writer round trips per close ahead of it on its bus. A trip's send is never batched: its
-check stays right before its own frame. In real time a bus's worker with nothing due stays for a step due
-within ``linger_s`` (a read-back), rather than leave it to the next pass.
+waits), and all their outcomes, with the bus's next steps, in one writer call. At 100,000 meters a paid
+customer's close otherwise waited for three writer round trips per close ahead of it on its bus. A trip's
+send is never batched: its check stays right before its own frame. In real time a bus's worker with nothing
+due stays for a read-back due within ``linger_s`` and does it when due, without asking again, rather than
+leave it to the next pass.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from gateway.clock import Clock
 from gateway.core.commands import StepKind
@@ -80,49 +83,67 @@ class CommandExecutor:
         n = 0
         if stop is not None and stop.is_set():
             return n
-        steps, due_at = await self.writer.call_grouped(self._next, bus)
+        nxt = await self.writer.call_grouped(self._next, bus)
         while True:
-            while steps:
+            if nxt.steps:
                 # the next steps come back with the last ones' outcomes, asked afresh: a close made meanwhile
                 # goes first
-                n += len(steps)
-                steps, due_at = await self._perform(steps, next_on=bus)
+                n += len(nxt.steps)
+                nxt = await self._perform(nxt.steps, next_on=bus)
                 if stop is not None and stop.is_set():
                     return n
-            # nothing due now: a step due soon (a close's read-back, half a second after its frame) waited for
-            # the next pass and a new worker (two more writer round trips, and the pass's own pace)
-            if stop is None or due_at is None or not 0 < (delay := due_at - self.clock.now()) <= self.linger_s:
+                continue
+            if stop is None:
                 return n
-            await self._linger(bus, delay, stop)
+            # nothing due now: a step due soon (a close's read-back, half a second after its frame) waited for
+            # the next pass, a new worker and a writer round trip to hand it over
+            at = min((s.due_at for s in nxt.soon), default=nxt.due_at)
+            delay = None if at is None else at - self.clock.now()
+            if delay is None or delay > self.linger_s or (delay <= 0 and not nxt.soon):
+                return n
+            woken = delay > 0 and await self._linger(bus, delay, stop)
             if stop.is_set():
                 return n
-            steps, due_at = await self.writer.call_grouped(self._next, bus)
+            now = self.clock.now()
+            ready = [s for s in nxt.soon if s.due_at <= now]
+            if woken or not ready:  # something else came due on the bus: ask
+                nxt = await self.writer.call_grouped(self._next, bus)
+            else:  # the read-backs we were told of: no need to ask again
+                nxt = _Next(ready, None, [])
 
-    async def _linger(self, bus: str, delay: float, stop: asyncio.Event) -> None:
-        """Wait ``delay`` s, or less: until the run loop sees a step of the bus due (a payment's close) or stop."""
+    async def _linger(self, bus: str, delay: float, stop: asyncio.Event) -> bool:
+        """Wait ``delay`` s, or less: until the run loop sees a step of the bus due (a payment's close; True)
+        or stop."""
         due = self._lingering[bus] = asyncio.Event()
         waits = [asyncio.ensure_future(due.wait()), asyncio.ensure_future(stop.wait())]
         try:
             await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+            return due.is_set()
         finally:
             for w in waits:
                 w.cancel()
             del self._lingering[bus]
 
-    def _next(self, bus: str) -> tuple[list[Step], float | None]:
-        """On the writer thread: the bus's steps due now, and when its next step falls due."""
+    def _next(self, bus: str) -> "_Next":
+        """On the writer thread: the bus's steps due now, when its next step falls due, and the read-backs due
+        within ``linger_s`` (its worker does them when due, without asking again)."""
         now = self.clock.now()
-        return self.control.next_steps(now, bus, self.batch), self.control.controller.bus_step_at(bus)
+        controller = self.control.controller
+        steps = self.control.next_steps(now, bus, self.batch)
+        taken = {s.subject_id for s in steps}
+        soon = [s for s in controller.reads_due_by(now + self.linger_s, now, bus, self.batch)
+                if s.subject_id not in taken]
+        return _Next(steps, controller.bus_step_at(bus), soon)
 
     async def perform(self, step: Step) -> None:
         """Do one step now (its outcome committed)."""
         await self._perform([step], None)
 
-    async def _perform(self, steps: list[Step], next_on: str | None) -> tuple[list[Step], float | None]:
+    async def _perform(self, steps: list[Step], next_on: str | None) -> "_Next":
         """Do ``steps`` (all on one bus) back to back: the sends under one gate check (one writer call for all
         of them, the bus reserved from the check to the last frame), then the reads; their outcomes in one
-        writer call. With ``next_on``, the same call returns that bus's next steps and when its next one is
-        due (one round trip fewer)."""
+        writer call. With ``next_on``, the same call returns that bus's next steps, when its next one is due and
+        its read-backs due soon (one round trip fewer)."""
         bus = self.bus_of(steps[0].meter_id)
         driver = self.drivers.get(bus) or _Unconfigured(bus)
         sends = [s for s in steps if s.kind == StepKind.SEND]
@@ -135,7 +156,7 @@ class CommandExecutor:
                     reports.append(await self._read(driver, step))
         return await self.writer.call_grouped(self._reported, reports, next_on)
 
-    def _reported(self, reports: list[tuple], next_on: str | None) -> tuple[list[Step], float | None]:
+    def _reported(self, reports: list[tuple], next_on: str | None) -> "_Next":
         """On the writer thread: the steps' outcomes, then (with ``next_on``) that bus's next steps. One outcome
         that cannot be committed is logged and the others still are (its command is rebuilt from the store,
         where its last committed state says what to do next)."""
@@ -144,7 +165,7 @@ class CommandExecutor:
                 report(*args)
             except Exception:
                 log.exception("reporting a step's outcome failed (%s %s)", report.__name__, args[0])
-        return ([], None) if next_on is None else self._next(next_on)
+        return _Next([], None, []) if next_on is None else self._next(next_on)
 
     async def _send(self, driver: RelayDriver, steps: list[Step]) -> list[tuple]:
         """The gate check, then the permitted frames; the caller holds the bus from before the check."""
@@ -240,6 +261,12 @@ class CommandExecutor:
                             log.error("bus %s: executor pass failed: %r", bus, task.exception())
         finally:
             await asyncio.gather(*workers.values(), return_exceptions=True)
+
+
+class _Next(NamedTuple):
+    steps: list[Step]  # due now on the bus
+    due_at: float | None  # when the bus's next step falls due
+    soon: list[Step]  # read-backs due within linger_s, not yet due
 
 
 class _Unconfigured:
