@@ -452,6 +452,12 @@ async def run(args, spec_dict: dict, workdir: Path) -> dict:
               "command_to_sent": [confirmed[m].sent_at - confirmed[m].created_at for m in payers],
               "sent_to_confirmed": [confirmed[m].confirmed_at - confirmed[m].sent_at for m in payers]}
     slowest = [m for _, m in sorted(zip(latencies, payers))[-max(1, len(payers) // 100):]]
+    paid_kinds = sorted({kind_of[m] for m in payers})
+
+    def p99_of(kind: str, values: list[float]) -> float:
+        """The p99 of the paid meters' ``values`` (in ``payers``' order) on lines of ``kind``."""
+        return round(quantile([v for m, v in zip(payers, values) if kind_of[m] == kind], 0.99), 3)
+
     arrived_in_cycle = max(pub["published"].values()) <= max(second[n]["end"] for n in fast)
     summary = {
         "meters": spec.total,
@@ -476,14 +482,11 @@ async def run(args, spec_dict: dict, workdir: Path) -> dict:
         "bus_utilisation_first_cycle": round(statistics.median(utilisation[0].values()), 3) if emulated else None,
         "close_latency_s": {"p50": round(quantile(latencies, 0.5), 3), "p90": round(quantile(latencies, 0.9), 3),
                             "p99": round(quantile(latencies, 0.99), 3), "max": round(max(latencies), 3)},
-        "close_latency_p99_by_kind_s": {k: round(quantile([lat for m, lat in zip(payers, latencies)
-                                                          if kind_of[m] == k], 0.99), 3)
-                                        for k in sorted({kind_of[m] for m in payers})},
+        "close_latency_p99_by_kind_s": {k: p99_of(k, latencies) for k in paid_kinds},
         "close_latency_stages_s": {k: {"p50": round(quantile(v, 0.5), 3), "p99": round(quantile(v, 0.99), 3),
                                        "max": round(max(v), 3)} for k, v in stages.items()},
-        "close_latency_stages_p99_by_kind_s": {
-            k: {stage: round(quantile([t for m, t in zip(payers, v) if kind_of[m] == k], 0.99), 3)
-                for stage, v in stages.items()} for k in sorted({kind_of[m] for m in payers})},
+        "close_latency_stages_p99_by_kind_s": {k: {stage: p99_of(k, v) for stage, v in stages.items()}
+                                               for k in paid_kinds},
         # the slowest 1 %: which kind of channel, and how many frames their closes took
         "slowest_closes": {"by_kind": dict(Counter(kind_of[m] for m in slowest)),
                            "attempts": dict(Counter(confirmed[m].attempts for m in slowest))},

@@ -29,6 +29,7 @@ from gateway.cluster import LeaseLost, NotHeld, log_failure
 from gateway.core.commands import RelayAction, RelayExplanation, RelayStatus, ReconnectMode, explain
 from gateway.core.control import (
     AuditRecord,
+    BusWork,
     AuthorityError,
     ControlConfig,
     Controller,
@@ -535,9 +536,9 @@ class CostControl:
         self._fresh(now)
         return self.controller.due_buses(now)
 
-    def next_steps(self, now: float, bus: str, limit: int) -> list[Step]:
+    def bus_work(self, now: float, bus: str, limit: int, soon_s: float) -> BusWork:
         self._fresh(now)
-        return self.controller.next_steps(now, bus, limit)
+        return self.controller.bus_work(now, bus, limit, soon_s)
 
     def authorize(self, command_id: str, now: float) -> Permit | Block:
         return self.authorize_many([command_id], now)[0]

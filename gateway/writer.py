@@ -35,7 +35,6 @@ class _Call:
     fn: Callable
     args: tuple
     kwargs: dict
-    grouped: bool
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future = field(repr=False)
     asked: float = field(default_factory=time.monotonic)
@@ -51,7 +50,7 @@ class Writer:
         self._ready = threading.Condition()
         self._first: deque[_Call] = deque()  # grouped calls
         self._rest: deque[_Call] = deque()  # the others
-        self._closed = self._stopping = False
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name="feikong-writer", daemon=True)
         self._thread.start()
 
@@ -65,12 +64,12 @@ class Writer:
         return await self._submit(fn, args, kwargs, True)
 
     def _submit(self, fn, args, kwargs, grouped: bool) -> asyncio.Future:
-        if self._closed:
-            raise RuntimeError("no calls to the writer after its shutdown (close())")
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        with self._ready:
-            (self._first if grouped else self._rest).append(_Call(fn, args, kwargs, grouped, loop, future))
+        with self._ready:  # (checked under the lock: a call let in after close() would never be answered)
+            if self._closed:
+                raise RuntimeError("no calls to the writer after its shutdown (close())")
+            (self._first if grouped else self._rest).append(_Call(fn, args, kwargs, loop, future))
             self._ready.notify()
         return future
 
@@ -80,9 +79,8 @@ class Writer:
 
     def close(self) -> None:
         """Run what is queued, then stop the thread."""
-        self._closed = True
         with self._ready:
-            self._stopping = True
+            self._closed = True
             self._ready.notify()
         self._thread.join()
 
@@ -91,7 +89,7 @@ class Writer:
         """What to run next: an ungrouped call, or up to MAX_GROUP grouped ones; None once stopped and empty."""
         with self._ready:
             while not self._first and not self._rest:
-                if self._stopping:
+                if self._closed:
                     return None
                 self._ready.wait()
             rest = self._rest

@@ -1,5 +1,5 @@
-"""The controller's indexes (pure, virtual clock): ``due_buses`` and ``next_step_at`` from per-bus heaps kept
-up by what changed, and a tick that looks only at what changed or fell due, give what a full scan of every
+"""The controller's indexes (pure, virtual clock): ``due_buses``, ``next_step_at`` and ``bus_work`` from per-bus
+heaps kept up by what changed, and a tick that looks only at what changed or fell due, give what a full scan of every
 entity gives, through days of trips, closes, silent and stuck meters, retries and field orders."""
 import random
 
@@ -38,6 +38,14 @@ def scanned_next_step_at(c: Controller) -> float | None:
     return min(times, default=None)
 
 
+def scanned_bus_work(c: Controller, now: float, bus: str, limit: int, soon_s: float):
+    """A bus's next batch, its read-backs due soon and its next step's time, each from a scan of its own."""
+    later = c.steps(float("inf"), bus)
+    soon = sorted((s for s in later if now < s.due_at <= now + soon_s and s.kind.value == "read"
+                   and s.subject == "command"), key=lambda s: (s.due_at, s.subject_id))[:limit]
+    return c.next_steps(now, bus, limit), soon, min((s.due_at for s in later), default=None)
+
+
 class CheckedSim(Sim):
     """After every change: the indexes agree with a full scan, now and later; and after every tick nothing
     that time alone had made due is left undone (an order for every failing close, every escalation)."""
@@ -50,6 +58,8 @@ class CheckedSim(Sim):
         for t in (self.now, self.now + 1, self.now + 60, self.now + 3600, self.now + 86400):
             assert c.due_buses(t) == scanned_due_buses(c, t), t - self.now
         assert c.next_step_at() == scanned_next_step_at(c)
+        for bus in (f"bus{i}" for i in range(BUSES)):  # the executor's one scan gives what three would
+            assert tuple(c.bus_work(self.now, bus, 3, 60.0)) == scanned_bus_work(c, self.now, bus, 3, 60.0)
         CheckedSim.checks += 1
         return fx
 

@@ -208,7 +208,7 @@ async def test_a_batch_holds_the_bus_so_polling_waits_for_all_its_steps(tmp_path
             await gw.writer.call(cc.manual, m.address, RelayAction.TRIP, "wang", "supervisor", "test", f"r{i}", now)
         await gw.executor.drain()  # the three frames, back to back
         await asyncio.sleep(0.3)  # the read-backs are due
-        steps = await gw.writer.call(cc.next_steps, gw.clock.now(), link.name, 16)
+        steps = await gw.writer.call(cc.controller.next_steps, gw.clock.now(), link.name, 16)
         assert [s.kind.value for s in steps] == ["read"] * 3
         seen = []
         for m in meters:  # which meter each request on the line was for, in order

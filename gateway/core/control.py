@@ -21,7 +21,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
 from enum import Enum
-from typing import Callable, Protocol
+from typing import Callable, Iterable, NamedTuple, Protocol
 
 from .commands import (
     Command,
@@ -180,6 +180,14 @@ class Step:
     meter_id: str
     priority: int
     due_at: float
+
+
+class BusWork(NamedTuple):
+    """A bus's worker's next batch (:meth:`Controller.bus_work`)."""
+
+    steps: list[Step]  # due now, for the executor to do back to back
+    soon: list[Step]  # read-backs falling due shortly, not yet due
+    due_at: float | None  # when the bus's next step falls due
 
 
 @dataclass(frozen=True)
@@ -810,10 +818,25 @@ class Controller:
         falls): the executor checks a trip's gates again right before its frame, and a payment landing
         between that check and the frame would trip a customer who has just paid, so nothing else may queue
         in between."""
+        return self._batch(self._due_steps(now, bus), limit)
+
+    def bus_work(self, now: float, bus: str, limit: int, soon_s: float) -> BusWork:
+        """What a bus's worker needs, from one scan of the bus's commands: :meth:`next_steps`; the read-backs
+        of its commands falling due within ``soon_s``, earliest first, at most ``limit`` (the worker does them
+        when due without asking again: a read is always safe, and one the command no longer waits for is only
+        noted); and when its next step of any kind falls due."""
+        upcoming = list(self._due_steps(now + soon_s, bus))  # a step's due_at says when it is due
+        soon = heapq.nsmallest(limit, [s for s in upcoming if s.due_at > now and s.kind == StepKind.READ
+                                       and s.subject == "command"], key=lambda s: (s.due_at, s.subject_id))
+        self._reindex()
+        due_at = self._earliest(0, bus) if bus in self._heaps[0] else None
+        return BusWork(self._batch([s for s in upcoming if s.due_at <= now], limit), soon, due_at)
+
+    def _batch(self, due: Iterable[Step], limit: int) -> list[Step]:
         steps: list[Step] = []
         meters: set[str] = set()
         # twice the limit: a meter may have two steps due (a queued command's and an order's read-back)
-        for s in heapq.nsmallest(limit * 2, self._due_steps(now, bus), key=_urgency):
+        for s in heapq.nsmallest(limit * 2, due, key=_urgency):
             if s.kind == StepKind.SEND and self.commands[s.subject_id].action == RelayAction.TRIP:
                 return steps or [s]
             if s.meter_id not in meters:
@@ -847,19 +870,6 @@ class Controller:
         (time's other work, notices and gates, is the ticker's)."""
         self._reindex()
         return min((t for bus in list(self._heaps[1]) if (t := self._earliest(1, bus)) is not None), default=None)
-
-    def reads_due_by(self, until: float, now: float, bus: str, limit: int) -> list[Step]:
-        """The read-backs of ``bus``'s commands falling due after ``now`` and by ``until``, earliest first, at
-        most ``limit``: the executor's worker does them when due without asking again (a read is always safe;
-        one the command no longer waits for is only noted)."""
-        soon = [s for s in self._due_steps(until, bus)
-                if s.kind == StepKind.READ and s.subject == "command" and s.due_at > now]
-        return heapq.nsmallest(limit, soon, key=lambda s: (s.due_at, s.subject_id))
-
-    def bus_step_at(self, bus: str) -> float | None:
-        """When a step of ``bus`` falls due next (a read-back, a retry), on a meter free to take it."""
-        self._reindex()
-        return self._earliest(0, bus) if bus in self._heaps[0] else None
 
     def _meter_step_times(self, meter_id: str) -> tuple[float | None, float | None]:
         """(when a step of the meter falls due, when it next has work): a meter with a command in flight takes

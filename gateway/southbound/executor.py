@@ -30,11 +30,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable, NamedTuple
+from typing import Callable
 
 from gateway.clock import Clock
 from gateway.core.commands import StepKind
-from gateway.core.control import SendResult, Step
+from gateway.core.control import BusWork, SendResult, Step
 from gateway.core.policy import Block
 from gateway.costcontrol import CostControl
 from gateway.writer import Writer
@@ -109,7 +109,7 @@ class CommandExecutor:
             if woken or not ready:  # something else came due on the bus: ask
                 nxt = await self.writer.call_grouped(self._next, bus)
             else:  # the read-backs we were told of: no need to ask again
-                nxt = _Next(ready, None, [])
+                nxt = BusWork(ready, [], None)
 
     async def _linger(self, bus: str, delay: float, stop: asyncio.Event) -> bool:
         """Wait ``delay`` s, or less: until the run loop sees a step of the bus due (a payment's close; True)
@@ -124,22 +124,16 @@ class CommandExecutor:
                 w.cancel()
             del self._lingering[bus]
 
-    def _next(self, bus: str) -> "_Next":
-        """On the writer thread: the bus's steps due now, when its next step falls due, and the read-backs due
-        within ``linger_s`` (its worker does them when due, without asking again)."""
-        now = self.clock.now()
-        controller = self.control.controller
-        steps = self.control.next_steps(now, bus, self.batch)
-        taken = {s.subject_id for s in steps}
-        soon = [s for s in controller.reads_due_by(now + self.linger_s, now, bus, self.batch)
-                if s.subject_id not in taken]
-        return _Next(steps, controller.bus_step_at(bus), soon)
+    def _next(self, bus: str) -> BusWork:
+        """On the writer thread: the bus's steps due now, its read-backs due within ``linger_s`` (its worker
+        does them when due, without asking again), and when its next step falls due."""
+        return self.control.bus_work(self.clock.now(), bus, self.batch, self.linger_s)
 
     async def perform(self, step: Step) -> None:
         """Do one step now (its outcome committed)."""
         await self._perform([step], None)
 
-    async def _perform(self, steps: list[Step], next_on: str | None) -> "_Next":
+    async def _perform(self, steps: list[Step], next_on: str | None) -> BusWork:
         """Do ``steps`` (all on one bus) back to back: the sends under one gate check (one writer call for all
         of them, the bus reserved from the check to the last frame), then the reads; their outcomes in one
         writer call. With ``next_on``, the same call returns that bus's next steps, when its next one is due and
@@ -156,7 +150,7 @@ class CommandExecutor:
                     reports.append(await self._read(driver, step))
         return await self.writer.call_grouped(self._reported, reports, next_on)
 
-    def _reported(self, reports: list[tuple], next_on: str | None) -> "_Next":
+    def _reported(self, reports: list[tuple], next_on: str | None) -> BusWork:
         """On the writer thread: the steps' outcomes, then (with ``next_on``) that bus's next steps. One outcome
         that cannot be committed is logged and the others still are (its command is rebuilt from the store,
         where its last committed state says what to do next)."""
@@ -165,7 +159,7 @@ class CommandExecutor:
                 report(*args)
             except Exception:
                 log.exception("reporting a step's outcome failed (%s %s)", report.__name__, args[0])
-        return _Next([], None, []) if next_on is None else self._next(next_on)
+        return BusWork([], [], None) if next_on is None else self._next(next_on)
 
     async def _send(self, driver: RelayDriver, steps: list[Step]) -> list[tuple]:
         """The gate check, then the permitted frames; the caller holds the bus from before the check."""
@@ -261,12 +255,6 @@ class CommandExecutor:
                             log.error("bus %s: executor pass failed: %r", bus, task.exception())
         finally:
             await asyncio.gather(*workers.values(), return_exceptions=True)
-
-
-class _Next(NamedTuple):
-    steps: list[Step]  # due now on the bus
-    due_at: float | None  # when the bus's next step falls due
-    soon: list[Step]  # read-backs due within linger_s, not yet due
 
 
 class _Unconfigured:
