@@ -398,6 +398,28 @@ def test_remote_success_cancels_the_open_order():
     sim.run(MONDAY + 4 * 3600)
     assert order.state == OrderState.CANCELLED and "remote close succeeded" in order.note
     assert sim.of("field_order_cancelled")
+    # a crew was there as the retry went out: their completion, crossing the cancellation, is recorded (their
+    # visit happened); the meter was already read closed, so no verification reads follow
+    c.on_field_updates([FieldUpdate("u1", order.order_id, FieldStatus.COMPLETED, sim.now, "crew-3", "reset")],
+                       sim.now)
+    sim.collect()
+    assert (order.state, order.verified, order.crew, order.verify_next_at) == (
+        OrderState.COMPLETED, "confirmed", "crew-3", None)
+    assert order.note == "remote close succeeded (read-back); completed on site as well: reset"
+    assert sim.of("field_order_updated")[-1]["state"] == "completed"
+    # anything else for it is still refused
+    with pytest.raises(ValueError, match="is completed: it takes no more field updates"):
+        c.dispatcher.apply(order, FieldUpdate("u2", order.order_id, FieldStatus.FAILED, sim.now), sim.now)
+
+
+def test_a_completion_after_a_cancellation_for_another_reason_is_refused():
+    c, sim = paid_while_open(FakeRelay(open_=True, stuck=True))
+    sim.run(MONDAY + 1800)
+    order = next(iter(c.orders.values()))
+    assert c.dispatcher.cancel(order, sim.now, "superseded by an operator's trip")
+    with pytest.raises(ValueError, match="is cancelled: it takes no more field updates"):
+        c.dispatcher.apply(order, FieldUpdate("u1", order.order_id, FieldStatus.COMPLETED, sim.now), sim.now)
+    assert (order.state, order.verified) == (OrderState.CANCELLED, "")
 
 
 def test_orders_escalate_near_the_deadline_and_rank_by_urgency():

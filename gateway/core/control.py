@@ -802,8 +802,8 @@ class Controller:
         if kind == "relay_cancelled" and c.order_id in self.orders:  # superseded or stopped: no crew for it
             self._cancel_order(self.orders[c.order_id], now, f"command {c.outcome}")
 
-    def _cancel_order(self, o: WorkOrder, now: float, why: str) -> None:
-        if self.dispatcher.cancel(o, now, why):
+    def _cancel_order(self, o: WorkOrder, now: float, why: str, reached: bool = False) -> None:
+        if self.dispatcher.cancel(o, now, why, reached):
             self._touch(o)
             self._emit("field_order_cancelled", o.meter_id, now, order_id=o.order_id, reason=o.note)
 
@@ -1045,7 +1045,7 @@ class Controller:
         self._audit(now, c.actor, c.role, f"relay_{c.action.value}_confirmed", c.meter_id, c.reason,
                     command_id=c.command_id, outcome=c.outcome, via=via)
         if o is not None:
-            self._cancel_order(o, now, f"remote {c.action.value} succeeded ({via})")
+            self._cancel_order(o, now, f"remote {c.action.value} succeeded ({via})", reached=True)
         if c.action == RelayAction.CLOSE and c.outcome == "close_allowed":
             # the meter allows the close: the customer must press the button
             self._new_notice(c.account_id, NoticePurpose.PRESS_BUTTON, f"{c.command_id}/press", now,

@@ -123,10 +123,16 @@ class Dispatcher:
     def apply(self, o: WorkOrder, u: FieldUpdate, now: float) -> str:
         """A field update. Returns what happened: 'applied', 'stale' (an older update arriving late: kept
         for the record, no effect). Raises ValueError for an update the order cannot take."""
+        new = OrderState(u.status.value)
+        if o.state == OrderState.CANCELLED and o.verified == "confirmed" and new == OrderState.COMPLETED:
+            # the crew was on site while a remote retry did the same: their visit happened, record it (the
+            # meter was already read in the order's state; no verification reads needed)
+            o.state, o.crew, o.closed_at, o.updated_at = OrderState.COMPLETED, u.crew or o.crew, now, now
+            o.note = f"{o.note}; completed on site as well" + (f": {u.note}" if u.note else "")
+            return "applied"
         if not o.state.active:
             raise ValueError(f"order {o.order_id} is {o.state.value}: it takes no more field updates "
                              f"(got {u.status.value})")
-        new = OrderState(u.status.value)
         if new != OrderState.FAILED and o.state != OrderState.FAILED and _RANK[new] < _RANK[o.state]:
             return "stale"
         if new == o.state and new != OrderState.FAILED:  # another failed visit is news, not a repeat
@@ -180,8 +186,12 @@ class Dispatcher:
         return self._escalates_at(o)[o.escalation]
 
     @staticmethod
-    def cancel(o: WorkOrder, now: float, why: str) -> bool:
+    def cancel(o: WorkOrder, now: float, why: str, reached: bool = False) -> bool:
+        """``reached``: the meter was read in the state the order asked for (a remote retry succeeded), so the
+        order is also verified: a crew's completion crossing the cancellation is still recorded."""
         if not o.state.active:
             return False
         o.state, o.closed_at, o.note, o.updated_at = OrderState.CANCELLED, now, why, now
+        if reached:
+            o.verified = "confirmed"
         return True
