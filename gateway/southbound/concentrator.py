@@ -148,6 +148,10 @@ class HubStats:
 # --------------------------------------------------------------------------- the MQTT adapter
 
 
+#: publishes awaiting the broker's PUBACK past which aiomqtt logs a warning (its default is 10)
+PENDING_PUBLISHES_WARNING = 2000
+
+
 class _Handoff(asyncio.Queue):
     """aiomqtt's incoming-message queue (its ``queue_type``) that hands each message to ``deliver`` as paho
     reads it, on the loop. Through aiomqtt's own queue, each message cost a task and an ``asyncio.wait``
@@ -175,6 +179,9 @@ class _Mqtt:
                                       # small request/response messages: Nagle's algorithm with delayed
                                       # ACKs costs ~40 ms per hop on an idle connection
                                       socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+        # aiomqtt warns (on every publish) past 10 publishes awaiting their PUBACK; a hub has up to one
+        # request out per concentrator it serves, hundreds at scale: warn only when far past that
+        self._client.pending_calls_threshold = PENDING_PUBLISHES_WARNING
 
     async def __aenter__(self) -> "_Mqtt":
         await self._client.__aenter__()
