@@ -36,7 +36,7 @@ class LiveGateway:
         self.store_url = store_url
         self.broker = broker
         self.accounts = accounts if isinstance(accounts, list) else \
-            [Account(f"A{i}", tariff_id="flat") for i in range(accounts)]
+            [Account(f"A{i}", tariff_id="flat", area="north") for i in range(accounts)]
         self.sims = list(meters)
         self.mqtt = mqtt or BrokerConfig(broker.host, broker.port, instance="gw-test")
         self.poll_interval_s = poll_interval_s

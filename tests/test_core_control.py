@@ -221,6 +221,15 @@ def test_a_late_area_flag_older_than_the_one_in_force_is_refused_and_a_repeat_ch
         f"a late delivery"]
 
 
+def test_an_area_flag_for_an_area_no_account_is_in_is_refused():
+    c = controller()
+    c.set_area_flag(AreaFlag("nroth", "extreme_weather", True, MONDAY, None, "dispatcher", "blizzard"), MONDAY)
+    fx = c.take_effects()
+    assert not c.conditions.flags and not fx.flags and not fx.audit
+    assert [reason for _, reason in fx.rejected] == [
+        "area flag nroth/extreme_weather: unknown area 'nroth' (no account is in it)"]
+
+
 def test_grace_period_by_customer_class():
     cfg = ControlConfig(trips=TripPolicy(grace_s={"residential": 3 * DAY}))
     c = controller(config=cfg)

@@ -141,6 +141,10 @@ async def test_area_flags_are_set_with_the_setters_role(broker, tmp_path):
         flags = await api.ok("vera", "GET", "/api/v1/area-flags")
         assert [(f["area"], f["flag"], f["active"]) for f in flags["items"]] == [("north", "typhoon", True)]
         assert await audit_actions(api, "north") == [("sam", "supervisor", "area_flag_set")]
+        # a misspelt area protects no one: refused, naming the field, and nothing recorded
+        status, body = await api.call("sam", "POST", "/api/v1/area-flags", {**body, "area": "nroth"})
+        assert status == 404 and "unknown area 'nroth'" in body["error"] and body["errors"][0]["field"] == "body.area"
+        assert await audit_actions(api, "nroth") == []
 
 
 async def test_a_meter_read_on_demand_is_committed_and_shown(broker, tmp_path, monkeypatch):

@@ -205,3 +205,14 @@ def test_feikong_audit_verify_finds_the_store_through_the_gateway_config(tmp_pat
     config.write_text('[store]\nurl = 5\n')
     assert cli.main(["audit", "verify", "--config", str(config)]) == 2
     assert "url" in capsys.readouterr().err
+
+
+def test_a_missing_chain_head_refuses_appends_with_the_reason(store_url):
+    store = store_with(store_url, 2)
+    store._execute("DELETE FROM audit_head")
+    with pytest.raises(audit.ChainHeadMissing, match=r"audit chain's head \(table audit_head, row id 1\) is missing"):
+        with store.transaction():
+            store.append_audit([record(2)])
+    assert len(seqs(store)) == 2  # nothing appended
+    report = verify_chain(store)  # the check says so too, rather than fail
+    assert not report.ok and "audit_head" in report.why

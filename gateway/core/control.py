@@ -121,6 +121,8 @@ class Directory(Protocol):
 
     def meters_of_account(self, account_id: str) -> list[Meter]: ...
 
+    def has_area(self, area: str) -> bool: ...  # some account is in it
+
     def balance_and_level(self, account_id: str) -> tuple[int, int]: ...  # balance and trip level, fen
 
     def in_trip_band(self, account_id: str) -> bool: ...
@@ -646,7 +648,13 @@ class Controller:
 
     def set_area_flag(self, flag: AreaFlag, now: float, role: str = "area_flag") -> None:
         """The latest word on an area flag wins: one older than the flag in force (a late or re-ordered
-        delivery) is refused, and the same one again changes nothing. ``role``: the setter's, for the audit."""
+        delivery) is refused, and the same one again changes nothing; one for an area no account is in is
+        refused. ``role``: the setter's, for the audit."""
+        if not self.dir.has_area(flag.area):
+            # a misspelt area would protect no one while its setter believes it does
+            self._fx.rejected.append((flag, f"area flag {flag.area}/{flag.flag}: unknown area {flag.area!r} (no "
+                                            f"account is in it)"))
+            return
         current = self.conditions.flags.get((flag.area, flag.flag))
         if current == flag:
             return

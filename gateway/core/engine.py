@@ -124,6 +124,7 @@ class Engine:
         self.account_ids: list[str] = []
         self.accounts: list[Account] = []
         self.account_no: dict[str, int] = {}
+        self.areas: set[str] = set()  # every account's area
         self.meter_ids: list[str] = []
         self.meters: list[Meter] = []
         self.meter_no: dict[str, int] = {}
@@ -165,6 +166,9 @@ class Engine:
     def meters_of_account(self, account_id: str) -> list[Meter]:
         return [self.meters[m] for m in self.meters_of[self.account_no[account_id]]]
 
+    def has_area(self, area: str) -> bool:
+        return area in self.areas
+
     def update_tariffs(self, tariffs: dict[str, Tariff]) -> None:
         """Replace tariffs in place and append new ones; accounts keep their tariff numbers."""
         for tid, tariff in tariffs.items():
@@ -195,6 +199,7 @@ class Engine:
             self.account_ids.append(a.account_id)
             self.accounts.append(a)
             self.account_no[a.account_id] = i
+            self.areas.add(a.area)
             self.meters_of.append([])
             self.local[i] = a.mode == CostControlMode.LOCAL
             self.auto_trip[i] = a.customer_class.auto_trip_allowed

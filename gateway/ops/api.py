@@ -519,6 +519,8 @@ def create_app(gateway, tokens: Tokens, *, clock=None, bridge=None, request_ttl_
     @app.post(f"{PREFIX}/area-flags", tags=["areas"],
               summary="set or clear an area flag: no automatic trips in a flagged area while it is active")
     async def set_area_flag(body: AreaFlagBody, who: Identity = role("area_flag")):
+        if not gateway.control.engine.has_area(body.area):
+            raise ApiError(404, f"unknown area {body.area!r}: no account is in it", "body.area")
         now = clock.now()
         flag = AreaFlag(body.area, body.flag, body.active, int(now), body.until, who.name, body.reason)
         fx = await on_writer(gateway.control.set_area_flag, flag, now, who.role)

@@ -33,6 +33,11 @@ def link_hash(prev_hash: str, at: float, actor: str, role: str, action: str, sub
     return hashlib.sha256(canonical(prev_hash, at, actor, role, action, subject, reason, detail)).hexdigest()
 
 
+class ChainHeadMissing(Exception):
+    """The chain's head row is gone (the store raises it): nothing audited can be committed, and the chain
+    cannot be checked, until it is restored."""
+
+
 @dataclass(frozen=True)
 class ChainReport:
     ok: bool
@@ -71,11 +76,14 @@ class ChainWalk:
         if self.n == 0 and self.after == 0 and store.schema_version() < 4:
             return ChainReport(False, 0, "", None, f"the store is at schema version {store.schema_version()}: the "
                                                    f"audit chain starts with version 4 (start the gateway once)")
-        head = store.audit_head()  # before the page: everything it counts is committed, so in the page or before
-        rows = store.audit_chain(self.after, page or PAGE)
-        if not rows:
-            return self._end(*head)
-        counted = store.audit_head()[0]  # after the page: it counts every record the page has
+        try:
+            head = store.audit_head()  # before the page: everything it counts is committed, so in the page or before
+            rows = store.audit_chain(self.after, page or PAGE)
+            if not rows:
+                return self._end(*head)
+            counted = store.audit_head()[0]  # after the page: it counts every record the page has
+        except ChainHeadMissing as exc:
+            return ChainReport(False, self.n, "", None, str(exc))
         for row in rows:
             report = self._feed(row, counted)
             if report is not None:

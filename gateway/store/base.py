@@ -23,7 +23,7 @@ from gateway.core.model import Account, Adjustment, CostControlMode, CustomerCla
 from gateway.core.policy import AreaFlag, Forecast
 from gateway.core.tariff import Tariff, Tier, TariffVersion
 
-from gateway.ops.audit import link_hash
+from gateway.ops.audit import ChainHeadMissing, link_hash
 
 from .entities import CASES, COMMANDS, NOTICES, ORDERS, REQUESTS, EntityTable
 
@@ -848,7 +848,8 @@ class Store(ABC):
         so concurrent appenders on one database link one after the other."""
         if not records:
             return
-        count, head = self._query("UPDATE audit_head SET records = records WHERE id = 1 RETURNING records, hash")[0]
+        count, head = self._audit_head_row(
+            self._query("UPDATE audit_head SET records = records WHERE id = 1 RETURNING records, hash"))
         rows = []
         for a in records:
             row = (a.at, a.actor, a.role, a.action, a.subject, a.reason, _dumps(a.detail))
@@ -871,7 +872,17 @@ class Store(ABC):
 
     def audit_head(self) -> tuple[int, str]:
         """``(records, hash)``: how many records the chain has and the last one's hash."""
-        return tuple(self._query("SELECT records, hash FROM audit_head WHERE id = 1")[0])
+        return self._audit_head_row(self._query("SELECT records, hash FROM audit_head WHERE id = 1"))
+
+    @staticmethod
+    def _audit_head_row(rows: list) -> tuple[int, str]:
+        # the row is made by migration 4 and only ever updated: without it nothing that is audited (a trip, a
+        # close, an adjustment) may be committed, so say why rather than fail on an empty result
+        if not rows:
+            raise ChainHeadMissing("the audit chain's head (table audit_head, row id 1) is missing: the audit "
+                                   "log was altered outside the gateway; nothing audited (a trip, a close, an "
+                                   "adjustment) can be committed until it is restored from a backup")
+        return int(rows[0][0]), rows[0][1]
 
     def audit_chain(self, after_seq: int = 0, limit: int = 1000) -> list[tuple]:
         """Raw chain rows in order: ``(seq, at, actor, role, action, subject, reason, detail_text, prev_hash,
