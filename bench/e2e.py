@@ -490,6 +490,11 @@ async def run(args, spec_dict: dict, workdir: Path) -> dict:
         # the slowest 1 %: which kind of channel, and how many frames their closes took
         "slowest_closes": {"by_kind": dict(Counter(kind_of[m] for m in slowest)),
                            "attempts": dict(Counter(confirmed[m].attempts for m in slowest))},
+        # closes made more than 5 s after their payment: which input made them (a payment's close has the
+        # payment's origin; one the poll made has "poll-...": the relay was not known open when the money came)
+        "late_commands": [{"meter": m, "after_s": round(v, 1), "origin": confirmed[m].origin,
+                           "reason": confirmed[m].reason}
+                          for m, v in zip(payers, stages["published_to_command"]) if v > 5][:20],
         "payments_arrived_within_the_cycle": arrived_in_cycle,
         "publisher_max_late_s": round(pub["max_late_s"], 3),
         "engine": {"readings": log.ingested, "writer_s": round(log.ingest_s, 2)},
