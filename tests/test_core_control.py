@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from gateway.core.commands import CommandState, ReconnectMode, RelayAction, RelayStatus, StepKind
+from gateway.core.commands import CommandState, ReconnectMode, RelayAction, RelayStatus
 from gateway.core.control import AuthorityError, CaseState, ControlConfig, SendResult
 from gateway.core.dispatch import DispatchPolicy, FieldStatus, FieldUpdate, OrderState
 from gateway.core.engine import DecisionKind as K
@@ -305,26 +305,6 @@ def test_the_fresh_balance_at_the_moment_of_sending_stops_the_trip():
     cmd = c.commands[case.command_ids[0]]
     assert cmd.state == CommandState.CANCELLED and cmd.outcome.startswith("balance: fresh balance 150 fen")
     assert case.state == CaseState.WAITING and case.gate == "balance"
-
-
-def test_a_paid_meter_never_read_is_read_first_and_closed_only_if_open():
-    # its relay's position unknown (its reads so far failed): left alone, it waited for the next poll
-    for was_open, outcome, actions in ((True, "closed", ["close"]), (False, "already_closed", [])):
-        c = controller()
-        sim = Sim(c, MONDAY, relays={"M0": FakeRelay(open_=was_open)})
-        c.on_decisions([decision(K.CANCEL_TRIP, seq=3, level=2, balance=800, t=MONDAY)], MONDAY)
-        sim.collect()
-        close = next(x for x in c.commands.values() if x.action == RelayAction.CLOSE)
-        assert close.readback_first and [s.kind for s in c.steps(MONDAY)] == [StepKind.READ]
-        sim.run(MONDAY + 60)
-        assert (close.state, close.outcome) == (CommandState.CONFIRMED, outcome)
-        assert [a for _, a in sim.relay("M0").actions] == actions and not sim.relay("M0").open
-    # a meter read closed is known: no command for it
-    c = controller()
-    sim = Sim(c, MONDAY)
-    c.observe_relays([("M0", RelayStatus(False, False, False), MONDAY)], MONDAY)
-    c.on_decisions([decision(K.CANCEL_TRIP, seq=3, level=2, balance=800, t=MONDAY)], MONDAY)
-    assert not c.commands
 
 
 def test_a_payment_while_the_trip_is_in_flight_closes_right_after_it():

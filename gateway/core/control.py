@@ -496,8 +496,7 @@ class Controller:
     def _recover(self, d: Decision, now: float, paid_at: float | None) -> None:
         """Arrears cleared: cancel the case, its notices, every trip of ours not yet in flight and every
         disconnect order; close what is open or may be (a trip in flight cannot be recalled: the close follows
-        it, ahead of everything else; a trip that got no answer may have acted, and a relay never read may be
-        open: those closes read back first)."""
+        it, ahead of everything else; a trip that got no answer may have acted: the close reads back first)."""
         why = f"arrears cleared: balance {d.balance_fen} fen ({d.reason})"
         case_id = self._case_of.get(d.account_id)
         if case_id:
@@ -511,10 +510,7 @@ class Controller:
                     self._cancel_order(o, now, "the customer paid")
             status = self.relays.get(meter.meter_id)
             is_open = status is not None and status.open
-            # never read (its first reads failed, or it is new): it may be off; a close that reads first acts
-            # only if it is, instead of leaving a paid customer to the next poll
-            unknown = meter.meter_id not in self._relay_seen_at
-            if not (maybe_open or is_open or unknown):
+            if not (maybe_open or is_open):
                 continue
             held = self._opened_by_operator(meter.meter_id)
             if held is not None and not maybe_open:
