@@ -102,7 +102,8 @@ class WorkOrder:
     visits: int = 0  # failed visits so far
     crew: str = ""
     note: str = ""
-    verified: str = ""  # completed orders: "", pending, confirmed, contradicted, unreachable
+    verified: str = ""  # completed orders: "", pending, confirmed, contradicted, unreachable; cancelled ones:
+    # "confirmed" when a remote command reached the order's state (a crew's completion is still taken)
     verify_next_at: float | None = None
     closed_at: float | None = None
     updated_at: float = 0.0

@@ -156,7 +156,7 @@ class _Handoff(asyncio.Queue):
     """aiomqtt's incoming-message queue (its ``queue_type``) that hands each message to ``deliver`` as paho
     reads it, on the loop. Through aiomqtt's own queue, each message cost a task and an ``asyncio.wait``
     (two or three loop iterations, one message after the other): with the loop busy polling 88 TCP buses,
-    concentrator replies waited 50-270 ms (median) in that queue, most of a close's time on a concentrator."""
+    concentrator replies waited 26-271 ms (median) in that queue, most of a close's time on a concentrator."""
 
     def __init__(self, deliver: Callable[[str, bytes], None], maxsize: int = 0) -> None:
         super().__init__(maxsize)
